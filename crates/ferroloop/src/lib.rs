@@ -3,6 +3,7 @@
 //! The Python-visible surface is declared here, in one place. `python/ferroloop/_loop.py`
 //! subclasses `LoopCore` (adding `asyncio.AbstractEventLoop` membership and the cold glue).
 
+mod datagram_fast;
 mod errors;
 mod event_loop;
 mod gil;
@@ -24,7 +25,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sock_io::recvfrom_inet, m)?)?;
     m.add_function(wrap_pyfunction!(transports::install_stream_fast_paths, m)?)?;
     m.add_function(wrap_pyfunction!(
-        transports::install_datagram_fast_paths,
+        datagram_fast::install_datagram_fast_paths,
         m
     )?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
