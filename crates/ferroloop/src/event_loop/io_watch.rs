@@ -53,6 +53,30 @@ pub(crate) fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<i64> {
     Ok(fd)
 }
 
+/// The fd table's hasher. Keys are small distinct ints chosen by the kernel, not by a peer,
+/// so SipHash's flood resistance buys nothing; this is looked up once per I/O event.
+pub(crate) type FdHash = std::hash::BuildHasherDefault<FdHasher>;
+
+#[derive(Default)]
+pub(crate) struct FdHasher(u64);
+
+impl std::hash::Hasher for FdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_i32(&mut self, fd: i32) {
+        // A multiplicative spread: hashbrown takes its control bits from the top of the hash.
+        self.0 = (fd as u32 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 fn interest_of(w: &FdWatch) -> Interest {
     Interest {
         readable: w.reader.is_some(),

@@ -74,7 +74,7 @@ pub(crate) struct FdWatch {
 pub(crate) struct State {
     pub ready: VecDeque<Py<Handle>>,
     pub timers: TimerHeap<Py<TimerHandle>>,
-    pub fds: HashMap<RawFd, FdWatch>,
+    pub fds: HashMap<RawFd, FdWatch, io_watch::FdHash>,
     pub task_factory: Option<Py<PyAny>>,
     /// `threading.get_ident()` of the thread in `run_forever`, if running.
     pub thread_id: Option<u64>,
@@ -175,7 +175,7 @@ impl LoopCore {
             state: GilCell::new(State {
                 ready: VecDeque::with_capacity(64),
                 timers: TimerHeap::new(),
-                fds: HashMap::new(),
+                fds: HashMap::default(),
                 task_factory: None,
                 thread_id: None,
                 stopping: false,

@@ -31,6 +31,11 @@ use crate::stdlib::{stdlib, support};
 const POOL_MAX_BURST: usize = 1 << 17;
 const POOL_MAX_IDLE: usize = 256;
 
+thread_local! {
+    /// `run_once`'s event list, kept between iterations.
+    static EVENTS: std::cell::Cell<Vec<Event>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// asyncio's MAXIMUM_SELECT_TIMEOUT.
 const MAX_TIMEOUT: f64 = 24.0 * 3600.0;
 
@@ -190,11 +195,17 @@ impl LoopCore {
     pub(crate) fn run_once(&self, loop_obj: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = loop_obj.py();
         self.purge_timers(py)?;
-        let mut events = Vec::new();
-        self.poll(py, &mut events)?;
-        if !events.is_empty() {
-            self.process_events(py, &events)?;
-        }
+        // The event list is reused from one iteration to the next (no allocation per poll).
+        let mut events = EVENTS.with(|e| e.take());
+        events.clear();
+        let polled = self
+            .poll(py, &mut events)
+            .and_then(|()| match events.is_empty() {
+                true => Ok(()),
+                false => self.process_events(py, &events),
+            });
+        EVENTS.with(|e| e.set(events));
+        polled?;
         self.collect_due_timers(py)?;
 
         let ntodo = self.state.borrow_mut(py)?.ready.len();
