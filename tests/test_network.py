@@ -197,6 +197,47 @@ def test_tcp_client_echo_protocol(loop):
         run(loop, main(peer))
 
 
+def test_big_and_small_messages_arrive_intact_in_order(loop):
+    # Reads of 16 KiB and more switch the transport to reading straight into a new bytes
+    # object sized by the previous reads; smaller messages, a message bigger than that size
+    # and one bigger than a whole read (256 KiB) must all arrive intact and in order.
+    sizes = [200_000, 10, 300_000, 50_000, 1, 100_000, 20_000, 5, 70_000, 1_000_000, 3]
+    messages = [os.urandom(n) for n in sizes]
+
+    def send_each_after_ack(conn):
+        for m in messages:
+            conn.sendall(m)
+            assert conn.recv(1) == b"k"
+        conn.shutdown(socket.SHUT_WR)
+        assert conn.recv(1) == b""
+
+    class Acker(Recorder):
+        def __init__(self, loop):
+            super().__init__(loop)
+            self.chunks = []
+            self.expect = list(sizes)
+            self.pending = 0
+
+        def data_received(self, data):
+            assert type(data) is bytes
+            super().data_received(data)
+            self.pending += len(data)
+            while self.expect and self.pending >= self.expect[0]:
+                self.pending -= self.expect.pop(0)
+                self.transport.write(b"k")
+
+    async def main(peer):
+        transport, proto = await loop.create_connection(lambda: Acker(loop), *peer.address)
+        await proto.eof
+        assert bytes(proto.data) == b"".join(messages)
+        assert not proto.expect and proto.pending == 0
+        transport.close()
+        await proto.lost
+
+    with ThreadPeer(send_each_after_ack) as peer:
+        run(loop, main(peer))
+
+
 def test_tcp_server_protocol_with_blocking_clients(loop):
     class Echo(asyncio.Protocol):
         def connection_made(self, transport):

@@ -8,6 +8,7 @@ mod errors;
 mod event_loop;
 mod gil;
 mod handles;
+mod slots;
 mod sock_io;
 mod stdlib;
 mod transports;

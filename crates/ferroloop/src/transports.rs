@@ -1,7 +1,7 @@
 //! Native fast paths of the socket stream transport (`python/ferroloop/_net/transports.py`).
 //!
-//! The transport's state lives in its Python slots; these functions read the few they need and
-//! do the per-event work natively: `_read_ready` reads into the loop's buffer and calls
+//! The transport's state lives in its Python slots; these functions read the few they need
+//! (directly, at offsets resolved once per class: `slots.rs`) and do the per-event work natively: `_read_ready` reads into the loop's buffer and calls
 //! `protocol.data_received`, `write` sends a bytes object at once when nothing is queued. Any
 //! other case (a buffered protocol, a queued write, a closed or half-closed transport, a
 //! non-bytes argument) goes to the Python methods, which remain the reference behaviour.
@@ -11,12 +11,13 @@
 
 use std::ffi::CStr;
 
-use pyo3::exceptions::{PyBlockingIOError, PyInterruptedError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyType};
 use pyo3::{ffi, intern};
 
 use crate::event_loop::fastcall::trampoline;
+use crate::slots::{small_int, truthy, SlotTable};
+use crate::sock_io::ReadError;
 use crate::stdlib::is_exit_exception;
 
 /// Routes an exception from a transport operation like the Python code does: SystemExit and
@@ -30,31 +31,56 @@ pub(crate) fn fatal(tr: &Bound<'_, PyAny>, err: PyErr, message: &str) -> PyResul
     Ok(())
 }
 
+/// The stream transport's slots the fast paths read (see `slots.rs`).
+static SLOTS: SlotTable<7> = SlotTable::new([
+    "_buffered",
+    "_conn_lost",
+    "_sock_fd",
+    "_protocol",
+    "_buffer",
+    "_eof",
+    "_empty_waiter",
+]);
+const BUFFERED: usize = 0;
+const CONN_LOST: usize = 1;
+const SOCK_FD: usize = 2;
+const PROTOCOL: usize = 3;
+const BUFFER: usize = 4;
+const EOF: usize = 5;
+const EMPTY_WAITER: usize = 6;
+
 fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
-    if tr.getattr(intern!(py, "_buffered"))?.is_truthy()? {
+    let s = SLOTS.reader(tr);
+    if truthy(&s.get(BUFFERED)?)? {
         tr.call_method0(intern!(py, "_read_ready__get_buffer"))?;
         return Ok(());
     }
-    if tr.getattr(intern!(py, "_conn_lost"))?.is_truthy()? {
+    if truthy(&s.get(CONN_LOST)?)? {
         return Ok(());
     }
-    let fd: i32 = tr.getattr(intern!(py, "_sock_fd"))?.extract()?;
-    let data = match crate::sock_io::read_bytes(py, fd, 256 * 1024) {
+    let fd = small_int(&s.get(SOCK_FD)?)?;
+    let data = match crate::sock_io::read_stream(py, fd) {
         Ok(d) => d,
-        Err(e)
-            if e.is_instance_of::<PyBlockingIOError>(py)
-                || e.is_instance_of::<PyInterruptedError>(py) =>
+        Err(ReadError::Os(e))
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) =>
         {
             return Ok(())
         }
-        Err(e) => return fatal(tr, e, "Fatal read error on socket transport"),
+        Err(ReadError::Os(e)) => {
+            return fatal(
+                tr,
+                crate::errors::os_error(e),
+                "Fatal read error on socket transport",
+            )
+        }
+        Err(ReadError::Py(e)) => return fatal(tr, e, "Fatal read error on socket transport"),
     };
-    if data.bind(py).as_bytes().is_empty() {
+    if data.as_bytes().is_empty() {
         tr.call_method0(intern!(py, "_read_ready__on_eof"))?;
         return Ok(());
     }
-    let protocol = tr.getattr(intern!(py, "_protocol"))?;
+    let protocol = s.get(PROTOCOL)?;
     match protocol.call_method1(intern!(py, "data_received"), (data,)) {
         Ok(_) => Ok(()),
         Err(e) => fatal(tr, e, "Fatal error: protocol.data_received() call failed."),
@@ -63,18 +89,19 @@ fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
 
 fn write(tr: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
+    let s = SLOTS.reader(tr);
     let fast = data.is_exact_instance_of::<PyBytes>()
         && data.len()? > 0
-        && tr.getattr(intern!(py, "_buffer"))?.len()? == 0
-        && !tr.getattr(intern!(py, "_eof"))?.is_truthy()?
-        && tr.getattr(intern!(py, "_empty_waiter"))?.is_none()
-        && !tr.getattr(intern!(py, "_conn_lost"))?.is_truthy()?;
+        && !truthy(&s.get(BUFFER)?)?
+        && !truthy(&s.get(EOF)?)?
+        && s.get(EMPTY_WAITER)?.is_none()
+        && !truthy(&s.get(CONN_LOST)?)?;
     if !fast {
         tr.call_method1(intern!(py, "_write_py"), (data,))?;
         return Ok(());
     }
     let bytes = data.cast::<PyBytes>()?.as_bytes();
-    let fd: i32 = tr.getattr(intern!(py, "_sock_fd"))?.extract()?;
+    let fd = small_int(&s.get(SOCK_FD)?)?;
     // SAFETY: `bytes` is a live buffer of the given length (the bytes object is borrowed for
     // the call); MSG_NOSIGNAL turns a closed peer into EPIPE instead of a signal.
     let r = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
