@@ -49,7 +49,7 @@ pub fn read_bytes(py: Python<'_>, fd: i32, max_size: usize) -> PyResult<Py<PyByt
 }
 
 /// Reads at least this big make their fd read straight into a new `bytes`.
-const DIRECT_MIN: usize = 16 * 1024;
+const DIRECT_MIN: usize = 4 * 1024;
 
 thread_local! {
     /// Per fd: the size of `bytes` to read into directly, 0 for "read into the loop buffer".
