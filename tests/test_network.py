@@ -461,6 +461,98 @@ def test_buffered_protocol(loop):
         run(loop, main(peer))
 
 
+def test_buffered_protocol_memoryview_of_a_few_bytes(loop):
+    # get_buffer() may return any writable buffer, however small: every byte still arrives.
+    payload = os.urandom(50_000)
+
+    class Small(asyncio.BufferedProtocol):
+        def __init__(self):
+            self.storage = bytearray(16)
+            self.received = bytearray()
+            self.hints = set()
+            self.done = loop.create_future()
+
+        def connection_made(self, transport):
+            transport.write(payload)
+            transport.write_eof()
+
+        def get_buffer(self, sizehint):
+            self.hints.add(sizehint)
+            return memoryview(self.storage)[3:10]
+
+        def buffer_updated(self, nbytes):
+            assert 0 < nbytes <= 7
+            self.received += self.storage[3 : 3 + nbytes]
+
+        def connection_lost(self, exc):
+            self.done.set_result(exc)
+
+    async def main(peer):
+        transport, proto = await loop.create_connection(Small, *peer.address)
+        assert await proto.done is None
+        assert bytes(proto.received) == payload
+        assert proto.hints == {-1}
+
+    with ThreadPeer(echo_until_eof) as peer:
+        run(loop, main(peer))
+
+
+@pytest.mark.parametrize(
+    "fault, message, exc_type",
+    [
+        ("empty", "Fatal error: protocol.get_buffer() call failed.", RuntimeError),
+        ("raises", "Fatal error: protocol.get_buffer() call failed.", ZeroDivisionError),
+        ("readonly", "Fatal read error on socket transport", TypeError),
+        ("updated", "Fatal error: protocol.buffer_updated() call failed.", ZeroDivisionError),
+    ],
+)
+def test_buffered_protocol_errors_go_to_exception_handler(loop, fault, message, exc_type):
+    errors = []
+    loop.set_exception_handler(lambda lp, ctx: errors.append(ctx))
+
+    class Faulty(asyncio.BufferedProtocol):
+        def __init__(self):
+            self.lost = loop.create_future()
+            self.updated = 0
+
+        def get_buffer(self, sizehint):
+            if fault == "empty":
+                return bytearray()
+            if fault == "raises":
+                raise ZeroDivisionError("boom")
+            if fault == "readonly":
+                return b"read-only"
+            return bytearray(64)
+
+        def buffer_updated(self, nbytes):
+            self.updated += 1
+            raise ZeroDivisionError("boom")
+
+        def connection_lost(self, exc):
+            self.lost.set_result(exc)
+
+    def send_then_wait_for_close(conn):
+        conn.sendall(b"hello")
+        with contextlib.suppress(OSError):
+            conn.recv(10)
+
+    async def main(peer):
+        transport, proto = await loop.create_connection(Faulty, *peer.address)
+        exc = await proto.lost
+        assert type(exc) is exc_type
+        assert proto.updated == (1 if fault == "updated" else 0)
+        assert len(errors) == 1
+        ctx = errors[0]
+        assert ctx["message"] == message
+        assert ctx["exception"] is exc
+        assert ctx["transport"] is transport and ctx["protocol"] is proto
+        if fault == "readonly":
+            assert "read-write bytes-like object, not bytes" in str(exc)
+
+    with ThreadPeer(send_then_wait_for_close) as peer:
+        run(loop, main(peer))
+
+
 def test_protocol_error_goes_to_exception_handler(loop):
     errors = []
     loop.set_exception_handler(lambda lp, ctx: errors.append(ctx))

@@ -2,21 +2,23 @@
 //!
 //! The transport's state lives in its Python slots; these functions read the few they need
 //! (directly, at offsets resolved once per class: `slots.rs`) and do the per-event work natively: `_read_ready` reads into the loop's buffer and calls
-//! `protocol.data_received`, `write` sends a bytes object at once when nothing is queued. Any
-//! other case (a buffered protocol, a queued write, a closed or half-closed transport, a
-//! non-bytes argument) goes to the Python methods, which remain the reference behaviour.
+//! `protocol.data_received` (or, for a `BufferedProtocol`, receives straight into
+//! `get_buffer()`'s buffer and calls `buffer_updated`), `write` sends a bytes object at once
+//! when nothing is queued. Any other case (a queued write, a closed or half-closed transport,
+//! a non-bytes argument) goes to the Python methods, which remain the reference behaviour.
 //!
 //! They are installed as method descriptors of `object`, so they bind to the Python class's
 //! instances like ordinary methods.
 
 use std::ffi::CStr;
 
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyType};
 use pyo3::{ffi, intern};
 
 use crate::event_loop::fastcall::trampoline;
-use crate::slots::{small_int, truthy, SlotTable};
+use crate::slots::{small_int, truthy, SlotReader, SlotTable};
 use crate::sock_io::ReadError;
 use crate::stdlib::is_exit_exception;
 
@@ -52,12 +54,11 @@ const EMPTY_WAITER: usize = 6;
 fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
     let s = SLOTS.reader(tr);
-    if truthy(&s.get(BUFFERED)?)? {
-        tr.call_method0(intern!(py, "_read_ready__get_buffer"))?;
-        return Ok(());
-    }
     if truthy(&s.get(CONN_LOST)?)? {
         return Ok(());
+    }
+    if truthy(&s.get(BUFFERED)?)? {
+        return read_ready_buffered(tr, &s);
     }
     let fd = small_int(&s.get(SOCK_FD)?)?;
     let data = match crate::sock_io::read_stream(py, fd) {
@@ -85,6 +86,80 @@ fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
         Ok(_) => Ok(()),
         Err(e) => fatal(tr, e, "Fatal error: protocol.data_received() call failed."),
     }
+}
+
+/// `_read_ready__get_buffer` (a `BufferedProtocol`, such as the stdlib's TLS protocol): the
+/// kernel writes straight into the protocol's buffer. Same steps, errors and messages as the
+/// Python method.
+fn read_ready_buffered(tr: &Bound<'_, PyAny>, s: &SlotReader<'_, '_, 7>) -> PyResult<()> {
+    let py = tr.py();
+    let protocol = s.get(PROTOCOL)?;
+    let buf = protocol
+        .call_method1(intern!(py, "get_buffer"), (-1,))
+        .and_then(|buf| match buf.len()? {
+            0 => Err(PyRuntimeError::new_err(
+                "get_buffer() returned an empty buffer",
+            )),
+            _ => Ok(buf),
+        });
+    let buf = match buf {
+        Ok(b) => b,
+        Err(e) => return fatal(tr, e, "Fatal error: protocol.get_buffer() call failed."),
+    };
+    let nbytes = match recv_into(s, &buf) {
+        Ok(n) => n,
+        Err(RecvError::Again) => return Ok(()),
+        Err(RecvError::Py(e)) => return fatal(tr, e, "Fatal read error on socket transport"),
+    };
+    drop(buf);
+    if nbytes == 0 {
+        tr.call_method0(intern!(py, "_read_ready__on_eof"))?;
+        return Ok(());
+    }
+    match protocol.call_method1(intern!(py, "buffer_updated"), (nbytes,)) {
+        Ok(_) => Ok(()),
+        Err(e) => fatal(tr, e, "Fatal error: protocol.buffer_updated() call failed."),
+    }
+}
+
+enum RecvError {
+    /// EAGAIN or EINTR: nothing to do until the next readiness event.
+    Again,
+    Py(PyErr),
+}
+
+/// `sock.recv_into(buf)`: one `recv` into a writable buffer of any kind.
+fn recv_into(s: &SlotReader<'_, '_, 7>, buf: &Bound<'_, PyAny>) -> Result<usize, RecvError> {
+    let py = buf.py();
+    let fd = small_int(&s.get(SOCK_FD).map_err(RecvError::Py)?).map_err(RecvError::Py)?;
+    // SAFETY: an all-zero Py_buffer is a valid out-parameter for PyObject_GetBuffer.
+    let mut view: ffi::Py_buffer = unsafe { std::mem::zeroed() };
+    // SAFETY: `buf` is live; on success `view` holds a writable, contiguous region of
+    // `view.len` bytes until PyBuffer_Release, which is called on every path below.
+    if unsafe { ffi::PyObject_GetBuffer(buf.as_ptr(), &mut view, ffi::PyBUF_WRITABLE) } != 0 {
+        // What socket.recv_into's argument parsing raises instead of the buffer error.
+        drop(PyErr::fetch(py));
+        let name = buf
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        return Err(RecvError::Py(PyTypeError::new_err(format!(
+            "recv_into() argument 1 must be read-write bytes-like object, not {name}"
+        ))));
+    }
+    // SAFETY: see above; recv writes at most `view.len` bytes.
+    let r = unsafe { libc::recv(fd, view.buf, view.len as usize, 0) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: `view` was filled by a successful PyObject_GetBuffer.
+    unsafe { ffi::PyBuffer_Release(&mut view) };
+    if r < 0 {
+        return match err.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => Err(RecvError::Again),
+            _ => Err(RecvError::Py(crate::errors::os_error(err))),
+        };
+    }
+    Ok(r as usize)
 }
 
 fn write(tr: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {

@@ -326,8 +326,8 @@ class StreamTransport(SocketTransportBase):
             logger.debug("%r resumes reading", self)
 
     def _read_ready(self) -> None:
-        # Replaced below by the native `_read_ready`, which does the data_received path itself
-        # and calls _read_ready__get_buffer for buffered protocols.
+        # Replaced below by the native `_read_ready`, which does both paths itself
+        # (data_received, and get_buffer / recv_into / buffer_updated for buffered protocols).
         self._read_ready_cb()
 
     def _read_ready__data_received(self) -> None:
