@@ -553,6 +553,55 @@ def test_buffered_protocol_errors_go_to_exception_handler(loop, fault, message, 
         run(loop, main(peer))
 
 
+def test_native_read_path_follows_changes_to_the_transport_class(loop):
+    # ferroloop's native _read_ready reads the transport's slots at offsets cached per class;
+    # a class attribute that later shadows a slot must be seen, and so must its removal.
+    ferroloop = pytest.importorskip("ferroloop")
+    if not isinstance(loop, ferroloop.Loop):
+        pytest.skip("ferroloop's own transport class")
+    from ferroloop._net.transports import StreamTransport
+
+    received = []
+
+    class Tagged(asyncio.Protocol):
+        def __init__(self, tag):
+            self.tag = tag
+
+        def data_received(self, data):
+            received.append((self.tag, data))
+
+    class Shadowed(StreamTransport):
+        __slots__ = ()
+
+    other = Tagged("property")
+
+    async def deliver(peer, data):
+        peer.send(data)
+        for _ in range(200):
+            if received:
+                return received.pop()
+            await asyncio.sleep(0.005)
+        raise AssertionError("data not delivered")
+
+    async def main(ours, peer):
+        transport = Shadowed(loop, ours, Tagged("slot"))
+        await asyncio.sleep(0)
+        assert await deliver(peer, b"1") == ("slot", b"1")
+        Shadowed._protocol = property(lambda self: other)
+        try:
+            assert await deliver(peer, b"2") == ("property", b"2")
+        finally:
+            del Shadowed._protocol
+        assert await deliver(peer, b"3") == ("slot", b"3")
+        transport.close()
+        await asyncio.sleep(0)
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    with peer:
+        run(loop, main(ours, peer))
+
+
 def test_protocol_error_goes_to_exception_handler(loop):
     errors = []
     loop.set_exception_handler(lambda lp, ctx: errors.append(ctx))

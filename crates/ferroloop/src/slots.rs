@@ -38,14 +38,21 @@ pub(crate) struct SlotTable<const N: usize> {
     cache: GilCell<Vec<Entry<N>>>,
 }
 
+/// Whether a non-zero `tp_version_tag` is valid by itself. Up to 3.11 a modified type keeps
+/// its stale tag and only loses `Py_TPFLAGS_VALID_VERSION_TAG`; from 3.12 modification zeroes
+/// the tag, and 3.13 no longer maintains the flag at all.
+static TAG_ALONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 /// A type's method-cache version tag, or 0 when it has none (then nothing is cached for it).
 ///
 /// # Safety
 /// `ty` must be a live type object.
-unsafe fn version_tag(ty: *mut ffi::PyTypeObject) -> c_uint {
+#[inline(always)]
+unsafe fn version_tag(py: Python<'_>, ty: *mut ffi::PyTypeObject) -> c_uint {
+    let tag_alone = *TAG_ALONE.get_or_init(|| py.version_info() >= (3, 12));
     // SAFETY: `ty` is live per the caller; the flags and the tag are plain fields.
     unsafe {
-        if (*ty).tp_flags & ffi::Py_TPFLAGS_VALID_VERSION_TAG == 0 {
+        if !tag_alone && (*ty).tp_flags & ffi::Py_TPFLAGS_VALID_VERSION_TAG == 0 {
             0
         } else {
             (*ty).tp_version_tag
@@ -76,7 +83,7 @@ impl<const N: usize> SlotTable<N> {
         // SAFETY: `obj` is live, so is its type.
         let ty_ptr = unsafe { ffi::Py_TYPE(obj.as_ptr()) };
         // SAFETY: `ty_ptr` is a live type (held by `obj`).
-        let tag = unsafe { version_tag(ty_ptr) };
+        let tag = unsafe { version_tag(py, ty_ptr) };
         if tag != 0 {
             let cache = self.cache.borrow_mut(py).ok()?;
             if let Some(e) = cache
@@ -97,7 +104,7 @@ impl<const N: usize> SlotTable<N> {
         let offsets = self.resolve(&ty);
         // Looking the names up gave the type a tag if it had none.
         // SAFETY: as above.
-        let tag = unsafe { version_tag(ty_ptr) };
+        let tag = unsafe { version_tag(py, ty_ptr) };
         if tag != 0 {
             if let Ok(mut cache) = self.cache.borrow_mut(py) {
                 cache.retain(|e| e.ty != ty_ptr as usize);
