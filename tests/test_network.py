@@ -238,6 +238,63 @@ def test_big_and_small_messages_arrive_intact_in_order(loop):
         run(loop, main(peer))
 
 
+def test_data_received_objects_stay_intact_whatever_the_protocol_keeps(loop):
+    # The bytes given to data_received are the protocol's: whatever it keeps (the object, a
+    # memoryview of it, a dict key) keeps its contents and its hash while later messages of
+    # the same size arrive, and what it drops after hashing does not lend its hash to them.
+    messages = [bytes([i]) * 1000 + os.urandom(24) for i in range(40)]
+
+    def send_each_after_ack(conn):
+        for m in messages:
+            conn.sendall(m)
+            assert conn.recv(1) == b"k"
+        conn.shutdown(socket.SHUT_WR)
+        assert conn.recv(1) == b""
+
+    class Keeper(Recorder):
+        def __init__(self, loop):
+            super().__init__(loop)
+            self.pending = b""
+            self.kept = []
+            self.views = []
+            self.keys = {}
+
+        def data_received(self, data):
+            assert hash(data) == hash(memoryview(data))
+            self.pending += data
+            turn = len(self.kept) % 4
+            if turn == 0:
+                self.kept.append(data)
+            elif turn == 1:
+                self.views.append(memoryview(data))
+                self.kept.append(None)
+            elif turn == 2:
+                self.keys[data] = len(self.kept)
+                self.kept.append(None)
+            else:
+                self.kept.append(None)  # dropped (after being hashed above)
+            while len(self.pending) >= 1024:
+                self.data += self.pending[:1024]
+                self.pending = self.pending[1024:]
+                self.transport.write(b"k")
+
+    async def main(peer):
+        transport, proto = await loop.create_connection(lambda: Keeper(loop), *peer.address)
+        await proto.eof
+        assert bytes(proto.data) == b"".join(messages)
+        stream = b"".join(messages)
+        for obj in [k for k in proto.kept if k is not None] + [bytes(v) for v in proto.views]:
+            assert obj in stream
+        for key in proto.keys:
+            assert hash(key) == hash(memoryview(key)) and key in stream
+            assert proto.keys[key] == proto.keys[bytes(memoryview(key))]
+        transport.close()
+        await proto.lost
+
+    with ThreadPeer(send_each_after_ack) as peer:
+        run(loop, main(peer))
+
+
 def test_tcp_server_protocol_with_blocking_clients(loop):
     class Echo(asyncio.Protocol):
         def connection_made(self, transport):

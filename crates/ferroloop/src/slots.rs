@@ -49,14 +49,15 @@ static TAG_ALONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 /// `ty` must be a live type object.
 #[inline(always)]
 unsafe fn version_tag(py: Python<'_>, ty: *mut ffi::PyTypeObject) -> c_uint {
-    let tag_alone = *TAG_ALONE.get_or_init(|| py.version_info() >= (3, 12));
     // SAFETY: `ty` is live per the caller; the flags and the tag are plain fields.
-    unsafe {
-        if !tag_alone && (*ty).tp_flags & ffi::Py_TPFLAGS_VALID_VERSION_TAG == 0 {
-            0
-        } else {
-            (*ty).tp_version_tag
-        }
+    let (flags, tag) = unsafe { ((*ty).tp_flags, (*ty).tp_version_tag) };
+    if tag == 0 || flags & ffi::Py_TPFLAGS_VALID_VERSION_TAG != 0 {
+        return tag;
+    }
+    if *TAG_ALONE.get_or_init(|| py.version_info() >= (3, 12)) {
+        tag
+    } else {
+        0
     }
 }
 
@@ -77,7 +78,7 @@ impl<const N: usize> SlotTable<N> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn offsets(&self, obj: &Bound<'_, PyAny>) -> Option<[isize; N]> {
         let py = obj.py();
         // SAFETY: `obj` is live, so is its type.

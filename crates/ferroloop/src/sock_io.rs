@@ -8,11 +8,13 @@
 //! For big reads that copy is most of the user-space cost (a 100 KiB echo spends more time in
 //! `memcpy` than anywhere else), so a stream whose reads are big is read straight into a new
 //! `bytes` of the size its last reads had, with the loop buffer behind it (one `readv`) for
-//! whatever does not fit: see [`read_stream`].
+//! whatever does not fit: see [`read_stream`]. A `bytes` the protocol did not keep is kept
+//! for the next read instead of being freed ([`recycle`]), so a steady echo allocates nothing.
 
 use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -51,107 +53,186 @@ pub fn read_bytes(py: Python<'_>, fd: i32, max_size: usize) -> PyResult<Py<PyByt
 /// Reads at least this big make their fd read straight into a new `bytes`.
 const DIRECT_MIN: usize = 4 * 1024;
 
-thread_local! {
+/// Per-thread state of [`read_stream`].
+struct StreamReads {
     /// Per fd: the size of `bytes` to read into directly, 0 for "read into the loop buffer".
     /// Only a hint: a stale entry for a reused fd costs one oversized allocation, then decays.
-    static READ_HINTS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    hints: RefCell<Vec<u32>>,
+    /// A `bytes` a protocol let go of (see [`recycle`]), to read the next message into.
+    spare: std::cell::Cell<Option<Py<PyBytes>>>,
 }
 
-fn hint(fd: i32) -> usize {
-    READ_HINTS.with(|h| {
-        h.try_borrow()
+thread_local! {
+    static STREAM_READS: StreamReads = const {
+        StreamReads {
+            hints: RefCell::new(Vec::new()),
+            spare: std::cell::Cell::new(None),
+        }
+    };
+}
+
+impl StreamReads {
+    fn hint(&self, fd: i32) -> usize {
+        self.hints
+            .try_borrow()
             .ok()
             .and_then(|h| h.get(fd as usize).copied())
             .unwrap_or(0) as usize
-    })
-}
-
-fn set_hint(fd: i32, size: usize) {
-    if fd < 0 {
-        return;
     }
-    READ_HINTS.with(|h| {
-        if let Ok(mut h) = h.try_borrow_mut() {
+
+    fn set_hint(&self, fd: i32, size: usize) {
+        if fd < 0 {
+            return;
+        }
+        if let Ok(mut h) = self.hints.try_borrow_mut() {
             let i = fd as usize;
-            if size == 0 && i >= h.len() {
-                return;
-            }
             if i >= h.len() {
+                if size == 0 {
+                    return;
+                }
                 h.resize(i + 1, 0);
             }
             h[i] = size as u32;
         }
-    })
+    }
 }
 
 extern "C" {
-    // CPython's (private but exported and stable since 2.x) in-place resize of a fresh bytes.
-    fn _PyBytes_Resize(bytes: *mut *mut pyo3::ffi::PyObject, newsize: pyo3::ffi::Py_ssize_t)
-        -> i32;
+    // CPython's (private but exported and stable since 2.x) in-place resize of a bytes object
+    // that nothing else references.
+    fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> i32;
 }
 
-/// One read of up to 256 KiB from a stream fd → bytes (empty at EOF), into the loop buffer or,
-/// for an fd whose reads are big, straight into the new object.
+/// Keeps `data`, which [`read_stream`] returned and the protocol has finished with, for the
+/// next read, if nothing else holds it.
+///
+/// A `bytes` that only we reference can be observed by no one, so refilling it is
+/// indistinguishable from allocating a new one (CPython's own `zip` reuses its result tuple
+/// on the same ground). In a steady echo this removes the allocation, the free and the copy
+/// of every message. At most one object, of at most one read's size, is kept per thread.
+pub(crate) fn recycle(data: Bound<'_, PyBytes>) {
+    // SAFETY: reading the reference count and size of a live object.
+    let (refs, len) = unsafe { (ffi::Py_REFCNT(data.as_ptr()), ffi::Py_SIZE(data.as_ptr())) };
+    if refs != 1 || len <= 1 || len as usize > BUF_SIZE || !data.is_exact_instance_of::<PyBytes>() {
+        return;
+    }
+    let old = STREAM_READS.with(|st| st.spare.replace(Some(data.unbind())));
+    drop(old); // a bytes object runs no code when freed
+}
+
+/// One read of up to 256 KiB from a stream fd → bytes (empty at EOF): into a spare `bytes`
+/// (see [`recycle`]), into a new one of the size the fd's reads have (big reads), or into the
+/// loop buffer and copied (small reads, no spare).
 pub(crate) fn read_stream(py: Python<'_>, fd: i32) -> Result<Bound<'_, PyBytes>, ReadError> {
-    let size = hint(fd);
-    if size < DIRECT_MIN {
-        return with_buf(|buf| {
-            // SAFETY: `buf` is a valid writable region of its length.
-            let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-            if r < 0 {
-                return Err(ReadError::Os(std::io::Error::last_os_error()));
+    STREAM_READS.with(|st| {
+        let size = st.hint(fd);
+        let spare = st.spare.take();
+        let target = match spare {
+            // SAFETY: the spare is a live bytes object.
+            Some(sp) if unsafe { ffi::Py_SIZE(sp.as_ptr()) } as usize >= size => {
+                Some(sp.into_ptr())
             }
-            let n = r as usize;
-            if n >= DIRECT_MIN {
-                set_hint(fd, n);
+            other => {
+                drop(other);
+                None
             }
-            Ok(PyBytes::new(py, &buf[..n]))
-        });
-    }
-    // Direct: the kernel writes into the new object; the loop buffer takes any excess.
-    let cap = size.min(BUF_SIZE);
-    // SAFETY: a NULL source makes an uninitialised bytes of `cap` bytes (a new reference or
-    // NULL with an exception set).
-    let mut obj = unsafe {
-        pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), cap as pyo3::ffi::Py_ssize_t)
-    };
-    if obj.is_null() {
-        return Err(ReadError::Py(PyErr::fetch(py)));
-    }
+        };
+        let obj = match target {
+            Some(obj) => obj,
+            None if size >= DIRECT_MIN => {
+                // SAFETY: a NULL source makes an uninitialised bytes of `size` bytes (a new
+                // reference, or NULL with an exception set).
+                let obj = unsafe {
+                    ffi::PyBytes_FromStringAndSize(
+                        std::ptr::null(),
+                        size.min(BUF_SIZE) as ffi::Py_ssize_t,
+                    )
+                };
+                if obj.is_null() {
+                    return Err(ReadError::Py(PyErr::fetch(py)));
+                }
+                obj
+            }
+            None => return read_copied(py, st, fd),
+        };
+        // SAFETY: `obj` is a bytes object we hold the only reference to.
+        unsafe { read_direct(py, st, fd, obj, size) }
+    })
+}
+
+/// Reads into the loop buffer and copies what came into a new bytes.
+fn read_copied<'py>(
+    py: Python<'py>,
+    st: &StreamReads,
+    fd: i32,
+) -> Result<Bound<'py, PyBytes>, ReadError> {
     with_buf(|buf| {
-        let tail = BUF_SIZE - cap;
+        // SAFETY: `buf` is a valid writable region of its length.
+        let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            return Err(ReadError::Os(std::io::Error::last_os_error()));
+        }
+        let n = r as usize;
+        if n >= DIRECT_MIN {
+            st.set_hint(fd, n);
+        }
+        Ok(PyBytes::new(py, &buf[..n]))
+    })
+}
+
+/// Reads into `obj` (its whole size), with the loop buffer behind it for what does not fit,
+/// and makes `obj` exactly what was read.
+///
+/// # Safety
+/// `obj` must be a bytes object of which the caller gives us the only reference.
+unsafe fn read_direct<'py>(
+    py: Python<'py>,
+    st: &StreamReads,
+    fd: i32,
+    mut obj: *mut ffi::PyObject,
+    size: usize,
+) -> Result<Bound<'py, PyBytes>, ReadError> {
+    // SAFETY: `obj` is a live bytes object per the caller.
+    let cap = unsafe { ffi::Py_SIZE(obj) } as usize;
+    // A recycled object may carry the cached hash of its old contents.
+    // SAFETY: as above; the field is plain data.
+    #[allow(deprecated)]
+    unsafe {
+        (*obj.cast::<ffi::PyBytesObject>()).ob_shash = -1
+    };
+    with_buf(|buf| {
         let iov = [
             libc::iovec {
                 // SAFETY: `obj` is a live bytes object of `cap` bytes.
-                iov_base: unsafe { pyo3::ffi::PyBytes_AsString(obj) }.cast(),
+                iov_base: unsafe { ffi::PyBytes_AsString(obj) }.cast(),
                 iov_len: cap,
             },
             libc::iovec {
                 iov_base: buf.as_mut_ptr().cast(),
-                iov_len: tail.min(buf.len()),
+                iov_len: BUF_SIZE.saturating_sub(cap).min(buf.len()),
             },
         ];
         // SAFETY: both regions are valid and writable for their lengths.
         let r = unsafe { libc::readv(fd, iov.as_ptr(), 2) };
         if r < 0 {
             let err = std::io::Error::last_os_error();
-            // SAFETY: we own the only reference to `obj`.
-            unsafe { pyo3::ffi::Py_DECREF(obj) };
+            // SAFETY: we own the only reference to `obj`; keep it for the next read.
+            recycle(unsafe { Bound::from_owned_ptr(py, obj).cast_into_unchecked() });
             return Err(ReadError::Os(err));
         }
         let n = r as usize;
         let next = n.max(size / 2);
-        set_hint(fd, if next >= DIRECT_MIN { next } else { 0 });
+        st.set_hint(fd, if next >= DIRECT_MIN { next } else { 0 });
         if n != cap {
-            // SAFETY: `obj` is a fresh bytes object nobody else references, as _PyBytes_Resize
+            // SAFETY: `obj` is a bytes object nobody else references, as _PyBytes_Resize
             // requires; on failure it has released it and set `obj` to NULL.
-            if unsafe { _PyBytes_Resize(&mut obj, n as pyo3::ffi::Py_ssize_t) } != 0 {
+            if unsafe { _PyBytes_Resize(&mut obj, n as ffi::Py_ssize_t) } != 0 {
                 return Err(ReadError::Py(PyErr::fetch(py)));
             }
             if n > cap {
                 // SAFETY: `obj` now holds `n` bytes; the tail came into `buf[..n - cap]`.
                 unsafe {
-                    let dst = pyo3::ffi::PyBytes_AsString(obj).cast::<u8>().add(cap);
+                    let dst = ffi::PyBytes_AsString(obj).cast::<u8>().add(cap);
                     std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, n - cap);
                 }
             }

@@ -7,7 +7,7 @@
 //! when nothing is queued. Any other case (a queued write, a closed or half-closed transport,
 //! a non-bytes argument) goes to the Python methods, which remain the reference behaviour.
 //!
-//! They are installed as method descriptors of `object`, so they bind to the Python class's
+//! They are installed as method descriptors of the Python class, so they bind to its
 //! instances like ordinary methods.
 
 use std::ffi::CStr;
@@ -82,7 +82,9 @@ fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
         return Ok(());
     }
     let protocol = s.get(PROTOCOL)?;
-    match protocol.call_method1(intern!(py, "data_received"), (data,)) {
+    let r = protocol.call_method1(intern!(py, "data_received"), (&data,));
+    crate::sock_io::recycle(data);
+    match r {
         Ok(_) => Ok(()),
         Err(e) => fatal(tr, e, "Fatal error: protocol.data_received() call failed."),
     }
@@ -279,15 +281,13 @@ pub(crate) fn install(
             ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
             ml_doc: doc.as_ptr(),
         }));
-        // SAFETY: PyBaseObject_Type is a static type object; `def` is 'static. A descriptor of
-        // `object` binds to instances of any class.
+        // SAFETY: `cls` is a live type object; `def` is 'static. The descriptor belongs to
+        // `cls`: calling it checks `self` against `cls` itself (one pointer comparison for an
+        // exact instance, where a descriptor of `object` walked the whole MRO per call).
         let descr = unsafe {
             Bound::from_owned_ptr_or_err(
                 py,
-                ffi::PyDescr_NewMethod(
-                    std::ptr::addr_of_mut!(ffi::PyBaseObject_Type),
-                    def as *mut ffi::PyMethodDef,
-                ),
+                ffi::PyDescr_NewMethod(cls.as_type_ptr(), def as *mut ffi::PyMethodDef),
             )?
         };
         cls.setattr(name.to_str().expect("ascii"), descr)?;
