@@ -216,17 +216,37 @@ pub(crate) fn small_int(obj: &Bound<'_, PyAny>) -> PyResult<i32> {
     obj.extract()
 }
 
-/// `bool(obj)`, without a call for the values slots usually hold (True, False, None, 0).
+/// The interpreter's cached `0` (CPython keeps one object per small int), once looked up.
+static ZERO: std::sync::atomic::AtomicPtr<ffi::PyObject> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// `bool(obj)`, without a call for the values slots usually hold (True, False, None, the
+/// counter at 0, the empty tuple that stands for "no write queue").
 #[inline(always)]
 pub(crate) fn truthy(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
     let p = obj.as_ptr();
-    // SAFETY: only compares pointers with the interpreter's singletons.
+    // SAFETY: pointer comparisons with the interpreter's singletons, and the type and size
+    // fields of a live object.
     unsafe {
         if p == ffi::Py_True() {
             return Ok(true);
         }
         if p == ffi::Py_False() || p == ffi::Py_None() {
             return Ok(false);
+        }
+        let zero = ZERO.load(std::sync::atomic::Ordering::Relaxed);
+        if p == zero {
+            return Ok(false);
+        }
+        if ffi::PyTuple_CheckExact(p) != 0 {
+            return Ok(ffi::Py_SIZE(p) != 0);
+        }
+        if zero.is_null() {
+            // A new reference to the cached small int, kept for the life of the process.
+            ZERO.store(
+                ffi::PyLong_FromLong(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
     }
     obj.is_truthy()

@@ -80,16 +80,14 @@ impl StreamReads {
             .unwrap_or(0) as usize
     }
 
-    fn set_hint(&self, fd: i32, size: usize) {
-        if fd < 0 {
+    #[inline]
+    fn set_hint(&self, fd: i32, old: usize, size: usize) {
+        if fd < 0 || size == old {
             return;
         }
         if let Ok(mut h) = self.hints.try_borrow_mut() {
             let i = fd as usize;
             if i >= h.len() {
-                if size == 0 {
-                    return;
-                }
                 h.resize(i + 1, 0);
             }
             h[i] = size as u32;
@@ -174,7 +172,7 @@ fn read_copied<'py>(
         }
         let n = r as usize;
         if n >= DIRECT_MIN {
-            st.set_hint(fd, n);
+            st.set_hint(fd, 0, n);
         }
         Ok(PyBytes::new(py, &buf[..n]))
     })
@@ -222,7 +220,7 @@ unsafe fn read_direct<'py>(
         }
         let n = r as usize;
         let next = n.max(size / 2);
-        st.set_hint(fd, if next >= DIRECT_MIN { next } else { 0 });
+        st.set_hint(fd, size, if next >= DIRECT_MIN { next } else { 0 });
         if n != cap {
             // SAFETY: `obj` is a bytes object nobody else references, as _PyBytes_Resize
             // requires; on failure it has released it and set `obj` to NULL.
