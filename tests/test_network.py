@@ -560,6 +560,7 @@ def test_buffered_protocol_memoryview_of_a_few_bytes(loop):
         ("empty", "Fatal error: protocol.get_buffer() call failed.", RuntimeError),
         ("raises", "Fatal error: protocol.get_buffer() call failed.", ZeroDivisionError),
         ("readonly", "Fatal read error on socket transport", TypeError),
+        ("strided", "Fatal read error on socket transport", TypeError),
         ("updated", "Fatal error: protocol.buffer_updated() call failed.", ZeroDivisionError),
     ],
 )
@@ -579,6 +580,8 @@ def test_buffered_protocol_errors_go_to_exception_handler(loop, fault, message, 
                 raise ZeroDivisionError("boom")
             if fault == "readonly":
                 return b"read-only"
+            if fault == "strided":
+                return memoryview(bytearray(64))[::2]
             return bytearray(64)
 
         def buffer_updated(self, nbytes):
@@ -605,6 +608,8 @@ def test_buffered_protocol_errors_go_to_exception_handler(loop, fault, message, 
         assert ctx["transport"] is transport and ctx["protocol"] is proto
         if fault == "readonly":
             assert "read-write bytes-like object, not bytes" in str(exc)
+        if fault == "strided":
+            assert "read-write bytes-like object, not memoryview" in str(exc)
 
     with ThreadPeer(send_then_wait_for_close) as peer:
         run(loop, main(peer))
