@@ -1,7 +1,8 @@
 //! Native fast paths of the socket stream transport (`python/ferroloop/_net/transports.py`).
 //!
 //! The transport's state lives in its Python slots; these functions read the few they need
-//! (directly, at offsets resolved once per class: `slots.rs`) and do the per-event work natively: `_read_ready` reads into the loop's buffer and calls
+//! (directly, at offsets resolved once per class: `slots.rs`) and do the per-event work
+//! natively: `_read_ready` reads a message (`sock_io::read_stream`) and calls
 //! `protocol.data_received` (or, for a `BufferedProtocol`, receives straight into
 //! `get_buffer()`'s buffer and calls `buffer_updated`), `write` sends a bytes object at once
 //! when nothing is queued. Any other case (a queued write, a closed or half-closed transport,

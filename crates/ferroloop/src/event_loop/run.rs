@@ -198,12 +198,13 @@ impl LoopCore {
         // The event list is reused from one iteration to the next (no allocation per poll).
         let mut events = EVENTS.with(|e| e.take());
         events.clear();
-        let polled = self
-            .poll(py, &mut events)
-            .and_then(|()| match events.is_empty() {
-                true => Ok(()),
-                false => self.process_events(py, &events),
-            });
+        let polled = self.poll(py, &mut events).and_then(|()| {
+            if events.is_empty() {
+                Ok(())
+            } else {
+                self.process_events(py, &events)
+            }
+        });
         EVENTS.with(|e| e.set(events));
         polled?;
         self.collect_due_timers(py)?;
