@@ -118,26 +118,24 @@ pub(crate) fn recycle(data: Bound<'_, PyBytes>) {
     drop(old); // a bytes object runs no code when freed
 }
 
-/// One read of up to 256 KiB from a stream fd → bytes (empty at EOF): into a spare `bytes`
-/// (see [`recycle`]), into a new one of the size the fd's reads have (big reads), or into the
-/// loop buffer and copied (small reads, no spare).
+/// One read of up to 256 KiB from a stream fd → bytes (empty at EOF). Big reads go straight
+/// into the spare `bytes` (see [`recycle`]) or a new one of the size the fd's reads have; small
+/// ones into the loop buffer, copied into the spare or a new object.
 pub(crate) fn read_stream(py: Python<'_>, fd: i32) -> Result<Bound<'_, PyBytes>, ReadError> {
     STREAM_READS.with(|st| {
         let size = st.hint(fd);
         let spare = st.spare.take();
-        let target = match spare {
+        if size < DIRECT_MIN {
+            // Small reads: `read` into the loop buffer (a plain read costs the kernel less
+            // than a readv) and a copy into the spare when the size matches, as it does in a
+            // steady exchange of equal messages.
+            return read_copied(py, st, fd, spare);
+        }
+        let obj = match spare {
             // SAFETY: the spare is a live bytes object.
-            Some(sp) if unsafe { ffi::Py_SIZE(sp.as_ptr()) } as usize >= size => {
-                Some(sp.into_ptr())
-            }
+            Some(sp) if unsafe { ffi::Py_SIZE(sp.as_ptr()) } as usize >= size => sp.into_ptr(),
             other => {
                 drop(other);
-                None
-            }
-        };
-        let obj = match target {
-            Some(obj) => obj,
-            None if size >= DIRECT_MIN => {
                 // SAFETY: a NULL source makes an uninitialised bytes of `size` bytes (a new
                 // reference, or NULL with an exception set).
                 let obj = unsafe {
@@ -151,26 +149,47 @@ pub(crate) fn read_stream(py: Python<'_>, fd: i32) -> Result<Bound<'_, PyBytes>,
                 }
                 obj
             }
-            None => return read_copied(py, st, fd),
         };
         // SAFETY: `obj` is a bytes object we hold the only reference to.
         unsafe { read_direct(py, st, fd, obj, size) }
     })
 }
 
-/// Reads into the loop buffer and copies what came into a new bytes.
+/// Reads into the loop buffer and copies what came into the spare if it has that size, else
+/// into a new bytes (the spare is then kept for later).
 fn read_copied<'py>(
     py: Python<'py>,
     st: &StreamReads,
     fd: i32,
+    spare: Option<Py<PyBytes>>,
 ) -> Result<Bound<'py, PyBytes>, ReadError> {
     with_buf(|buf| {
         // SAFETY: `buf` is a valid writable region of its length.
         let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if r < 0 {
-            return Err(ReadError::Os(std::io::Error::last_os_error()));
-        }
+        let err = (r < 0).then(std::io::Error::last_os_error);
         let n = r as usize;
+        match spare {
+            // SAFETY: the spare is a live bytes object.
+            Some(sp) if r >= 0 && unsafe { ffi::Py_SIZE(sp.as_ptr()) } as usize == n => {
+                let p = sp.into_ptr();
+                // SAFETY: the spare is ours alone (see `recycle`) and holds `n` bytes; a new
+                // content needs a new hash.
+                #[allow(deprecated)]
+                unsafe {
+                    (*p.cast::<ffi::PyBytesObject>()).ob_shash = -1;
+                    std::ptr::copy_nonoverlapping(
+                        buf.as_ptr(),
+                        ffi::PyBytes_AsString(p).cast::<u8>(),
+                        n,
+                    );
+                    return Ok(Bound::from_owned_ptr(py, p).cast_into_unchecked());
+                }
+            }
+            other => st.spare.set(other),
+        }
+        if let Some(err) = err {
+            return Err(ReadError::Os(err));
+        }
         if n >= DIRECT_MIN {
             st.set_hint(fd, 0, n);
         }
