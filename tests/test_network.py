@@ -295,6 +295,56 @@ def test_data_received_objects_stay_intact_whatever_the_protocol_keeps(loop):
         run(loop, main(peer))
 
 
+def test_eof_right_behind_data_is_seen(loop):
+    # The peer's FIN often arrives with (or right after) its last data: the read that returns
+    # the data must not hide the EOF behind it.
+    def send_and_close(conn):
+        conn.sendall(b"last words")
+        conn.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            conn.recv(1)
+
+    async def main(peer):
+        for _ in range(20):
+            transport, proto = await loop.create_connection(lambda: Recorder(loop), *peer.address)
+            await proto.eof
+            assert bytes(proto.data) == b"last words"
+            transport.close()
+            await proto.lost
+
+    with ThreadPeer(send_and_close, count=20) as peer:
+        run(loop, main(peer))
+
+
+def test_urgent_data_does_not_stall_the_stream(loop):
+    # A read stops at TCP's urgent mark; the in-band data after it must still arrive (the
+    # urgent byte itself is out of band and never delivered).
+    def send_urgent(conn):
+        conn.sendall(b"before")
+        conn.send(b"!", socket.MSG_OOB)
+        conn.sendall(b"after")
+        assert conn.recv(1) == b"k"
+
+    class Acker(Recorder):
+        def data_received(self, data):
+            super().data_received(data)
+            if bytes(self.data).endswith(b"after"):
+                self.transport.write(b"k")
+
+    async def main(peer):
+        transport, proto = await loop.create_connection(lambda: Acker(loop), *peer.address)
+        for _ in range(400):
+            if bytes(proto.data).endswith(b"after"):
+                break
+            await asyncio.sleep(0.005)
+        assert bytes(proto.data) == b"beforeafter"
+        transport.close()
+        await proto.lost
+
+    with ThreadPeer(send_urgent) as peer:
+        run(loop, main(peer))
+
+
 def test_tcp_server_protocol_with_blocking_clients(loop):
     class Echo(asyncio.Protocol):
         def connection_made(self, transport):

@@ -22,6 +22,9 @@ use crate::errors::os_error;
 
 const BUF_SIZE: usize = 256 * 1024;
 
+/// The most one stream read returns: a read of this size may have left data behind.
+pub(crate) const MAX_READ: usize = BUF_SIZE;
+
 thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; BUF_SIZE]);
 }

@@ -82,12 +82,26 @@ fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
         tr.call_method0(intern!(py, "_read_ready__on_eof"))?;
         return Ok(());
     }
+    if data.as_bytes().len() == crate::sock_io::MAX_READ {
+        rearm(tr, fd)?;
+    }
     let protocol = s.get(PROTOCOL)?;
     let r = protocol.call_method1(intern!(py, "data_received"), (&data,));
     crate::sock_io::recycle(data);
     match r {
         Ok(_) => Ok(()),
         Err(e) => fatal(tr, e, "Fatal error: protocol.data_received() call failed."),
+    }
+}
+
+/// The read filled all the room it had, so the fd may hold more: the reader is watched
+/// edge-triggered (`io_watch.rs`), so have the kernel report it again.
+#[cold]
+fn rearm(tr: &Bound<'_, PyAny>, fd: i32) -> PyResult<()> {
+    let lp = tr.getattr(intern!(tr.py(), "_loop"))?;
+    match lp.cast::<crate::event_loop::LoopCore>() {
+        Ok(core) => core.get().rearm_reader(tr.py(), fd),
+        Err(_) => Ok(()),
     }
 }
 
@@ -109,11 +123,14 @@ fn read_ready_buffered(tr: &Bound<'_, PyAny>, s: &SlotReader<'_, '_, 7>) -> PyRe
         Ok(b) => b,
         Err(e) => return fatal(tr, e, "Fatal error: protocol.get_buffer() call failed."),
     };
-    let nbytes = match recv_into(s, &buf) {
-        Ok(n) => n,
+    let (nbytes, room) = match recv_into(s, &buf) {
+        Ok(r) => r,
         Err(RecvError::Again) => return Ok(()),
         Err(RecvError::Py(e)) => return fatal(tr, e, "Fatal read error on socket transport"),
     };
+    if nbytes != 0 && nbytes == room {
+        rearm(tr, small_int(&s.get(SOCK_FD)?)?)?;
+    }
     drop(buf);
     if nbytes == 0 {
         tr.call_method0(intern!(py, "_read_ready__on_eof"))?;
@@ -131,8 +148,12 @@ enum RecvError {
     Py(PyErr),
 }
 
-/// `sock.recv_into(buf)`: one `recv` into a writable buffer of any kind.
-fn recv_into(s: &SlotReader<'_, '_, 7>, buf: &Bound<'_, PyAny>) -> Result<usize, RecvError> {
+/// `sock.recv_into(buf)`: one `recv` into a writable buffer of any kind. Returns the bytes
+/// received and the room there was.
+fn recv_into(
+    s: &SlotReader<'_, '_, 7>,
+    buf: &Bound<'_, PyAny>,
+) -> Result<(usize, usize), RecvError> {
     let py = buf.py();
     let fd = small_int(&s.get(SOCK_FD).map_err(RecvError::Py)?).map_err(RecvError::Py)?;
     // SAFETY: an all-zero Py_buffer is a valid out-parameter for PyObject_GetBuffer.
@@ -151,8 +172,9 @@ fn recv_into(s: &SlotReader<'_, '_, 7>, buf: &Bound<'_, PyAny>) -> Result<usize,
             "recv_into() argument 1 must be read-write bytes-like object, not {name}"
         ))));
     }
+    let room = view.len as usize;
     // SAFETY: see above; recv writes at most `view.len` bytes.
-    let r = unsafe { libc::recv(fd, view.buf, view.len as usize, 0) };
+    let r = unsafe { libc::recv(fd, view.buf, room, 0) };
     let err = std::io::Error::last_os_error();
     // SAFETY: `view` was filled by a successful PyObject_GetBuffer.
     unsafe { ffi::PyBuffer_Release(&mut view) };
@@ -162,7 +184,7 @@ fn recv_into(s: &SlotReader<'_, '_, 7>, buf: &Bound<'_, PyAny>) -> Result<usize,
             _ => Err(RecvError::Py(crate::errors::os_error(err))),
         };
     }
-    Ok(r as usize)
+    Ok((r as usize, room))
 }
 
 fn write(tr: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {

@@ -55,6 +55,8 @@ def as_bytes_like(data):
 
 _NO_QUEUE = ()  # empty, falsy, iterable: what `_buffer` is until a write has to wait
 
+_EDGE_FAMILIES = (socket.AF_INET, getattr(socket, "AF_INET6", socket.AF_INET))
+
 
 class SocketTransportBase(transports.Transport):
     """What every socket transport has: the socket, the protocol, closing, fatal errors,
@@ -309,6 +311,17 @@ class StreamTransport(SocketTransportBase):
     def is_reading(self) -> bool:
         return not self._paused and not self._closing
 
+    def _add_reader(self, fd, callback, *args) -> None:
+        # A TCP socket's reader is watched edge-triggered: every read path below either drains
+        # the socket or, when a read filled all the room it had, calls _rearm_reader. (Unix
+        # sockets stay level-triggered: a read stops short at a message that carries fds.)
+        if not self.is_reading():
+            return
+        if self._sock.family in _EDGE_FAMILIES:
+            self._loop._add_reader_edge(fd, callback, *args)
+        else:
+            self._loop._add_reader(fd, callback, *args)
+
     def pause_reading(self) -> None:
         if self._closing or self._paused:
             return
@@ -345,6 +358,8 @@ class StreamTransport(SocketTransportBase):
         if not data:
             self._read_ready__on_eof()
             return
+        if len(data) == MAX_READ:
+            self._loop._rearm_reader(self._sock_fd)
         try:
             self._protocol.data_received(data)
         except (SystemExit, KeyboardInterrupt):
@@ -376,6 +391,8 @@ class StreamTransport(SocketTransportBase):
         if not nbytes:
             self._read_ready__on_eof()
             return
+        if nbytes == memoryview(buf).nbytes:
+            self._loop._rearm_reader(self._sock_fd)
         try:
             self._protocol.buffer_updated(nbytes)
         except (SystemExit, KeyboardInterrupt):

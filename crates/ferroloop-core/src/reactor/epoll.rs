@@ -41,9 +41,14 @@ pub struct Event {
     pub token: u64,
     pub readable: bool,
     pub writable: bool,
+    /// The peer closed its side, the fd failed, or urgent data arrived: states that one read
+    /// may not clear, so an edge-triggered reader must go back to level-triggered
+    /// (`Poller::add_read_edge`).
+    pub hangup: bool,
 }
 
-/// A level-triggered epoll instance.
+/// An epoll instance: level-triggered, except the edge-triggered read watch of
+/// [`Poller::add_read_edge`].
 ///
 /// `wait` takes `&self` and a caller-owned buffer, so the loop can block in it with the GIL
 /// released while other threads still hold a reference to the loop. `close` is explicit (the
@@ -67,6 +72,10 @@ impl Default for EventBuf {
 
 const MAX_EVENTS: usize = 1024;
 
+/// Edge-triggered reading, plus the conditions that make it unsafe (reported in
+/// `Event::hangup`): the peer's FIN and urgent data can sit behind a read that returned data.
+const EDGE_READ: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLPRI | libc::EPOLLET) as u32;
+
 impl Poller {
     pub fn new() -> io::Result<Poller> {
         // SAFETY: epoll_create1 takes only flags; the result is checked by `cvt`.
@@ -89,10 +98,11 @@ impl Poller {
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, interest: Interest, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: interest.to_epoll(),
-            u64: token,
-        };
+        self.ctl_bits(op, fd, interest.to_epoll(), token)
+    }
+
+    fn ctl_bits(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: `ev` is a valid, initialised epoll_event that outlives the call; epoll_ctl
         // validates `epfd` and `fd` itself and reports bad ones through errno.
         cvt(unsafe { libc::epoll_ctl(self.as_raw_fd(), op, fd, &mut ev) }).map(|_| ())
@@ -101,9 +111,13 @@ impl Poller {
     /// Starts watching `fd`. Re-registering a number whose old registration the kernel still
     /// holds turns into a modification.
     pub fn add(&self, fd: RawFd, interest: Interest, token: u64) -> io::Result<()> {
-        match self.ctl(libc::EPOLL_CTL_ADD, fd, interest, token) {
+        self.add_bits(fd, interest.to_epoll(), token)
+    }
+
+    fn add_bits(&self, fd: RawFd, bits: u32, token: u64) -> io::Result<()> {
+        match self.ctl_bits(libc::EPOLL_CTL_ADD, fd, bits, token) {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                self.ctl(libc::EPOLL_CTL_MOD, fd, interest, token)
+                self.ctl_bits(libc::EPOLL_CTL_MOD, fd, bits, token)
             }
             r => r,
         }
@@ -112,12 +126,29 @@ impl Poller {
     /// Changes what `fd` is watched for. If the kernel forgot the fd (it was closed and the
     /// number reused), registers it afresh.
     pub fn modify(&self, fd: RawFd, interest: Interest, token: u64) -> io::Result<()> {
-        match self.ctl(libc::EPOLL_CTL_MOD, fd, interest, token) {
+        self.modify_bits(fd, interest.to_epoll(), token)
+    }
+
+    fn modify_bits(&self, fd: RawFd, bits: u32, token: u64) -> io::Result<()> {
+        match self.ctl_bits(libc::EPOLL_CTL_MOD, fd, bits, token) {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                self.ctl(libc::EPOLL_CTL_ADD, fd, interest, token)
+                self.ctl_bits(libc::EPOLL_CTL_ADD, fd, bits, token)
             }
             r => r,
         }
+    }
+
+    /// `add` for reading only, edge-triggered: readiness is reported once per change (new
+    /// data, EOF, an error), not on every wait while unread data remains. The owner must read
+    /// until it has drained what is there, or call [`Poller::modify_read_edge`], which has the
+    /// current state reported once more.
+    pub fn add_read_edge(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.add_bits(fd, EDGE_READ, token)
+    }
+
+    /// `modify` to the edge-triggered read watch of [`Poller::add_read_edge`].
+    pub fn modify_read_edge(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.modify_bits(fd, EDGE_READ, token)
     }
 
     /// Stops watching `fd`. A registration the kernel already dropped (closed fd) is not an error.
@@ -160,6 +191,8 @@ impl Poller {
         // SAFETY: epoll_wait initialised the first `n` entries, and n <= MAX_EVENTS = capacity.
         unsafe { events.set_len(n as usize) };
         let err_bits = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
+        let hangup_bits =
+            (libc::EPOLLERR | libc::EPOLLHUP | libc::EPOLLRDHUP | libc::EPOLLPRI) as u32;
         for ev in events.iter() {
             let bits = ev.events;
             let failed = bits & err_bits != 0;
@@ -167,6 +200,7 @@ impl Poller {
                 token: ev.u64,
                 readable: failed || bits & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0,
                 writable: failed || bits & libc::EPOLLOUT as u32 != 0,
+                hangup: bits & hangup_bits != 0,
             });
         }
         Ok(())
@@ -188,6 +222,60 @@ mod tests {
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }).unwrap();
         (fds[0], fds[1])
+    }
+
+    #[test]
+    fn edge_read_reports_each_change_once_and_again_when_re_armed() {
+        let p = Poller::new().unwrap();
+        let mut buf = EventBuf::default();
+        let (r, w) = pipe();
+        p.add_read_edge(r, 9).unwrap();
+        let mut out = Vec::new();
+        let ready = vec![Event {
+            token: 9,
+            readable: true,
+            writable: false,
+            hangup: false,
+        }];
+        // SAFETY: writing one byte from a valid buffer to our own pipe.
+        unsafe { libc::write(w, b"x".as_ptr().cast(), 1) };
+        p.wait(Some(Duration::ZERO), &mut buf, &mut out).unwrap();
+        assert_eq!(out, ready);
+        out.clear();
+        p.wait(Some(Duration::ZERO), &mut buf, &mut out).unwrap();
+        assert!(out.is_empty(), "unread data is not reported twice");
+        p.modify_read_edge(r, 9).unwrap();
+        p.wait(Some(Duration::ZERO), &mut buf, &mut out).unwrap();
+        assert_eq!(out, ready, "re-arming reports the current state");
+        out.clear();
+        // SAFETY: as above.
+        unsafe { libc::write(w, b"y".as_ptr().cast(), 1) };
+        p.wait(Some(Duration::ZERO), &mut buf, &mut out).unwrap();
+        assert_eq!(out, ready, "new data is a new edge");
+        // Switching to a level-triggered watch reports what is pending.
+        out.clear();
+        p.modify(
+            r,
+            Interest {
+                readable: true,
+                writable: false,
+            },
+            9,
+        )
+        .unwrap();
+        for _ in 0..2 {
+            out.clear();
+            p.wait(Some(Duration::ZERO), &mut buf, &mut out).unwrap();
+            assert_eq!(out, ready);
+        }
+        // The writer going away is reported as a hang-up.
+        sys::close(w);
+        out.clear();
+        p.modify_read_edge(r, 9).unwrap();
+        p.wait(Some(Duration::ZERO), &mut buf, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(out[0].readable && out[0].hangup);
+        sys::close(r);
     }
 
     #[test]
@@ -217,7 +305,8 @@ mod tests {
                 vec![Event {
                     token: 7,
                     readable: true,
-                    writable: false
+                    writable: false,
+                    hangup: false,
                 }]
             );
         }

@@ -69,6 +69,9 @@ pub(crate) struct FdWatch {
     pub fileobj: Option<Py<PyAny>>,
     pub reader: Option<Py<Handle>>,
     pub writer: Option<Py<Handle>>,
+    /// The reader drains the fd on each event (a native stream transport), so the kernel may
+    /// report readability edge-triggered while nothing else is watched (see `io_watch.rs`).
+    pub reader_edge: bool,
 }
 
 pub(crate) struct State {
@@ -380,6 +383,24 @@ impl LoopCore {
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
         self._add_writer_impl(py, fd, callback, args)
+    }
+
+    /// `_add_reader` for a reader that drains the fd on each event and calls `_rearm_reader`
+    /// when it could not (the native stream transport): watched edge-triggered.
+    #[pyo3(signature = (fd, callback, *args))]
+    fn _add_reader_edge(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        self._add_reader_edge_impl(py, fd, callback, args)
+    }
+
+    /// An edge-triggered reader left data unread: have the kernel report the fd again.
+    fn _rearm_reader(&self, py: Python<'_>, fd: i32) -> PyResult<()> {
+        self.rearm_reader(py, fd)
     }
 
     fn _remove_reader(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {

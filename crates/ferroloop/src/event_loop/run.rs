@@ -149,7 +149,14 @@ impl LoopCore {
                     continue;
                 }
                 let fd = ev.token as i32;
-                let Some(w) = st.fds.get(&fd) else { continue };
+                let Some(w) = st.fds.get_mut(&fd) else {
+                    continue;
+                };
+                if ev.hangup && w.reader_edge {
+                    // EOF, an error or urgent data may outlast the reader's next read: from
+                    // now on the kernel reports the fd for as long as it is readable.
+                    self.level_trigger(fd, w).map_err(os_error)?;
+                }
                 if ev.readable {
                     if let Some(h) = &w.reader {
                         if h.get().is_cancelled() {
