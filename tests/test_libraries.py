@@ -82,7 +82,11 @@ async def _echo_app(scope, receive, send):
 
 def test_uvicorn_server_with_httpx_client(loop):
     async def main():
-        config = uvicorn.Config(_echo_app, host="127.0.0.1", port=0, log_level="warning", loop="none")
+        # log_config=None: uvicorn's dictConfig() would close every logging handler, pytest's too
+        # (3.9 then reopens pytest's log file in a later test, which the fd-leak check sees).
+        config = uvicorn.Config(
+            _echo_app, host="127.0.0.1", port=0, log_config=None, log_level="warning", loop="none"
+        )
         server = uvicorn.Server(config)
         serving = asyncio.ensure_future(server.serve())
         while not server.started:
