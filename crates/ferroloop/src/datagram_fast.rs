@@ -1,17 +1,22 @@
 //! Native fast paths of the datagram transport (`python/ferroloop/_net/datagram.py`):
-//! `_read_ready` receives a datagram into the loop's buffer and calls
-//! `protocol.datagram_received`; `sendto` sends a bytes object at once when nothing is queued.
+//! `_read_ready` receives the waiting datagrams (up to [`MAX_BATCH`]) into the loop's buffer and
+//! calls `protocol.datagram_received` for each; `sendto` sends a bytes object at once when nothing is queued.
 //! Other cases go to the Python methods (`_read_ready_py`, `_sendto_py`).
 
 use std::ffi::CStr;
 
-use pyo3::exceptions::{PyBlockingIOError, PyInterruptedError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyType};
 use pyo3::{ffi, intern};
 
 use crate::event_loop::fastcall::trampoline;
+use crate::sock_io::RecvError;
 use crate::transports::{fatal, install, Raw};
+
+/// Datagrams received per readiness event at most: the socket is drained in one loop iteration
+/// (one `epoll_wait` for a burst instead of one per datagram), but a flood on one socket still
+/// lets the other ready callbacks and timers run between bursts.
+const MAX_BATCH: usize = 32;
 
 fn datagram_read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
@@ -23,42 +28,39 @@ fn datagram_read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
         return Ok(());
     }
     let fd: i32 = tr.getattr(intern!(py, "_sock_fd"))?.extract()?;
-    match crate::sock_io::recvfrom_inet(py, fd, 256 * 1024) {
-        Ok((data, addr)) => {
-            let protocol = tr.getattr(intern!(py, "_protocol"))?;
-            protocol.call_method1(intern!(py, "datagram_received"), (data, addr))?;
-            Ok(())
-        }
-        Err(e)
-            if e.is_instance_of::<PyBlockingIOError>(py)
-                || e.is_instance_of::<PyInterruptedError>(py) =>
+    for i in 0..MAX_BATCH {
+        // After the first datagram: stop as soon as the protocol closed or aborted the
+        // transport (its reader is then removed: asyncio would deliver nothing more).
+        if i > 0
+            && (tr.getattr(intern!(py, "_closing"))?.is_truthy()?
+                || tr.getattr(intern!(py, "_conn_lost"))?.is_truthy()?)
         {
-            Ok(())
+            return Ok(());
         }
-        Err(e) if e.is_instance_of::<pyo3::exceptions::PyOSError>(py) => {
-            let protocol = tr.getattr(intern!(py, "_protocol"))?;
-            protocol.call_method1(intern!(py, "error_received"), (e.into_value(py),))?;
-            Ok(())
+        match crate::sock_io::recv_inet(py, fd, 256 * 1024) {
+            Ok((data, addr)) => {
+                let protocol = tr.getattr(intern!(py, "_protocol"))?;
+                protocol.call_method1(intern!(py, "datagram_received"), (data, addr))?;
+            }
+            Err(RecvError::Os(e))
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) =>
+            {
+                return Ok(());
+            }
+            Err(RecvError::Os(e)) => {
+                // An OSError (an ICMP error reported on a connected socket, say) goes to the
+                // protocol; the next readiness event resumes receiving.
+                let protocol = tr.getattr(intern!(py, "_protocol"))?;
+                protocol.call_method1(
+                    intern!(py, "error_received"),
+                    (crate::errors::os_error(e).into_value(py),),
+                )?;
+                return Ok(());
+            }
+            Err(e) => return fatal(tr, e.into_pyerr(), "Fatal read error on datagram transport"),
         }
-        Err(e) => fatal(tr, e, "Fatal read error on datagram transport"),
     }
-}
-
-/// A numeric IPv4 `(host, port)` as a sockaddr, or None (the Python path resolves the rest).
-fn inet_sockaddr(addr: &Bound<'_, PyAny>) -> Option<libc::sockaddr_in> {
-    let t = addr.cast::<pyo3::types::PyTuple>().ok()?;
-    if t.len() != 2 {
-        return None;
-    }
-    let host: String = t.get_item(0).ok()?.extract().ok()?;
-    let port: u16 = t.get_item(1).ok()?.extract().ok()?;
-    let ip: std::net::Ipv4Addr = host.parse().ok()?;
-    // SAFETY: an all-zero sockaddr_in is a valid value; the fields are filled below.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    sa.sin_family = libc::AF_INET as libc::sa_family_t;
-    sa.sin_port = port.to_be();
-    sa.sin_addr.s_addr = u32::from(ip).to_be();
-    Some(sa)
+    Ok(())
 }
 
 fn datagram_sendto(
@@ -73,14 +75,13 @@ fn datagram_sendto(
     };
     let fast = data.is_exact_instance_of::<PyBytes>()
         && data.len()? > 0
-        && tr.getattr(intern!(py, "_inet"))?.is_truthy()?
-        && tr.getattr(intern!(py, "_address"))?.is_none()
+        && tr.getattr(intern!(py, "_sendto_fast"))?.is_truthy()?
         && tr.getattr(intern!(py, "_buffer"))?.len()? == 0
         && !tr.getattr(intern!(py, "_conn_lost"))?.is_truthy()?;
     if !fast {
         return fallback();
     }
-    let Some(sa) = inet_sockaddr(addr) else {
+    let Some(sa) = crate::sock_io::inet_sockaddr(addr) else {
         return fallback();
     };
     let bytes = data.cast::<PyBytes>()?.as_bytes();
@@ -166,7 +167,7 @@ const DATAGRAM_METHODS: [(&CStr, Raw, &CStr); 2] = [
     (
         c"_read_ready",
         datagram_read_ready_raw,
-        c"_read_ready($self, /)\n--\n\nThe socket is readable: receive one datagram.",
+        c"_read_ready($self, /)\n--\n\nThe socket is readable: receive the waiting datagrams.",
     ),
     (
         c"sendto",
