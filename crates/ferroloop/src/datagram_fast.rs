@@ -30,11 +30,9 @@ fn datagram_read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let fd: i32 = tr.getattr(intern!(py, "_sock_fd"))?.extract()?;
     for i in 0..MAX_BATCH {
         // After the first datagram: stop as soon as the protocol closed or aborted the
-        // transport (its reader is then removed: asyncio would deliver nothing more).
-        if i > 0
-            && (tr.getattr(intern!(py, "_closing"))?.is_truthy()?
-                || tr.getattr(intern!(py, "_conn_lost"))?.is_truthy()?)
-        {
+        // transport (its reader is then removed: asyncio would deliver nothing more). Every
+        // path that sets `_conn_lost` sets `_closing` first.
+        if i > 0 && tr.getattr(intern!(py, "_closing"))?.is_truthy()? {
             return Ok(());
         }
         match crate::sock_io::recv_inet(py, fd, 256 * 1024) {
@@ -73,19 +71,23 @@ fn datagram_sendto(
         tr.call_method1(intern!(py, "_sendto_py"), (data, addr))?;
         Ok(())
     };
-    let fast = data.is_exact_instance_of::<PyBytes>()
-        && data.len()? > 0
-        && tr.getattr(intern!(py, "_sendto_fast"))?.is_truthy()?
-        && tr.getattr(intern!(py, "_buffer"))?.len()? == 0
-        && !tr.getattr(intern!(py, "_conn_lost"))?.is_truthy()?;
+    if !data.is_exact_instance_of::<PyBytes>() {
+        return fallback();
+    }
+    let bytes = data.cast::<PyBytes>()?.as_bytes();
+    // `_sendto_fd`: the fd for an unconnected AF_INET socket, else -1. A closing transport and
+    // a queue that must keep its order take the Python path.
+    let fd: i32 = tr.getattr(intern!(py, "_sendto_fd"))?.extract()?;
+    let fast = fd >= 0
+        && !bytes.is_empty()
+        && !tr.getattr(intern!(py, "_closing"))?.is_truthy()?
+        && tr.getattr(intern!(py, "_buffer"))?.len()? == 0;
     if !fast {
         return fallback();
     }
     let Some(sa) = crate::sock_io::inet_sockaddr(addr) else {
         return fallback();
     };
-    let bytes = data.cast::<PyBytes>()?.as_bytes();
-    let fd: i32 = tr.getattr(intern!(py, "_sock_fd"))?.extract()?;
     // SAFETY: `bytes` and `sa` are valid for the call; sizes are given exactly.
     let r = unsafe {
         libc::sendto(

@@ -122,10 +122,11 @@ pub fn recvfrom_inet<'py>(
 //
 // A UDP server answers the same few peers over and over: formatting "a.b.c.d" and building a
 // (host, port) tuple for every datagram received, and parsing them back for every `sendto`, is
-// most of the Python-object work of an echo. Two small direct-mapped caches per thread (the
-// loop's thread) remove it:
+// most of the Python-object work of an echo. Small caches per thread (the loop's thread)
+// remove it:
 // - by address: (IPv4, port) → the (host, port) tuple handed to `datagram_received`;
-// - by object: a (host, port) tuple object (held, so its identity stays unique) → its sockaddr.
+// - by object: a (host, port) tuple object (held, so its identity stays unique) → its sockaddr,
+//   plus the tuple of the last datagram received (the address a reply goes to).
 //   Tuples are immutable, so a cached parse stays valid for the object's lifetime.
 // A tuple handed out twice is the same object both times, which is indistinguishable from two
 // equal tuples for any code that does not compare identities.
@@ -156,40 +157,103 @@ impl Inet {
         sa
     }
 
-    fn slot(self) -> usize {
-        let h = (self.ip ^ (self.port as u32).rotate_left(16)).wrapping_mul(0x9E37_79B9);
-        (h >> 26) as usize % CACHE_SLOTS
+    fn hash(self) -> u64 {
+        mix((u64::from(self.ip) << 16) | u64::from(self.port))
     }
 }
 
-fn ptr_slot(p: *mut pyo3::ffi::PyObject) -> usize {
-    ((p as usize) >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58
+fn mix(x: u64) -> u64 {
+    x.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+struct Entry<K, V> {
+    key: K,
+    value: V,
+    used: u32,
+}
+
+/// A fixed-size cache where each key may live in one of two slots (picked by two parts of its
+/// hash); a new key replaces the less recently used of the two. Unlike a direct-mapped table,
+/// two hot keys that share one slot do not evict each other on every use.
+struct TwoWay<K, V> {
+    slots: Vec<Option<Entry<K, V>>>,
+    clock: u32,
+}
+
+impl<K: Copy + PartialEq, V> TwoWay<K, V> {
+    fn new() -> Self {
+        TwoWay {
+            slots: (0..CACHE_SLOTS).map(|_| None).collect(),
+            clock: 0,
+        }
+    }
+
+    fn candidates(h: u64) -> [usize; 2] {
+        let a = (h >> 58) as usize % CACHE_SLOTS;
+        let b = (h >> 52) as usize % CACHE_SLOTS;
+        [a, if b == a { a ^ 1 } else { b }]
+    }
+
+    fn get(&mut self, key: K, h: u64) -> Option<&V> {
+        self.clock = self.clock.wrapping_add(1);
+        let now = self.clock;
+        let i = Self::candidates(h)
+            .into_iter()
+            .find(|&i| self.slots[i].as_ref().is_some_and(|e| e.key == key))?;
+        let e = self.slots[i].as_mut()?;
+        e.used = now;
+        Some(&e.value)
+    }
+
+    /// Stores `value` for `key` (not present); returns what it evicted, for the caller to drop
+    /// outside any borrow.
+    fn insert(&mut self, key: K, h: u64, value: V) -> Option<Entry<K, V>> {
+        self.clock = self.clock.wrapping_add(1);
+        let [a, b] = Self::candidates(h);
+        let age = |e: &Option<Entry<K, V>>| {
+            e.as_ref()
+                .map_or(u32::MAX, |e| self.clock.wrapping_sub(e.used))
+        };
+        let i = if age(&self.slots[b]) > age(&self.slots[a]) {
+            b
+        } else {
+            a
+        };
+        self.slots[i].replace(Entry {
+            key,
+            value,
+            used: self.clock,
+        })
+    }
 }
 
 struct AddrCache {
-    by_addr: Vec<Option<(Inet, Py<PyTuple>)>>,
-    by_obj: Vec<Option<(Py<PyAny>, Inet)>>,
+    by_addr: TwoWay<Inet, Py<PyTuple>>,
+    by_obj: TwoWay<usize, (Py<PyAny>, Inet)>,
+    /// The address of the last datagram received: the one an echo or a reply sends to.
+    last: Option<(Py<PyTuple>, Inet)>,
 }
 
 thread_local! {
     static ADDR_CACHE: RefCell<AddrCache> = RefCell::new(AddrCache {
-        by_addr: (0..CACHE_SLOTS).map(|_| None).collect(),
-        by_obj: (0..CACHE_SLOTS).map(|_| None).collect(),
+        by_addr: TwoWay::new(),
+        by_obj: TwoWay::new(),
+        last: None,
     });
 }
 
 /// The (host, port) tuple for a received IPv4 sockaddr, from the cache or new (and cached).
 fn inet_addr_tuple<'py>(py: Python<'py>, sin: &libc::sockaddr_in) -> PyResult<Bound<'py, PyTuple>> {
     let key = Inet::of(sin);
-    let slot = key.slot();
+    let h = key.hash();
     let hit = ADDR_CACHE.with(|c| {
-        let c = c.try_borrow().ok()?;
-        match &c.by_addr[slot] {
-            Some((k, t)) if *k == key => Some(t.clone_ref(py)),
-            _ => None,
-        }
+        let mut c = c.try_borrow_mut().ok()?;
+        let t = c.by_addr.get(key, h)?.clone_ref(py);
+        let old_last = c.last.replace((t.clone_ref(py), key));
+        Some((t, old_last))
     });
-    if let Some(t) = hit {
+    if let Some((t, old_last)) = hit {
+        drop(old_last); // outside the borrow
         return Ok(t.into_bound(py));
     }
     // Built outside any borrow: allocating may run the garbage collector, hence Python code.
@@ -203,10 +267,13 @@ fn inet_addr_tuple<'py>(py: Python<'py>, sin: &libc::sockaddr_in) -> PyResult<Bo
     )?;
     let evicted = ADDR_CACHE.with(|c| {
         let mut c = c.try_borrow_mut().ok()?;
-        let old_addr = c.by_addr[slot].replace((key, t.clone().unbind()));
-        let p = ptr_slot(t.as_ptr());
-        let old_obj = c.by_obj[p].replace((t.clone().into_any().unbind(), key));
-        Some((old_addr, old_obj))
+        let old_addr = c.by_addr.insert(key, h, t.clone().unbind());
+        let p = t.as_ptr() as usize;
+        let old_obj = c
+            .by_obj
+            .insert(p, mix(p as u64 >> 4), (t.clone().into_any().unbind(), key));
+        let old_last = c.last.replace((t.clone().unbind(), key));
+        Some((old_addr, old_obj, old_last))
     });
     drop(evicted); // outside the borrow
     Ok(t)
@@ -215,13 +282,16 @@ fn inet_addr_tuple<'py>(py: Python<'py>, sin: &libc::sockaddr_in) -> PyResult<Bo
 /// The sockaddr for a `sendto` address that is a numeric IPv4 `(host, port)`, or None (the
 /// caller then uses the socket's own sendto, which resolves names and reports errors).
 pub(crate) fn inet_sockaddr(addr: &Bound<'_, PyAny>) -> Option<libc::sockaddr_in> {
-    let p = ptr_slot(addr.as_ptr());
+    let p = addr.as_ptr() as usize;
+    let h = mix(p as u64 >> 4);
     let hit = ADDR_CACHE.with(|c| {
-        let c = c.try_borrow().ok()?;
-        match &c.by_obj[p] {
-            Some((o, k)) if o.as_ptr() == addr.as_ptr() => Some(*k),
-            _ => None,
+        let mut c = c.try_borrow_mut().ok()?;
+        if let Some((t, k)) = &c.last {
+            if t.as_ptr() as usize == p {
+                return Some(*k);
+            }
         }
+        c.by_obj.get(p, h).map(|(_, k)| *k)
     });
     if let Some(k) = hit {
         return Some(k.sockaddr());
@@ -245,7 +315,7 @@ pub(crate) fn inet_sockaddr(addr: &Bound<'_, PyAny>) -> Option<libc::sockaddr_in
     {
         let evicted = ADDR_CACHE.with(|c| {
             let mut c = c.try_borrow_mut().ok()?;
-            c.by_obj[p].replace((addr.clone().unbind(), key))
+            c.by_obj.insert(p, h, (addr.clone().unbind(), key))
         });
         drop(evicted); // outside the borrow
     }

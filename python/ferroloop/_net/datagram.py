@@ -27,8 +27,9 @@ class DatagramTransport(SocketTransportBase, transports.DatagramTransport):
         self._address = address
         # AF_INET sockets take the native fast paths (installed at the end of this module).
         self._inet = sock.family == socket.AF_INET
-        # sendto(data, addr) on an unconnected AF_INET socket: the native sendto sends at once.
-        self._sendto_fast = self._inet and not self._extra["peername"]
+        # sendto(data, addr) on an unconnected AF_INET socket: the native sendto sends at once
+        # on this fd (-1: always the Python path).
+        self._sendto_fd = self._sock_fd if self._inet and not self._extra["peername"] else -1
         loop.call_soon(self._protocol.connection_made, self)
         loop.call_soon(self._add_reader, self._sock_fd, self._read_ready)
         if waiter is not None:
