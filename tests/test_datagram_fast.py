@@ -393,3 +393,45 @@ def test_unix_datagram_echo(loop, tmp_path):
         run(loop, main())
     finally:
         peer.close()
+
+
+def test_transport_subclass_and_stray_self(loop, loop_impl):
+    """ferroloop only: the native methods read a transport's slots directly only for the exact
+    class; a subclass instance takes the generic attribute path, anything else gets the
+    AttributeError a Python method would raise (never a crash)."""
+    if loop_impl.name != "ferroloop":
+        pytest.skip("ferroloop's transport class")
+    from ferroloop._net.datagram import DatagramTransport
+
+    class Sub(DatagramTransport):
+        pass
+
+    loop._make_datagram_transport = lambda *a, **kw: Sub(loop, *a, **kw)
+    peer = udp_peer()
+
+    def echo(proto, data, addr):
+        proto.transport.sendto(data * 2, addr)
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop, echo), local_addr=("127.0.0.1", 0)
+        )
+        assert type(transport) is Sub
+        dest = transport.get_extra_info("sockname")
+        for i in range(40):
+            peer.sendto(b"%d" % i, dest)
+        await proto.wait(40)
+        for i in range(40):
+            data, _ = await loop.run_in_executor(None, peer.recvfrom, 100)
+            assert data == b"%d%d" % (i, i)
+        with pytest.raises(AttributeError):
+            DatagramTransport.sendto(object(), b"x", dest)
+        with pytest.raises(AttributeError):
+            DatagramTransport._read_ready(object())
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()

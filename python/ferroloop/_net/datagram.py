@@ -22,6 +22,10 @@ class DatagramTransport(SocketTransportBase, transports.DatagramTransport):
 
     _buffer_factory = collections.deque
 
+    # Slots, so that the native fast paths read them at fixed offsets; `__dict__` keeps
+    # instances open to other attributes, as asyncio's transports are.
+    __slots__ = ("_address", "_inet", "_sendto_fd", "__dict__")
+
     def __init__(self, loop, sock, protocol, address=None, waiter=None, extra=None):
         super().__init__(loop, sock, protocol, extra)
         self._address = address
