@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 
 import pytest
 
@@ -428,6 +429,55 @@ def test_transport_subclass_and_stray_self(loop, loop_impl):
             DatagramTransport.sendto(object(), b"x", dest)
         with pytest.raises(AttributeError):
             DatagramTransport._read_ready(object())
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("family", ["inet", "unix"])
+def test_connected_endpoint_sendto_without_address(loop, family, tmp_path):
+    """A connected endpoint: sendto(data) and sendto(data, its own address) both reach the
+    peer, in order; an empty datagram is not sent (3.11); another address is a ValueError."""
+    if family == "inet":
+        peer = udp_peer()
+        peer_addr = peer.getsockname()
+        kw = {"remote_addr": peer_addr}
+    else:
+        peer_addr = str(tmp_path / "peer.sock")
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        peer.bind(peer_addr)
+        peer.settimeout(TIMEOUT)
+        kw = {"remote_addr": peer_addr, "local_addr": str(tmp_path / "me.sock"),
+              "family": socket.AF_UNIX}
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(lambda: Recorder(loop), **kw)
+        assert transport.get_extra_info("peername") == peer_addr
+        sent = []
+        for i in range(8):  # a Unix datagram queue may hold as few as 10
+            payload = b"c%d" % i
+            if i % 2:
+                transport.sendto(payload)
+            else:
+                transport.sendto(payload, peer_addr)
+            sent.append(payload)
+        if sys.version_info < (3, 12):  # newer CPythons may send empty datagrams
+            transport.sendto(b"")
+        with pytest.raises(ValueError, match="Invalid address"):
+            transport.sendto(b"x", ("127.0.0.1", 1) if family == "inet" else "/nonexistent")
+        got = []
+        for _ in sent:
+            data, addr = await loop.run_in_executor(None, peer.recvfrom, 100)
+            got.append(data)
+            assert addr == transport.get_extra_info("sockname")
+        assert got == sent
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            peer.recvfrom(100)  # nothing more: the empty datagram was not sent
         transport.close()
         await proto.lost
 

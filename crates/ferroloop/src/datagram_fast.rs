@@ -1,6 +1,7 @@
 //! Native fast paths of the datagram transport (`python/ferroloop/_net/datagram.py`):
 //! `_read_ready` receives the waiting datagrams (up to [`MAX_BATCH`]) into the loop's buffer and
-//! calls `protocol.datagram_received` for each; `sendto` sends a bytes object at once when nothing is queued.
+//! calls `protocol.datagram_received` for each; `sendto` sends a bytes object at once when nothing
+//! is queued (to a numeric IPv4 address, or on a connected socket of any family).
 //! Other cases go to the Python methods (`_read_ready_py`, `_sendto_py`).
 
 use std::ffi::CStr;
@@ -27,6 +28,7 @@ struct Layout {
     sock_fd: isize,
     inet: isize,
     sendto_fd: isize,
+    send_fd: isize,
 }
 
 static LAYOUT: OnceLock<Layout> = OnceLock::new();
@@ -56,6 +58,7 @@ fn resolve_layout(cls: &Bound<'_, PyType>) -> Option<Layout> {
         sock_fd: member_offset(cls, "_sock_fd")?,
         inet: member_offset(cls, "_inet")?,
         sendto_fd: member_offset(cls, "_sendto_fd")?,
+        send_fd: member_offset(cls, "_send_fd")?,
     })
 }
 
@@ -164,12 +167,18 @@ fn datagram_sendto(
         return fallback();
     }
     let bytes = data.cast::<PyBytes>()?.as_bytes();
-    // `_sendto_fd`: the fd for an unconnected AF_INET socket, else -1. A closing transport and
-    // a queue that must keep its order take the Python path.
+    // `sendto(data)` on a connected socket is a send(); `sendto(data, addr)` on an unconnected
+    // AF_INET socket a sendto(). `_send_fd` / `_sendto_fd` hold the fd when that applies, else
+    // -1. A closing transport and a queue that must keep its order take the Python path, as
+    // does an address given to a connected socket (the Python method checks it).
     let f = Fields::of(tr);
-    let fd: i32 = f
-        .get(|l| l.sendto_fd, intern!(py, "_sendto_fd"))?
-        .extract()?;
+    let connected = addr.is_none();
+    let fd: i32 = if connected {
+        f.get(|l| l.send_fd, intern!(py, "_send_fd"))?
+    } else {
+        f.get(|l| l.sendto_fd, intern!(py, "_sendto_fd"))?
+    }
+    .extract()?;
     let fast = fd >= 0
         && !bytes.is_empty()
         && !f.get(|l| l.closing, intern!(py, "_closing"))?.is_truthy()?
@@ -177,19 +186,24 @@ fn datagram_sendto(
     if !fast {
         return fallback();
     }
-    let Some(sa) = crate::sock_io::inet_sockaddr(addr) else {
-        return fallback();
-    };
-    // SAFETY: `bytes` and `sa` are valid for the call; sizes are given exactly.
-    let r = unsafe {
-        libc::sendto(
-            fd,
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            0,
-            (&sa as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
+    let r = if connected {
+        // SAFETY: `bytes` is valid for the call.
+        unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), 0) }
+    } else {
+        let Some(sa) = crate::sock_io::inet_sockaddr(addr) else {
+            return fallback();
+        };
+        // SAFETY: `bytes` and `sa` are valid for the call; sizes are given exactly.
+        unsafe {
+            libc::sendto(
+                fd,
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                0,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        }
     };
     if r >= 0 {
         return Ok(());
@@ -199,7 +213,7 @@ fn datagram_sendto(
         // Socket buffer full: the Python path queues the datagram and waits for writability.
         Some(libc::EAGAIN) | Some(libc::EINTR) => fallback(),
         _ => {
-            let protocol = tr.getattr(intern!(py, "_protocol"))?;
+            let protocol = f.get(|l| l.protocol, intern!(py, "_protocol"))?;
             protocol.call_method1(
                 intern!(py, "error_received"),
                 (crate::errors::os_error(err).into_value(py),),
