@@ -15,6 +15,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 
@@ -608,6 +609,116 @@ def test_server_wait_closed_waits_for_connections(loop):
             client.close()
 
     run(loop, main())
+
+
+def _reset(sock):
+    """Close a blocking socket with an RST (SO_LINGER 0): the peer's getpeername() then fails."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class ExtraAtLost(Recorder):
+    """Reads the extra info only in connection_lost, after the peer is gone."""
+
+    def connection_lost(self, exc):
+        t = self.transport
+        self.at_lost = {k: t.get_extra_info(k) for k in ("peername", "sockname", "socket")}
+        super().connection_lost(exc)
+
+
+def _check_extra_after_lost(transport, proto, peername, sockname):
+    assert proto.at_lost["peername"] == peername
+    assert proto.at_lost["sockname"] == sockname
+    tsock = proto.at_lost["socket"]
+    assert isinstance(tsock, asyncio.trsock.TransportSocket)
+    # The same values (and the same TransportSocket) once the transport is closed.
+    assert transport.get_extra_info("peername") == peername
+    assert transport.get_extra_info("sockname") == sockname
+    assert transport.get_extra_info("socket") is tsock
+    assert tsock.fileno() == -1
+    assert transport.get_extra_info("nope", "default") == "default"
+
+
+def test_accepted_connection_extra_info_after_peer_reset(loop):
+    async def main():
+        protos = []
+
+        def factory():
+            # The second connection's protocol does not look at the extra info at all.
+            protos.append(Recorder(loop) if protos else ExtraAtLost(loop))
+            return protos[-1]
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        client = socket.create_connection(address)
+        client.sendall(b"x")
+        local = client.getsockname()
+        while not protos or not protos[0].data:
+            await asyncio.sleep(0.001)
+        proto = protos[0]
+        _reset(client)  # before anyone asked the transport for its extra info
+        await proto.lost
+        _check_extra_after_lost(proto.transport, proto, local, address)
+
+        # Nobody asks until the transport is closed.
+        client = socket.create_connection(address)
+        local = client.getsockname()
+        client.sendall(b"x")
+        while len(protos) < 2 or not protos[1].data:
+            await asyncio.sleep(0.001)
+        transport = protos[1].transport
+        _reset(client)
+        await protos[1].lost
+        assert transport.get_extra_info("peername") == local
+        assert transport.get_extra_info("sockname") == address
+        assert transport.get_extra_info("socket").fileno() == -1
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_connected_transport_extra_info_after_peer_reset(loop):
+    async def main(peer):
+        transport, proto = await loop.create_connection(lambda: ExtraAtLost(loop), *peer.address)
+        local = transport.get_extra_info("socket").getsockname()
+        transport2, proto2 = await loop.create_connection(lambda: ExtraAtLost(loop), *peer.address)
+        transport.write(b"go")
+        transport2.write(b"go")
+        await proto.lost
+        await proto2.lost
+        _check_extra_after_lost(transport, proto, peer.address, local)
+        assert proto2.at_lost["peername"] == peer.address
+
+    with ThreadPeer(lambda conn: (conn.recv(2), _reset(conn)), count=2) as peer:
+        run(loop, main(peer))
+
+
+def test_unix_accepted_connection_extra_info(loop):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "srv.sock")
+
+        async def main():
+            protos = []
+
+            def factory():
+                protos.append(ExtraAtLost(loop))
+                return protos[-1]
+
+            server = await loop.create_unix_server(factory, path)
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(path)
+            client.sendall(b"x")
+            while not protos or not protos[0].data:
+                await asyncio.sleep(0.001)
+            client.close()
+            proto = protos[0]
+            await proto.lost
+            _check_extra_after_lost(proto.transport, proto, "", path)
+            server.close()
+            await server.wait_closed()
+
+        run(loop, main())
 
 
 # ---- streams --------------------------------------------------------------------------------

@@ -42,8 +42,10 @@ class ConnectMixin:
 
     # ---- transports ---------------------------------------------------------------------
 
-    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
-        return StreamTransport(self, sock, protocol, waiter, extra, server)
+    def _make_socket_transport(
+        self, sock, protocol, waiter=None, *, extra=None, server=None, peername=None
+    ):
+        return StreamTransport(self, sock, protocol, waiter, extra, server, peername)
 
     def _make_ssl_transport(
         self,

@@ -245,12 +245,11 @@ class ServingMixin:
                 else:
                     raise  # the loop reports it through the exception handler
             else:
-                extra = {"peername": addr}
                 self.create_task(
                     self._accept_connection2(
                         protocol_factory,
                         conn,
-                        extra,
+                        addr,
                         sslcontext,
                         server,
                         ssl_handshake_timeout,
@@ -262,7 +261,7 @@ class ServingMixin:
         self,
         protocol_factory,
         conn,
-        extra,
+        addr,
         sslcontext=None,
         server=None,
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
@@ -280,14 +279,16 @@ class ServingMixin:
                     sslcontext,
                     waiter=waiter,
                     server_side=True,
-                    extra=extra,
+                    extra={"peername": addr},
                     server=server,
                     ssl_handshake_timeout=ssl_handshake_timeout,
                     ssl_shutdown_timeout=ssl_shutdown_timeout,
                 )
             else:
+                # The peer address goes in as it is: the transport makes its extra-info
+                # dict only if someone asks for it.
                 transport = self._make_socket_transport(
-                    conn, protocol, waiter=waiter, extra=extra, server=server
+                    conn, protocol, waiter=waiter, server=server, peername=addr
                 )
             try:
                 await waiter
