@@ -721,6 +721,58 @@ def test_unix_accepted_connection_extra_info(loop):
         run(loop, main())
 
 
+def test_server_close_clients_and_abort_clients(loop):
+    async def main():
+        protos = {"a": [], "b": []}
+
+        def factory(name):
+            def make():
+                protos[name].append(Recorder(loop))
+                return protos[name][-1]
+
+            return make
+
+        server_a = await loop.create_server(factory("a"), "127.0.0.1", 0)
+        server_b = await loop.create_server(factory("b"), "127.0.0.1", 0)
+        if not hasattr(server_a, "close_clients"):
+            server_a.close()
+            server_b.close()
+            pytest.skip("Server.close_clients() is new in Python 3.13")
+        address_a = server_a.sockets[0].getsockname()
+        address_b = server_b.sockets[0].getsockname()
+        clients = [socket.create_connection(address_a) for _ in range(3)]
+        clients.append(socket.create_connection(address_b))
+        # A connection of ours to server_a: a client transport, not server_a's.
+        outgoing, out_proto = await loop.create_connection(lambda: Recorder(loop), *address_a)
+        try:
+            while len(protos["a"]) < 4 or len(protos["b"]) < 1:
+                await asyncio.sleep(0.001)
+            accepted = protos["a"]
+            accepted[0].transport.close()  # already gone: not closed twice
+            await accepted[0].lost
+            server_a.close()
+            server_a.close_clients()
+            assert all(proto.transport.is_closing() for proto in accepted)
+            assert not outgoing.is_closing()  # neither the client transport...
+            assert not protos["b"][0].transport.is_closing()  # ...nor another server's
+            for proto in accepted[1:]:
+                assert await proto.lost is None
+            await server_a.wait_closed()
+            assert outgoing.get_extra_info("peername") == address_a
+
+            server_b.close()
+            server_b.abort_clients()
+            assert await protos["b"][0].lost is None
+            await server_b.wait_closed()
+        finally:
+            outgoing.close()
+            for c in clients:
+                c.close()
+        await out_proto.lost
+
+    run(loop, main())
+
+
 # ---- streams --------------------------------------------------------------------------------
 
 

@@ -41,8 +41,9 @@ def fileno_of(fd) -> int:
 class SockOpsMixin:
     """The `sock_*` coroutines and the fd → transport registry they check against."""
 
-    # fd -> transport, for "File descriptor ... is used by transport ..." (weak: a transport
-    # that is collected unclosed has released its fd in __del__).
+    # fd -> transport, for "File descriptor ... is used by transport ..." and for
+    # Server.close_clients() (weak: a transport that is collected unclosed has released its
+    # fd in __del__).
     @property
     def _transports(self):
         try:
@@ -57,7 +58,12 @@ class SockOpsMixin:
         if not table:
             return
         transport = table.get(fileno)
-        if transport is not None and not transport.is_closing():
+        if (
+            transport is not None
+            and not transport.is_closing()
+            # a transport's socket lent to loop.sendfile() (see _sendfile_native)
+            and getattr(transport, "_empty_waiter", None) is None
+        ):
             raise RuntimeError(f"File descriptor {fd!r} is used by transport {transport!r}")
 
     def _net_close(self) -> None:
