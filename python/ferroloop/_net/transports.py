@@ -350,8 +350,9 @@ class StreamTransport(SocketTransportBase):
         self._empty_waiter = None
         set_nodelay(self._sock)
         loop.call_soon(self._protocol.connection_made, self)
-        # Only start reading once connection_made() has been called.
-        loop.call_soon(self._add_reader, self._sock_fd, self._read_ready)
+        # Only start reading once connection_made() has been called. The watcher calls the
+        # class's _read_ready with the transport as its argument: no bound method per connection.
+        loop.call_soon(self._add_reader, self._sock_fd, type(self)._read_ready, self)
         if waiter is not None:
             loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
 
@@ -377,7 +378,7 @@ class StreamTransport(SocketTransportBase):
         if self._closing or not self._paused:
             return
         self._paused = False
-        self._add_reader(self._sock_fd, self._read_ready)
+        self._add_reader(self._sock_fd, type(self)._read_ready, self)
         if self._loop.get_debug():
             logger.debug("%r resumes reading", self)
 
