@@ -71,7 +71,6 @@ class SocketTransportBase(transports.Transport):
         "_loop",
         "_sock",
         "_sock_fd",
-        "_protocol_connected",
         "_protocol",
         "_server",
         "_buffer",
@@ -81,11 +80,15 @@ class SocketTransportBase(transports.Transport):
         "_protocol_paused",
         "_high_water",
         "_low_water",
-        "_peername",
     )
 
-    # True: `_extra` stays None until get_extra_info() is first called (see there). False: the
-    # dict is built at once, as asyncio does (the datagram transport reads it on every send).
+    # asyncio's flag, set by set_protocol(), which __init__ always calls: a class attribute
+    # rather than a slot nobody ever sets to anything else.
+    _protocol_connected = True
+
+    # True: `_extra` holds only the peer address until get_extra_info() is first called (see
+    # there). False: the dict is built at once, as asyncio does (the datagram transport reads
+    # it on every send).
     _lazy_extra = False
 
     def __init__(self, loop, sock, protocol, extra=None, server=None, peername=None):
@@ -93,23 +96,20 @@ class SocketTransportBase(transports.Transport):
             # Only the peer address is taken now: once the peer has gone, getpeername() fails,
             # and asyncio reports the address the connection had. An accepted connection
             # passes the address accept() returned; a connected one asks the socket.
-            self._extra = None
             if peername is None:
                 try:
                     peername = sock.getpeername()
                 except OSError:
                     pass
-            self._peername = peername
+            self._extra = peername  # a tuple, str, bytes or None: never a dict
         else:
-            self._extra = {} if extra is None else extra
+            self._extra = extra or {}
             if peername is not None and "peername" not in self._extra:
                 self._extra["peername"] = peername
-            self._peername = None
             self._build_extra(sock, self._extra)
         self._loop = loop
         self._sock = sock
         self._sock_fd = sock.fileno()
-        self._protocol_connected = False
         self._protocol = None
         self.set_protocol(protocol)
         self._server = server
@@ -159,7 +159,7 @@ class SocketTransportBase(transports.Transport):
 
     def get_extra_info(self, name, default=None):
         extra = self._extra
-        if extra is None:
+        if not isinstance(extra, dict):
             extra = self._complete_extra()
         return extra.get(name, default)
 
@@ -168,9 +168,9 @@ class SocketTransportBase(transports.Transport):
         # and a sockname tuple per connection that nobody asks for: they are made here, on the
         # first get_extra_info(), or by _call_connection_lost() just before the socket closes
         # (the sockname of an open socket does not change, so the values are the ones asyncio
-        # would have taken at creation).
-        extra = {"peername": self._peername}
-        self._peername = None
+        # would have taken at creation). Until then `_extra` holds the peer address (the slot
+        # that asyncio's dict lives in, rather than one more slot).
+        extra = {"peername": self._extra}
         sock = self._sock
         if sock is not None:
             self._build_extra(sock, extra)
@@ -181,7 +181,6 @@ class SocketTransportBase(transports.Transport):
 
     def set_protocol(self, protocol) -> None:
         self._protocol = protocol
-        self._protocol_connected = True
 
     def get_protocol(self):
         return self._protocol
@@ -247,7 +246,7 @@ class SocketTransportBase(transports.Transport):
             if self._protocol_connected:
                 self._protocol.connection_lost(exc)
         finally:
-            if self._extra is None:
+            if not isinstance(self._extra, dict):
                 self._complete_extra()  # while the socket can still tell its name
             self._sock.close()
             self._sock = None
