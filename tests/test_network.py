@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime
 import errno
+import gc
 import ipaddress
 import os
 import socket
@@ -475,9 +476,44 @@ def test_fd_used_by_transport(loop):
                 method(*args)
         transport.close()
         await proto.lost
+        del transport, proto
+        gc.collect()
+        assert len(loop._transports) == 0  # the closed transport left no entry behind
 
     with ThreadPeer(echo_until_eof) as peer:
         run(loop, main(peer))
+
+
+def test_unclosed_transport_is_collected_with_a_warning_and_its_fd_is_free(loop):
+    import warnings
+
+    async def main():
+        a, b = socket.socketpair()
+        fd = a.fileno()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
+        transport.pause_reading()  # the loop no longer holds it
+        await asyncio.sleep(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del transport, a
+            gc.collect()
+        assert any(
+            issubclass(w.category, ResourceWarning) and "unclosed transport" in str(w.message)
+            for w in caught
+        ), [str(w.message) for w in caught]
+        # No entry is left behind in the loop's (private) fd -> transport table.
+        assert len(loop._transports) == 0
+        # The fd was closed; a new socket on the same number is nobody's transport.
+        c = socket.socket()
+        try:
+            assert c.fileno() == fd
+            loop.add_reader(c.fileno(), print)
+            assert loop.remove_reader(c.fileno())
+        finally:
+            c.close()
+            b.close()
+
+    run(loop, main())
 
 
 def test_connection_refused(loop):

@@ -70,7 +70,7 @@ class Server(events.AbstractServer):
         table = self._loop.__dict__.get("_net_transports")
         if not table:
             return []
-        return [t for t in list(table.values()) if getattr(t, "_server", None) is self]
+        return [t for t in table.values() if getattr(t, "_server", None) is self]
 
     def _wakeup(self) -> None:
         waiters = self._waiters

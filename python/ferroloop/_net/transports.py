@@ -209,8 +209,15 @@ class SocketTransportBase(transports.Transport):
     def __del__(self, _warn=warnings.warn) -> None:
         sock = getattr(self, "_sock", None)
         if sock is not None:
+            self._forget_fd(self._loop)
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             sock.close()
+
+    def _forget_fd(self, loop) -> None:
+        """Take this transport out of the loop's fd -> transport table (see TransportTable)."""
+        table = getattr(loop, "__dict__", {}).get("_net_transports")
+        if table is not None:
+            table.discard(self._sock_fd, self)
 
     def _fatal_error(self, exc, message="Fatal error on transport") -> None:
         if isinstance(exc, OSError):
@@ -248,6 +255,7 @@ class SocketTransportBase(transports.Transport):
         finally:
             if not isinstance(self._extra, dict):
                 self._complete_extra()  # while the socket can still tell its name
+            self._forget_fd(self._loop)
             self._sock.close()
             self._sock = None
             self._protocol = None
