@@ -504,13 +504,16 @@ def test_unclosed_transport_is_collected_with_a_warning_and_its_fd_is_free(loop)
         # No entry is left behind in the loop's (private) fd -> transport table.
         assert len(loop._transports) == 0
         # The fd was closed; a new socket on the same number is nobody's transport.
-        c = socket.socket()
+        opened = []
         try:
-            assert c.fileno() == fd
-            loop.add_reader(c.fileno(), print)
-            assert loop.remove_reader(c.fileno())
+            while not opened or opened[-1].fileno() < fd:  # the lowest free fds go first
+                opened.append(socket.socket())
+            assert opened[-1].fileno() == fd
+            loop.add_reader(fd, print)
+            assert loop.remove_reader(fd)
         finally:
-            c.close()
+            for c in opened:
+                c.close()
             b.close()
 
     run(loop, main())
