@@ -42,8 +42,10 @@ class ConnectMixin:
 
     # ---- transports ---------------------------------------------------------------------
 
-    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
-        return StreamTransport(self, sock, protocol, waiter, extra, server)
+    def _make_socket_transport(
+        self, sock, protocol, waiter=None, *, extra=None, server=None, peername=None
+    ):
+        return StreamTransport(self, sock, protocol, waiter, extra, server, peername)
 
     def _make_ssl_transport(
         self,
@@ -404,9 +406,10 @@ class ConnectMixin:
         return await self._sendfile_fallback(transport, file, offset, count)
 
     async def _sendfile_native(self, transp, file, offset, count):
-        # The socket is lent to sock_sendfile: unregister the transport meanwhile, stop
-        # reading and wait until everything already written has gone out.
-        del self._transports[transp._sock_fd]
+        # The socket is lent to sock_sendfile: stop reading and wait until everything already
+        # written has gone out. While the empty waiter is set, the fd check of the sock_*
+        # methods lets the socket through (asyncio unregisters the transport instead; it stays
+        # registered here, where Server.close_clients() finds it).
         resume_reading = transp.is_reading()
         transp.pause_reading()
         await transp._make_empty_waiter()
@@ -416,7 +419,6 @@ class ConnectMixin:
             transp._reset_empty_waiter()
             if resume_reading:
                 transp.resume_reading()
-            self._transports[transp._sock_fd] = transp
 
     async def _sendfile_fallback(self, transp, file, offset, count):
         if offset:
