@@ -426,3 +426,43 @@ def test_handshake_failure_and_timeout(loop, tls_contexts):
         run(loop, bad_cert(p.address))
     with ThreadPeer(silent) as p:
         run(loop, timeout(p.address))
+
+
+def test_custom_sslobject_class_is_used(loop, tls_contexts):
+    """A context's own `sslobject_class` keeps its read/write methods on the data path."""
+    server_ctx, _ = tls_contexts
+    calls = {"read": 0, "write": 0}
+
+    class CountingSSLObject(ssl.SSLObject):
+        def read(self, *args, **kwargs):
+            calls["read"] += 1
+            return super().read(*args, **kwargs)
+
+        def write(self, data):
+            calls["write"] += 1
+            return super().write(data)
+
+    client_ctx = ssl.create_default_context()
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    client_ctx.sslobject_class = CountingSSLObject
+
+    def peer(conn):
+        tls = ManualTLS(conn, server_ctx)
+        tls.obj.write(tls.recv_exactly(5))
+        tls.flush()
+        conn.sendall(tls.close_notify())
+
+    async def main(peer):
+        reader, writer = await asyncio.open_connection(*peer.address, ssl=client_ctx)
+        assert isinstance(writer.get_extra_info("ssl_object"), CountingSSLObject)
+        writer.write(b"hello")
+        assert await reader.readexactly(5) == b"hello"
+        assert await reader.read() == b""
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+
+    with ThreadPeer(peer) as p:
+        run(loop, main(p))
+    assert calls["read"] >= 1 and calls["write"] >= 1

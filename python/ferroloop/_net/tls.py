@@ -62,7 +62,7 @@ else:
                 proto._write_appdata((data,))
                 return
             try:
-                count = proto._sslobj.write(data)
+                count = proto._ssl_raw.write(data)
             except _AGAIN:
                 count = 0
             except Exception as ex:
@@ -79,10 +79,19 @@ else:
                     proto._write_backlog.append(data[count:] if count else data)
                     proto._write_buffer_size += size - count
                     proto._do_write()
-                else:
+                elif proto._ssl_writing_paused or proto._app_writing_paused:
                     proto._process_outgoing()
+                else:
+                    # _process_outgoing, inlined for the common case.
+                    outgoing = proto._outgoing
+                    if outgoing.pending:
+                        proto._transport.write(outgoing.read())
+                    if outgoing.pending + proto._write_buffer_size >= proto._outgoing_high_water:
+                        proto._control_app_writing()
             except Exception as ex:
                 proto._fatal_error(ex, "Fatal error on SSL protocol")
+
+    _SSLObject = ssl.SSLObject
 
     class SSLProtocol(protocols.Protocol):
         """The stdlib's `asyncio.sslproto.SSLProtocol` with ferroloop's hot paths.
@@ -91,6 +100,17 @@ else:
         native read path feeds it; the stdlib's `get_buffer`/`buffer_updated` remain for
         transports that prefer them (they are the same code as the stdlib's).
         """
+
+        def __init__(self, *args, **kwargs):
+            _Stdlib.__init__(self, *args, **kwargs)
+            # The per-record calls go to the C object under `ssl.SSLObject`, whose read/write/
+            # pending are one-line forwarders; a context with its own `sslobject_class` keeps
+            # its methods.
+            sslobj = self._sslobj
+            if type(sslobj) is _SSLObject:
+                self._ssl_raw = sslobj._sslobj
+            else:
+                self._ssl_raw = sslobj
 
         def _get_app_transport(self):
             if self._app_transport is None:
@@ -126,7 +146,12 @@ else:
                         self._do_read__copied()
                     if self._write_backlog:
                         self._do_write()
-                    else:
+                    elif (
+                        self._outgoing.pending
+                        or self._app_writing_paused
+                        or self._write_buffer_size >= self._outgoing_high_water
+                    ):
+                        # Otherwise _process_outgoing would have nothing to send or control.
                         self._process_outgoing()
                 pending = self._incoming.pending
                 if self._ssl_reading_paused:
@@ -142,7 +167,7 @@ else:
             # Once a record has been read, stop when neither the BIO nor the SSL object has
             # anything left: another read could only raise SSLWantReadError (a partial record
             # needs more bytes from the socket, and every new byte comes with a new call).
-            sslobj = self._sslobj
+            sslobj = self._ssl_raw
             incoming = self._incoming
             max_size = self.max_size
             first = None
