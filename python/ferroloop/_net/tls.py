@@ -220,7 +220,7 @@ else:
     # Everything not defined above is the stdlib's, used as is (the methods are plain
     # functions; they only touch attributes both classes share).
     for _name, _value in vars(_Stdlib).items():
-        if _name in ("__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__slots__"):
+        if _name in ("__dict__", "__weakref__", "__module__", "__qualname__", "__doc__"):
             continue
         if _name not in SSLProtocol.__dict__:
             setattr(SSLProtocol, _name, _value)
