@@ -1,8 +1,9 @@
 """Outgoing and adopted connections: `create_connection` (Happy Eyeballs), Unix connections,
 `connect_accepted_socket`, TLS (`ssl=`, `start_tls`) and `loop.sendfile`.
 
-TLS is the stdlib's `asyncio.sslproto.SSLProtocol` over a ferroloop stream transport: every
-option of the user's `SSLContext` is honoured because Python's `ssl` does the work.
+TLS is `tls.SSLProtocol` (the stdlib's `asyncio.sslproto` state machine with ferroloop's
+per-record paths) over a ferroloop stream transport: every option of the user's `SSLContext`
+is honoured because Python's `ssl` does the work.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import logging
 import os
 import socket
 import sys
-from asyncio import constants, exceptions, protocols, sslproto, staggered
+from asyncio import constants, exceptions, protocols, staggered
 
+from . import tls
 from .dns import interleave_addrinfos
 from .sock_ops import check_ssl_socket
 from .transports import StreamTransport
@@ -61,7 +63,7 @@ class ConnectMixin:
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
         ssl_shutdown_timeout=getattr(constants, "SSL_SHUTDOWN_TIMEOUT", None),
     ):
-        ssl_protocol = sslproto.SSLProtocol(
+        ssl_protocol = tls.SSLProtocol(
             self,
             protocol,
             sslcontext,
@@ -360,7 +362,7 @@ class ConnectMixin:
             raise TypeError(f"transport {transport!r} is not supported by start_tls()")
 
         waiter = self.create_future()
-        ssl_protocol = sslproto.SSLProtocol(
+        ssl_protocol = tls.SSLProtocol(
             self,
             protocol,
             sslcontext,
