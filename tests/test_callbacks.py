@@ -906,3 +906,36 @@ def test_no_lost_wakeups_under_concurrent_call_soon_threadsafe(loop):
     safety.cancel()
     assert count == total
     assert elapsed < 5.0
+
+
+def test_ferroloop_keeps_spent_handles_across_short_sleeps_and_trims_idle_surplus():
+    """A burst's spent handles stay pooled while bursts keep coming (a producer thread wakes the
+    loop every few ms: freeing and reallocating them each time costs page faults), and the
+    surplus is released once the loop has slept with it for a second."""
+    import ferroloop
+
+    lp = ferroloop.new_event_loop()
+    try:
+        ran = []
+
+        def burst():
+            for i in range(5000):
+                lp.call_soon(ran.append, i)
+
+        async def sleep_then_burst(delay):
+            await asyncio.sleep(delay)
+            burst()
+            await asyncio.sleep(0)
+
+        burst()
+        lp.run_until_complete(asyncio.sleep(0.01))  # runs the burst, then sleeps
+        assert len(ran) == 5000
+        assert lp._handle_pool_size() >= 4000  # kept across a short sleep
+        lp.run_until_complete(sleep_then_burst(0.01))
+        assert len(ran) == 10000
+        assert lp._handle_pool_size() >= 4000  # the second burst reused them
+        lp.run_until_complete(asyncio.sleep(1.2))
+        lp.run_until_complete(asyncio.sleep(0.01))  # the next sleep trims the old surplus
+        assert lp._handle_pool_size() <= 256
+    finally:
+        lp.close()

@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import datetime
 import errno
+import gc
 import ipaddress
 import os
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 
@@ -768,9 +770,47 @@ def test_fd_used_by_transport(loop):
                 method(*args)
         transport.close()
         await proto.lost
+        del transport, proto
+        gc.collect()
+        assert len(loop._transports) == 0  # the closed transport left no entry behind
 
     with ThreadPeer(echo_until_eof) as peer:
         run(loop, main(peer))
+
+
+def test_unclosed_transport_is_collected_with_a_warning_and_its_fd_is_free(loop):
+    import warnings
+
+    async def main():
+        a, b = socket.socketpair()
+        fd = a.fileno()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
+        transport.pause_reading()  # the loop no longer holds it
+        await asyncio.sleep(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del transport, a
+            gc.collect()
+        assert any(
+            issubclass(w.category, ResourceWarning) and "unclosed transport" in str(w.message)
+            for w in caught
+        ), [str(w.message) for w in caught]
+        # No entry is left behind in the loop's (private) fd -> transport table.
+        assert len(loop._transports) == 0
+        # The fd was closed; a new socket on the same number is nobody's transport.
+        opened = []
+        try:
+            while not opened or opened[-1].fileno() < fd:  # the lowest free fds go first
+                opened.append(socket.socket())
+            assert opened[-1].fileno() == fd
+            loop.add_reader(fd, print)
+            assert loop.remove_reader(fd)
+        finally:
+            for c in opened:
+                c.close()
+            b.close()
+
+    run(loop, main())
 
 
 def test_connection_refused(loop):
@@ -900,6 +940,168 @@ def test_server_wait_closed_waits_for_connections(loop):
             await waiter
         finally:
             client.close()
+
+    run(loop, main())
+
+
+def _reset(sock):
+    """Close a blocking socket with an RST (SO_LINGER 0): the peer's getpeername() then fails."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class ExtraAtLost(Recorder):
+    """Reads the extra info only in connection_lost, after the peer is gone."""
+
+    def connection_lost(self, exc):
+        t = self.transport
+        self.at_lost = {k: t.get_extra_info(k) for k in ("peername", "sockname", "socket")}
+        super().connection_lost(exc)
+
+
+def _check_extra_after_lost(transport, proto, peername, sockname):
+    assert proto.at_lost["peername"] == peername
+    assert proto.at_lost["sockname"] == sockname
+    tsock = proto.at_lost["socket"]
+    assert isinstance(tsock, asyncio.trsock.TransportSocket)
+    # The same values (and the same TransportSocket) once the transport is closed.
+    assert transport.get_extra_info("peername") == peername
+    assert transport.get_extra_info("sockname") == sockname
+    assert transport.get_extra_info("socket") is tsock
+    assert tsock.fileno() == -1
+    assert transport.get_extra_info("nope", "default") == "default"
+
+
+def test_accepted_connection_extra_info_after_peer_reset(loop):
+    async def main():
+        protos = []
+
+        def factory():
+            # The second connection's protocol does not look at the extra info at all.
+            protos.append(Recorder(loop) if protos else ExtraAtLost(loop))
+            return protos[-1]
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        client = socket.create_connection(address)
+        client.sendall(b"x")
+        local = client.getsockname()
+        while not protos or not protos[0].data:
+            await asyncio.sleep(0.001)
+        proto = protos[0]
+        _reset(client)  # before anyone asked the transport for its extra info
+        await proto.lost
+        _check_extra_after_lost(proto.transport, proto, local, address)
+
+        # Nobody asks until the transport is closed.
+        client = socket.create_connection(address)
+        local = client.getsockname()
+        client.sendall(b"x")
+        while len(protos) < 2 or not protos[1].data:
+            await asyncio.sleep(0.001)
+        transport = protos[1].transport
+        _reset(client)
+        await protos[1].lost
+        assert transport.get_extra_info("peername") == local
+        assert transport.get_extra_info("sockname") == address
+        assert transport.get_extra_info("socket").fileno() == -1
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_connected_transport_extra_info_after_peer_reset(loop):
+    async def main(peer):
+        transport, proto = await loop.create_connection(lambda: ExtraAtLost(loop), *peer.address)
+        local = transport.get_extra_info("socket").getsockname()
+        transport2, proto2 = await loop.create_connection(lambda: ExtraAtLost(loop), *peer.address)
+        transport.write(b"go")
+        transport2.write(b"go")
+        await proto.lost
+        await proto2.lost
+        _check_extra_after_lost(transport, proto, peer.address, local)
+        assert proto2.at_lost["peername"] == peer.address
+
+    with ThreadPeer(lambda conn: (conn.recv(2), _reset(conn)), count=2) as peer:
+        run(loop, main(peer))
+
+
+def test_unix_accepted_connection_extra_info(loop):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "srv.sock")
+
+        async def main():
+            protos = []
+
+            def factory():
+                protos.append(ExtraAtLost(loop))
+                return protos[-1]
+
+            server = await loop.create_unix_server(factory, path)
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(path)
+            client.sendall(b"x")
+            while not protos or not protos[0].data:
+                await asyncio.sleep(0.001)
+            client.close()
+            proto = protos[0]
+            await proto.lost
+            _check_extra_after_lost(proto.transport, proto, "", path)
+            server.close()
+            await server.wait_closed()
+
+        run(loop, main())
+
+
+def test_server_close_clients_and_abort_clients(loop):
+    async def main():
+        protos = {"a": [], "b": []}
+
+        def factory(name):
+            def make():
+                protos[name].append(Recorder(loop))
+                return protos[name][-1]
+
+            return make
+
+        server_a = await loop.create_server(factory("a"), "127.0.0.1", 0)
+        server_b = await loop.create_server(factory("b"), "127.0.0.1", 0)
+        if not hasattr(server_a, "close_clients"):
+            server_a.close()
+            server_b.close()
+            pytest.skip("Server.close_clients() is new in Python 3.13")
+        address_a = server_a.sockets[0].getsockname()
+        address_b = server_b.sockets[0].getsockname()
+        clients = [socket.create_connection(address_a) for _ in range(3)]
+        clients.append(socket.create_connection(address_b))
+        # A connection of ours to server_a: a client transport, not server_a's.
+        outgoing, out_proto = await loop.create_connection(lambda: Recorder(loop), *address_a)
+        try:
+            while len(protos["a"]) < 4 or len(protos["b"]) < 1:
+                await asyncio.sleep(0.001)
+            accepted = protos["a"]
+            accepted[0].transport.close()  # already gone: not closed twice
+            await accepted[0].lost
+            server_a.close()
+            server_a.close_clients()
+            assert all(proto.transport.is_closing() for proto in accepted)
+            assert not outgoing.is_closing()  # neither the client transport...
+            assert not protos["b"][0].transport.is_closing()  # ...nor another server's
+            for proto in accepted[1:]:
+                assert await proto.lost is None
+            await server_a.wait_closed()
+            assert outgoing.get_extra_info("peername") == address_a
+
+            server_b.close()
+            server_b.abort_clients()
+            assert await protos["b"][0].lost is None
+            await server_b.wait_closed()
+        finally:
+            outgoing.close()
+            for c in clients:
+                c.close()
+        await out_proto.lost
 
     run(loop, main())
 

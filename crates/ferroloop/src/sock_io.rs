@@ -12,11 +12,11 @@
 //! for the next read instead of being freed ([`recycle`]), so a steady echo allocates nothing.
 
 use std::cell::RefCell;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyInt, PyString, PyTuple};
 
 use crate::errors::os_error;
 
@@ -268,16 +268,38 @@ pub(crate) enum ReadError {
     Py(PyErr),
 }
 
-/// What `socket.recvfrom` returns on an AF_INET socket.
-type InetDatagram = (Py<PyBytes>, (String, u16));
+/// Why [`recv_inet`] returned no datagram.
+pub(crate) enum RecvError {
+    /// The system call failed (EAGAIN included: the caller decides whether that is an error,
+    /// without the cost of an exception object).
+    Os(std::io::Error),
+    /// The sender's address is not AF_INET (the socket is not an AF_INET socket).
+    NotInet,
+    /// Building the result failed (MemoryError).
+    Py(PyErr),
+}
 
-/// `recvfrom(fd, max)` on an AF_INET datagram socket → (bytes, (host, port)), the value
-/// `socket.recvfrom` returns. Only for AF_INET sockets (the caller checks the family; other
-/// families use the socket's own method, which formats every address kind).
-#[pyfunction]
-#[pyo3(signature = (fd, max_size = BUF_SIZE))]
-pub fn recvfrom_inet(py: Python<'_>, fd: i32, max_size: usize) -> PyResult<InetDatagram> {
-    with_buf(|buf| {
+impl RecvError {
+    pub(crate) fn into_pyerr(self) -> PyErr {
+        match self {
+            RecvError::Os(e) => os_error(e),
+            RecvError::NotInet => {
+                pyo3::exceptions::PyValueError::new_err("recvfrom_inet() needs an AF_INET socket")
+            }
+            RecvError::Py(e) => e,
+        }
+    }
+}
+
+/// `recvfrom(fd, max)` on an AF_INET datagram socket → (bytes, (host, port)), the values
+/// `socket.recvfrom` returns. The address tuple comes from the thread's address cache when the
+/// same sender was seen recently (see [`AddrCache`]).
+pub(crate) fn recv_inet<'py>(
+    py: Python<'py>,
+    fd: i32,
+    max_size: usize,
+) -> Result<(Bound<'py, PyBytes>, Bound<'py, PyTuple>), RecvError> {
+    let (data, sin) = with_buf(|buf| {
         let n = max_size.min(buf.len());
         // SAFETY: an all-zero sockaddr_storage is a valid value.
         let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -294,23 +316,233 @@ pub fn recvfrom_inet(py: Python<'_>, fd: i32, max_size: usize) -> PyResult<InetD
             )
         };
         if r < 0 {
-            return Err(os_error(std::io::Error::last_os_error()));
+            return Err(RecvError::Os(std::io::Error::last_os_error()));
         }
         if addr.ss_family as i32 != libc::AF_INET {
-            return Err(pyo3::exceptions::PyValueError::new_err(
-                "recvfrom_inet() needs an AF_INET socket",
-            ));
+            return Err(RecvError::NotInet);
         }
         // SAFETY: the family says the storage holds a sockaddr_in.
         let sin: libc::sockaddr_in =
             unsafe { std::ptr::read((&addr as *const libc::sockaddr_storage).cast()) };
-        let a = SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-            u16::from_be(sin.sin_port),
-        );
-        Ok((
-            PyBytes::new(py, &buf[..r as usize]).unbind(),
-            (a.ip().to_string(), a.port()),
-        ))
-    })
+        Ok((PyBytes::new(py, &buf[..r as usize]), sin))
+    })?;
+    let addr = inet_addr_tuple(py, &sin).map_err(RecvError::Py)?;
+    Ok((data, addr))
+}
+
+/// `recvfrom(fd, max)` on an AF_INET datagram socket → (bytes, (host, port)), the value
+/// `socket.recvfrom` returns. Only for AF_INET sockets (the caller checks the family; other
+/// families use the socket's own method, which formats every address kind).
+#[pyfunction]
+#[pyo3(signature = (fd, max_size = BUF_SIZE))]
+pub fn recvfrom_inet<'py>(
+    py: Python<'py>,
+    fd: i32,
+    max_size: usize,
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyTuple>)> {
+    recv_inet(py, fd, max_size).map_err(RecvError::into_pyerr)
+}
+
+// ---- address caches ----------------------------------------------------------------------------
+//
+// A UDP server answers the same few peers over and over: formatting "a.b.c.d" and building a
+// (host, port) tuple for every datagram received, and parsing them back for every `sendto`, is
+// most of the Python-object work of an echo. Small caches per thread (the loop's thread)
+// remove it:
+// - by address: (IPv4, port) → the (host, port) tuple handed to `datagram_received`;
+// - by object: a (host, port) tuple object (held, so its identity stays unique) → its sockaddr,
+//   plus the tuple of the last datagram received (the address a reply goes to).
+//   Tuples are immutable, so a cached parse stays valid for the object's lifetime.
+// A tuple handed out twice is the same object both times, which is indistinguishable from two
+// equal tuples for any code that does not compare identities.
+
+const CACHE_SLOTS: usize = 64;
+
+/// The cached value: numeric IPv4 address and port in host byte order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Inet {
+    ip: u32,
+    port: u16,
+}
+
+impl Inet {
+    fn of(sin: &libc::sockaddr_in) -> Inet {
+        Inet {
+            ip: u32::from_be(sin.sin_addr.s_addr),
+            port: u16::from_be(sin.sin_port),
+        }
+    }
+
+    fn sockaddr(self) -> libc::sockaddr_in {
+        // SAFETY: an all-zero sockaddr_in is a valid value; the fields are filled below.
+        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_port = self.port.to_be();
+        sa.sin_addr.s_addr = self.ip.to_be();
+        sa
+    }
+
+    fn hash(self) -> u64 {
+        mix((u64::from(self.ip) << 16) | u64::from(self.port))
+    }
+}
+
+fn mix(x: u64) -> u64 {
+    x.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+struct Entry<K, V> {
+    key: K,
+    value: V,
+    used: u32,
+}
+
+/// A fixed-size cache where each key may live in one of two slots (picked by two parts of its
+/// hash); a new key replaces the less recently used of the two. Unlike a direct-mapped table,
+/// two hot keys that share one slot do not evict each other on every use.
+struct TwoWay<K, V> {
+    slots: Vec<Option<Entry<K, V>>>,
+    clock: u32,
+}
+
+impl<K: Copy + PartialEq, V> TwoWay<K, V> {
+    fn new() -> Self {
+        TwoWay {
+            slots: (0..CACHE_SLOTS).map(|_| None).collect(),
+            clock: 0,
+        }
+    }
+
+    fn candidates(h: u64) -> [usize; 2] {
+        let a = (h >> 58) as usize % CACHE_SLOTS;
+        let b = (h >> 52) as usize % CACHE_SLOTS;
+        [a, if b == a { a ^ 1 } else { b }]
+    }
+
+    fn get(&mut self, key: K, h: u64) -> Option<&V> {
+        self.clock = self.clock.wrapping_add(1);
+        let now = self.clock;
+        let i = Self::candidates(h)
+            .into_iter()
+            .find(|&i| self.slots[i].as_ref().is_some_and(|e| e.key == key))?;
+        let e = self.slots[i].as_mut()?;
+        e.used = now;
+        Some(&e.value)
+    }
+
+    /// Stores `value` for `key` (not present); returns what it evicted, for the caller to drop
+    /// outside any borrow.
+    fn insert(&mut self, key: K, h: u64, value: V) -> Option<Entry<K, V>> {
+        self.clock = self.clock.wrapping_add(1);
+        let [a, b] = Self::candidates(h);
+        let age = |e: &Option<Entry<K, V>>| {
+            e.as_ref()
+                .map_or(u32::MAX, |e| self.clock.wrapping_sub(e.used))
+        };
+        let i = if age(&self.slots[b]) > age(&self.slots[a]) {
+            b
+        } else {
+            a
+        };
+        self.slots[i].replace(Entry {
+            key,
+            value,
+            used: self.clock,
+        })
+    }
+}
+
+struct AddrCache {
+    by_addr: TwoWay<Inet, Py<PyTuple>>,
+    by_obj: TwoWay<usize, (Py<PyAny>, Inet)>,
+    /// The address of the last datagram received: the one an echo or a reply sends to.
+    last: Option<(Py<PyTuple>, Inet)>,
+}
+
+thread_local! {
+    static ADDR_CACHE: RefCell<AddrCache> = RefCell::new(AddrCache {
+        by_addr: TwoWay::new(),
+        by_obj: TwoWay::new(),
+        last: None,
+    });
+}
+
+/// The (host, port) tuple for a received IPv4 sockaddr, from the cache or new (and cached).
+fn inet_addr_tuple<'py>(py: Python<'py>, sin: &libc::sockaddr_in) -> PyResult<Bound<'py, PyTuple>> {
+    let key = Inet::of(sin);
+    let h = key.hash();
+    let hit = ADDR_CACHE.with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        let t = c.by_addr.get(key, h)?.clone_ref(py);
+        let old_last = c.last.replace((t.clone_ref(py), key));
+        Some((t, old_last))
+    });
+    if let Some((t, old_last)) = hit {
+        drop(old_last); // outside the borrow
+        return Ok(t.into_bound(py));
+    }
+    // Built outside any borrow: allocating may run the garbage collector, hence Python code.
+    let host = Ipv4Addr::from(key.ip).to_string();
+    let t = PyTuple::new(
+        py,
+        [
+            host.into_pyobject(py)?.into_any(),
+            key.port.into_pyobject(py)?.into_any(),
+        ],
+    )?;
+    let evicted = ADDR_CACHE.with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        let old_addr = c.by_addr.insert(key, h, t.clone().unbind());
+        let p = t.as_ptr() as usize;
+        let old_obj = c
+            .by_obj
+            .insert(p, mix(p as u64 >> 4), (t.clone().into_any().unbind(), key));
+        let old_last = c.last.replace((t.clone().unbind(), key));
+        Some((old_addr, old_obj, old_last))
+    });
+    drop(evicted); // outside the borrow
+    Ok(t)
+}
+
+/// The sockaddr for a `sendto` address that is a numeric IPv4 `(host, port)`, or None (the
+/// caller then uses the socket's own sendto, which resolves names and reports errors).
+pub(crate) fn inet_sockaddr(addr: &Bound<'_, PyAny>) -> Option<libc::sockaddr_in> {
+    let p = addr.as_ptr() as usize;
+    let h = mix(p as u64 >> 4);
+    let hit = ADDR_CACHE.with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        if let Some((t, k)) = &c.last {
+            if t.as_ptr() as usize == p {
+                return Some(*k);
+            }
+        }
+        c.by_obj.get(p, h).map(|(_, k)| *k)
+    });
+    if let Some(k) = hit {
+        return Some(k.sockaddr());
+    }
+    let t = addr.cast::<PyTuple>().ok()?;
+    if t.len() != 2 {
+        return None;
+    }
+    let host = t.get_item(0).ok()?;
+    let port_obj = t.get_item(1).ok()?;
+    let ip: Ipv4Addr = host.cast::<PyString>().ok()?.to_str().ok()?.parse().ok()?;
+    let port: u16 = port_obj.extract().ok()?;
+    let key = Inet {
+        ip: u32::from(ip),
+        port,
+    };
+    // Only exact tuples of an exact str and int are kept: nothing a subclass could change.
+    if t.is_exact_instance_of::<PyTuple>()
+        && host.is_exact_instance_of::<PyString>()
+        && port_obj.is_exact_instance_of::<PyInt>()
+    {
+        let evicted = ADDR_CACHE.with(|c| {
+            let mut c = c.try_borrow_mut().ok()?;
+            c.by_obj.insert(p, h, (addr.clone().unbind(), key))
+        });
+        drop(evicted); // outside the borrow
+    }
+    Some(key.sockaddr())
 }

@@ -9,7 +9,7 @@
 //! a non-bytes argument) goes to the Python methods, which remain the reference behaviour.
 //!
 //! They are installed as method descriptors of the Python class, so they bind to its
-//! instances like ordinary methods.
+//! instances like ordinary methods (and a stray `self` gets CPython's TypeError).
 
 use std::ffi::CStr;
 
@@ -287,11 +287,26 @@ const METHODS: [(&CStr, Raw, &CStr); 2] = [
 /// Installs the native `_read_ready` and `write` on the given stream transport class.
 #[pyfunction]
 pub fn install_stream_fast_paths(cls: &Bound<'_, PyType>) -> PyResult<()> {
-    install(cls, &METHODS)
+    // Descriptors of the class itself: a stray `self` gets TypeError from CPython's check,
+    // which costs an exact instance one comparison (a descriptor of `object` walks the MRO).
+    install_on(cls, cls.as_type_ptr(), &METHODS)
 }
 
+/// Installs `methods` on `cls` as descriptors of `object`: any `self` reaches the function,
+/// which must cope (a stray one gets the AttributeError a Python method would raise).
 pub(crate) fn install(
     cls: &Bound<'_, PyType>,
+    methods: &[(&'static CStr, Raw, &'static CStr)],
+) -> PyResult<()> {
+    let object = std::ptr::addr_of_mut!(ffi::PyBaseObject_Type);
+    install_on(cls, object, methods)
+}
+
+/// Installs `methods` on `cls` as descriptors of `owner`: calling one checks `self` against
+/// `owner` first (for the exact class, one pointer comparison instead of an MRO walk).
+fn install_on(
+    cls: &Bound<'_, PyType>,
+    owner: *mut ffi::PyTypeObject,
     methods: &[(&'static CStr, Raw, &'static CStr)],
 ) -> PyResult<()> {
     let py = cls.py();
@@ -304,13 +319,11 @@ pub(crate) fn install(
             ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
             ml_doc: doc.as_ptr(),
         }));
-        // SAFETY: `cls` is a live type object; `def` is 'static. The descriptor belongs to
-        // `cls`: calling it checks `self` against `cls` itself (one pointer comparison for an
-        // exact instance, where a descriptor of `object` walked the whole MRO per call).
+        // SAFETY: `owner` is a live type object (`object` or `cls`); `def` is 'static.
         let descr = unsafe {
             Bound::from_owned_ptr_or_err(
                 py,
-                ffi::PyDescr_NewMethod(cls.as_type_ptr(), def as *mut ffi::PyMethodDef),
+                ffi::PyDescr_NewMethod(owner, def as *mut ffi::PyMethodDef),
             )?
         };
         cls.setattr(name.to_str().expect("ascii"), descr)?;

@@ -8,7 +8,9 @@ One module per concern, so the hot parts can move to native transports one at a 
 - `datagram`   the datagram transport and create_datagram_endpoint
 - `server`     Server, the accept loop, create_server / create_unix_server
 - `connect`    create_connection (Happy Eyeballs), unix connections, connect_accepted_socket,
-               TLS (ssl= and start_tls, via asyncio.sslproto) and loop.sendfile
+               TLS (ssl= and start_tls) and loop.sendfile
+- `tls`        the TLS protocol: asyncio.sslproto's state machine with ferroloop's per-record
+               paths
 
 `NetworkMixin` gathers them; `ferroloop.Loop` lists it right after the native core.
 """

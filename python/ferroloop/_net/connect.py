@@ -1,8 +1,9 @@
 """Outgoing and adopted connections: `create_connection` (Happy Eyeballs), Unix connections,
 `connect_accepted_socket`, TLS (`ssl=`, `start_tls`) and `loop.sendfile`.
 
-TLS is the stdlib's `asyncio.sslproto.SSLProtocol` over a ferroloop stream transport: every
-option of the user's `SSLContext` is honoured because Python's `ssl` does the work.
+TLS is `tls.SSLProtocol` (the stdlib's `asyncio.sslproto` state machine with ferroloop's
+per-record paths) over a ferroloop stream transport: every option of the user's `SSLContext`
+is honoured because Python's `ssl` does the work.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import logging
 import os
 import socket
 import sys
-from asyncio import constants, exceptions, protocols, sslproto, staggered
+from asyncio import constants, exceptions, protocols, staggered
 
+from . import tls
 from .dns import interleave_addrinfos
 from .sock_ops import check_ssl_socket
 from .transports import StreamTransport
@@ -42,8 +44,10 @@ class ConnectMixin:
 
     # ---- transports ---------------------------------------------------------------------
 
-    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
-        return StreamTransport(self, sock, protocol, waiter, extra, server)
+    def _make_socket_transport(
+        self, sock, protocol, waiter=None, *, extra=None, server=None, peername=None
+    ):
+        return StreamTransport(self, sock, protocol, waiter, extra, server, peername)
 
     def _make_ssl_transport(
         self,
@@ -59,7 +63,7 @@ class ConnectMixin:
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
         ssl_shutdown_timeout=getattr(constants, "SSL_SHUTDOWN_TIMEOUT", None),
     ):
-        ssl_protocol = sslproto.SSLProtocol(
+        ssl_protocol = tls.SSLProtocol(
             self,
             protocol,
             sslcontext,
@@ -358,7 +362,7 @@ class ConnectMixin:
             raise TypeError(f"transport {transport!r} is not supported by start_tls()")
 
         waiter = self.create_future()
-        ssl_protocol = sslproto.SSLProtocol(
+        ssl_protocol = tls.SSLProtocol(
             self,
             protocol,
             sslcontext,
@@ -404,9 +408,10 @@ class ConnectMixin:
         return await self._sendfile_fallback(transport, file, offset, count)
 
     async def _sendfile_native(self, transp, file, offset, count):
-        # The socket is lent to sock_sendfile: unregister the transport meanwhile, stop
-        # reading and wait until everything already written has gone out.
-        del self._transports[transp._sock_fd]
+        # The socket is lent to sock_sendfile: stop reading and wait until everything already
+        # written has gone out. While the empty waiter is set, the fd check of the sock_*
+        # methods lets the socket through (asyncio unregisters the transport instead; it stays
+        # registered here, where Server.close_clients() finds it).
         resume_reading = transp.is_reading()
         transp.pause_reading()
         await transp._make_empty_waiter()
@@ -416,7 +421,6 @@ class ConnectMixin:
             transp._reset_empty_waiter()
             if resume_reading:
                 transp.resume_reading()
-            self._transports[transp._sock_fd] = transp
 
     async def _sendfile_fallback(self, transp, file, offset, count):
         if offset:

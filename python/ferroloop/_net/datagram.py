@@ -22,11 +22,20 @@ class DatagramTransport(SocketTransportBase, transports.DatagramTransport):
 
     _buffer_factory = collections.deque
 
+    # Slots, so that the native fast paths read them at fixed offsets; `__dict__` keeps
+    # instances open to other attributes, as asyncio's transports are.
+    __slots__ = ("_address", "_inet", "_sendto_fd", "_send_fd", "__dict__")
+
     def __init__(self, loop, sock, protocol, address=None, waiter=None, extra=None):
         super().__init__(loop, sock, protocol, extra)
         self._address = address
         # AF_INET sockets take the native fast paths (installed at the end of this module).
         self._inet = sock.family == socket.AF_INET
+        # The native sendto sends at once on these fds (-1: the Python path): sendto(data, addr)
+        # on an unconnected AF_INET socket, sendto(data) on a connected socket.
+        connected = bool(self._extra["peername"])
+        self._sendto_fd = self._sock_fd if self._inet and not connected else -1
+        self._send_fd = self._sock_fd if connected else -1
         loop.call_soon(self._protocol.connection_made, self)
         loop.call_soon(self._add_reader, self._sock_fd, self._read_ready)
         if waiter is not None:
@@ -262,9 +271,9 @@ def set_reuseport(sock) -> None:
         )
 
 
-# Native `_read_ready` and `sendto` for the common case (an AF_INET socket, a bytes datagram,
-# a numeric IPv4 address, nothing queued); the Python methods stay as `_read_ready_py` /
-# `_sendto_py` and handle everything else.
+# Native `_read_ready` and `sendto` for the common cases (an AF_INET socket, a bytes datagram,
+# a numeric IPv4 address or a connected socket, nothing queued); the Python methods stay as
+# `_read_ready_py` / `_sendto_py` and handle everything else.
 DatagramTransport._read_ready_py = DatagramTransport._read_ready
 DatagramTransport._sendto_py = DatagramTransport.sendto
 _ferroloop_native.install_datagram_fast_paths(DatagramTransport)

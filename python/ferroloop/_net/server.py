@@ -10,7 +10,6 @@ import os
 import socket
 import stat
 import sys
-import weakref
 from asyncio import constants, events, exceptions, tasks, trsock
 
 from .datagram import set_reuseport
@@ -40,7 +39,6 @@ class Server(events.AbstractServer):
         self._sockets = sockets
         self._active_count = 0
         self._waiters = []
-        self._clients = weakref.WeakSet()
         self._protocol_factory = protocol_factory
         self._backlog = backlog
         self._ssl_context = ssl_context
@@ -53,19 +51,26 @@ class Server(events.AbstractServer):
     def __repr__(self) -> str:
         return f"<{self.__class__.__name__} sockets={self.sockets!r}>"
 
-    # The transports of accepted connections report in and out.
+    # The transports of accepted connections report in and out. They are not collected in a
+    # set here: the loop's fd -> transport table already holds each one (weakly) and a
+    # transport knows its server, so close_clients() finds them there. A WeakSet would cost
+    # every idle connection a weakref and a set slot (about 150 bytes) for that one scan.
     def _attach(self, transport=None) -> None:
         assert self._sockets is not None
         self._active_count += 1
-        if transport is not None:
-            self._clients.add(transport)
 
     def _detach(self, transport=None) -> None:
         self._active_count -= 1
-        if transport is not None:
-            self._clients.discard(transport)
         if self._active_count == 0 and self._sockets is None:
             self._wakeup()
+
+    def _clients(self):
+        """The open transports of the connections this server accepted (asyncio's WeakSet);
+        a transport forgets its server when its connection_lost has run."""
+        table = self._loop.__dict__.get("_net_transports")
+        if not table:
+            return []
+        return [t for t in table.values() if getattr(t, "_server", None) is self]
 
     def _wakeup(self) -> None:
         waiters = self._waiters
@@ -125,11 +130,11 @@ class Server(events.AbstractServer):
             self._wakeup()
 
     def close_clients(self) -> None:
-        for transport in list(self._clients):
+        for transport in self._clients():
             transport.close()
 
     def abort_clients(self) -> None:
-        for transport in list(self._clients):
+        for transport in self._clients():
             transport.abort()
 
     async def start_serving(self) -> None:
@@ -170,6 +175,15 @@ class Server(events.AbstractServer):
     async def __aexit__(self, *exc) -> None:
         self.close()
         await self.wait_closed()
+
+
+def _share_host(addr):
+    """The peer address with its host string interned: connections from one host (a proxy, a
+    load balancer, a benchmark client) then share one string instead of holding 64 bytes each
+    for as long as they live. The value is equal; only the object is shared."""
+    if type(addr) is tuple and addr and type(addr[0]) is str:
+        return (sys.intern(addr[0]), *addr[1:])
+    return addr
 
 
 class ServingMixin:
@@ -245,12 +259,11 @@ class ServingMixin:
                 else:
                     raise  # the loop reports it through the exception handler
             else:
-                extra = {"peername": addr}
                 self.create_task(
                     self._accept_connection2(
                         protocol_factory,
                         conn,
-                        extra,
+                        _share_host(addr),
                         sslcontext,
                         server,
                         ssl_handshake_timeout,
@@ -262,7 +275,7 @@ class ServingMixin:
         self,
         protocol_factory,
         conn,
-        extra,
+        addr,
         sslcontext=None,
         server=None,
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
@@ -280,14 +293,16 @@ class ServingMixin:
                     sslcontext,
                     waiter=waiter,
                     server_side=True,
-                    extra=extra,
+                    extra={"peername": addr},
                     server=server,
                     ssl_handshake_timeout=ssl_handshake_timeout,
                     ssl_shutdown_timeout=ssl_shutdown_timeout,
                 )
             else:
+                # The peer address goes in as it is: the transport makes its extra-info
+                # dict only if someone asks for it.
                 transport = self._make_socket_transport(
-                    conn, protocol, waiter=waiter, extra=extra, server=server
+                    conn, protocol, waiter=waiter, server=server, peername=addr
                 )
             try:
                 await waiter

@@ -53,6 +53,9 @@ def as_bytes_like(data):
     return data
 
 
+_DEFAULT_HIGH_WATER = 64 * 1024
+_DEFAULT_LOW_WATER = _DEFAULT_HIGH_WATER // 4
+
 _NO_QUEUE = ()  # empty, falsy, iterable: what `_buffer` is until a write has to wait
 
 _EDGE_FAMILIES = (socket.AF_INET, getattr(socket, "AF_INET6", socket.AF_INET))
@@ -70,7 +73,6 @@ class SocketTransportBase(transports.Transport):
         "_loop",
         "_sock",
         "_sock_fd",
-        "_protocol_connected",
         "_protocol",
         "_server",
         "_buffer",
@@ -82,22 +84,34 @@ class SocketTransportBase(transports.Transport):
         "_low_water",
     )
 
-    def __init__(self, loop, sock, protocol, extra=None, server=None):
-        super().__init__(extra)
-        self._extra["socket"] = trsock.TransportSocket(sock)
-        try:
-            self._extra["sockname"] = sock.getsockname()
-        except OSError:
-            self._extra["sockname"] = None
-        if "peername" not in self._extra:
-            try:
-                self._extra["peername"] = sock.getpeername()
-            except OSError:
-                self._extra["peername"] = None
+    # asyncio's flag, set by set_protocol(), which __init__ always calls: a class attribute
+    # rather than a slot nobody ever sets to anything else.
+    _protocol_connected = True
+
+    # True: `_extra` holds only the peer address until get_extra_info() is first called (see
+    # there). False: the dict is built at once, as asyncio does (the datagram transport reads
+    # it on every send).
+    _lazy_extra = False
+
+    def __init__(self, loop, sock, protocol, extra=None, server=None, peername=None):
+        if extra is None and self._lazy_extra:
+            # Only the peer address is taken now: once the peer has gone, getpeername() fails,
+            # and asyncio reports the address the connection had. An accepted connection
+            # passes the address accept() returned; a connected one asks the socket.
+            if peername is None:
+                try:
+                    peername = sock.getpeername()
+                except OSError:
+                    pass
+            self._extra = peername  # a tuple, str, bytes or None: never a dict
+        else:
+            self._extra = extra or {}
+            if peername is not None and "peername" not in self._extra:
+                self._extra["peername"] = peername
+            self._build_extra(sock, self._extra)
         self._loop = loop
         self._sock = sock
         self._sock_fd = sock.fileno()
-        self._protocol_connected = False
         self._protocol = None
         self.set_protocol(protocol)
         self._server = server
@@ -128,11 +142,47 @@ class SocketTransportBase(transports.Transport):
             info.append(f"write=<{state}, bufsize={self.get_write_buffer_size()}>")
         return "<{}>".format(" ".join(info))
 
+    # ---- extra info -----------------------------------------------------------------------
+
+    @staticmethod
+    def _build_extra(sock, extra) -> None:
+        """What asyncio's socket transports put in `_extra` (peername from the socket unless
+        `extra` has it)."""
+        extra["socket"] = trsock.TransportSocket(sock)
+        try:
+            extra["sockname"] = sock.getsockname()
+        except OSError:
+            extra["sockname"] = None
+        if "peername" not in extra:
+            try:
+                extra["peername"] = sock.getpeername()
+            except OSError:
+                extra["peername"] = None
+
+    def get_extra_info(self, name, default=None):
+        extra = self._extra
+        if not isinstance(extra, dict):
+            extra = self._complete_extra()
+        return extra.get(name, default)
+
+    def _complete_extra(self):
+        # A server holding many idle connections should not pay for a dict, a TransportSocket
+        # and a sockname tuple per connection that nobody asks for: they are made here, on the
+        # first get_extra_info(), or by _call_connection_lost() just before the socket closes
+        # (the sockname of an open socket does not change, so the values are the ones asyncio
+        # would have taken at creation). Until then `_extra` holds the peer address (the slot
+        # that asyncio's dict lives in, rather than one more slot).
+        extra = {"peername": self._extra}
+        sock = self._sock
+        if sock is not None:
+            self._build_extra(sock, extra)
+        self._extra = extra
+        return extra
+
     # ---- protocol -----------------------------------------------------------------------
 
     def set_protocol(self, protocol) -> None:
         self._protocol = protocol
-        self._protocol_connected = True
 
     def get_protocol(self):
         return self._protocol
@@ -161,8 +211,15 @@ class SocketTransportBase(transports.Transport):
     def __del__(self, _warn=warnings.warn) -> None:
         sock = getattr(self, "_sock", None)
         if sock is not None:
+            self._forget_fd(self._loop)
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             sock.close()
+
+    def _forget_fd(self, loop) -> None:
+        """Take this transport out of the loop's fd -> transport table (see TransportTable)."""
+        table = getattr(loop, "__dict__", {}).get("_net_transports")
+        if table is not None:
+            table.discard(self._sock_fd, self)
 
     def _fatal_error(self, exc, message="Fatal error on transport") -> None:
         if isinstance(exc, OSError):
@@ -198,6 +255,9 @@ class SocketTransportBase(transports.Transport):
             if self._protocol_connected:
                 self._protocol.connection_lost(exc)
         finally:
+            if not isinstance(self._extra, dict):
+                self._complete_extra()  # while the socket can still tell its name
+            self._forget_fd(self._loop)
             self._sock.close()
             self._sock = None
             self._protocol = None
@@ -220,6 +280,12 @@ class SocketTransportBase(transports.Transport):
         self._maybe_pause_protocol()
 
     def _set_write_buffer_limits(self, high=None, low=None) -> None:
+        if high is None and low is None:
+            # The shared default ints: 16384 is no cached small int, and each transport
+            # computing its own would hold 32 bytes more.
+            self._high_water = _DEFAULT_HIGH_WATER
+            self._low_water = _DEFAULT_LOW_WATER
+            return
         if high is None:
             high = 64 * 1024 if low is None else 4 * low
         if low is None:
@@ -282,28 +348,26 @@ class StreamTransport(SocketTransportBase):
     _start_tls_compatible = True
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
-    __slots__ = ("_read_ready_cb", "_buffered", "_eof", "_paused", "_empty_waiter")
+    __slots__ = ("_buffered", "_eof", "_paused", "_empty_waiter")
 
-    def __init__(self, loop, sock, protocol, waiter=None, extra=None, server=None):
-        self._read_ready_cb = None
-        super().__init__(loop, sock, protocol, extra, server)
+    _lazy_extra = True
+
+    def __init__(self, loop, sock, protocol, waiter=None, extra=None, server=None, peername=None):
+        super().__init__(loop, sock, protocol, extra, server, peername)
         self._eof = False
         self._paused = False
         self._empty_waiter = None
         set_nodelay(self._sock)
         loop.call_soon(self._protocol.connection_made, self)
-        # Only start reading once connection_made() has been called.
-        loop.call_soon(self._add_reader, self._sock_fd, self._read_ready)
+        # Only start reading once connection_made() has been called. The watcher calls the
+        # class's _read_ready with the transport as its argument: no bound method per connection.
+        loop.call_soon(self._add_reader, self._sock_fd, type(self)._read_ready, self)
         if waiter is not None:
             loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
 
     def set_protocol(self, protocol) -> None:
-        if isinstance(protocol, protocols.BufferedProtocol):
-            self._read_ready_cb = self._read_ready__get_buffer
-            self._buffered = True
-        else:
-            self._read_ready_cb = self._read_ready__data_received
-            self._buffered = False
+        # A flag, not a bound method per connection.
+        self._buffered = isinstance(protocol, protocols.BufferedProtocol)
         super().set_protocol(protocol)
 
     # ---- reading ------------------------------------------------------------------------
@@ -334,14 +398,17 @@ class StreamTransport(SocketTransportBase):
         if self._closing or not self._paused:
             return
         self._paused = False
-        self._add_reader(self._sock_fd, self._read_ready)
+        self._add_reader(self._sock_fd, type(self)._read_ready, self)
         if self._loop.get_debug():
             logger.debug("%r resumes reading", self)
 
     def _read_ready(self) -> None:
         # Replaced below by the native `_read_ready`, which does both paths itself
         # (data_received, and get_buffer / recv_into / buffer_updated for buffered protocols).
-        self._read_ready_cb()
+        if self._buffered:
+            self._read_ready__get_buffer()
+        else:
+            self._read_ready__data_received()
 
     def _read_ready__data_received(self) -> None:
         if self._conn_lost:

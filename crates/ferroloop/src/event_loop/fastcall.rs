@@ -11,6 +11,7 @@
 
 use std::ffi::CStr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
@@ -19,6 +20,9 @@ use pyo3::types::{PyString, PyTuple};
 
 use super::LoopCore;
 use crate::handles::Args;
+
+/// A second `"context"` string object seen as a keyword name (see `parse`), never freed.
+static OTHER_CONTEXT_NAME: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
 
 /// The parsed arguments of a scheduling call.
 struct Call<'py> {
@@ -47,9 +51,21 @@ unsafe fn parse<'py>(
         let mut context = None;
         if !kwnames.is_null() {
             let names = Bound::from_borrowed_ptr(py, kwnames).cast_into::<PyTuple>()?;
+            // Callers such as the C Task pass the interned "context": a pointer comparison.
+            // CPython's C Task uses its own static "context" (not the interned one on 3.11);
+            // the first such object seen is remembered (one reference kept for good).
+            let interned = pyo3::intern!(py, "context").as_ptr();
+            let other = OTHER_CONTEXT_NAME.load(Ordering::Relaxed);
             for (i, name) in names.iter().enumerate() {
+                if name.as_ptr() == interned || name.as_ptr() == other {
+                    context = Some(Bound::from_borrowed_ptr(py, *args.add(nargs + i)));
+                    continue;
+                }
                 let name = name.cast_into::<PyString>()?;
                 if name.to_str()? == "context" {
+                    if other.is_null() && name.is_exact_instance_of::<PyString>() {
+                        OTHER_CONTEXT_NAME.store(name.clone().into_ptr(), Ordering::Relaxed);
+                    }
                     context = Some(Bound::from_borrowed_ptr(py, *args.add(nargs + i)));
                 } else if leading_names.contains(&name.to_str()?) || name.to_str()? == "callback" {
                     return Err(PyTypeError::new_err(format!(

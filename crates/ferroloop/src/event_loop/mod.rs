@@ -88,6 +88,8 @@ pub(crate) struct State {
     pub current_handle: Option<Py<Handle>>,
     /// Spent one-shot handles kept for reuse by `call_soon` (see `Handle::recyclable`).
     pub pool: Vec<Py<Handle>>,
+    /// When the loop first went to sleep with more than the idle pool size (see run.rs).
+    pub pool_surplus_since: Option<f64>,
 }
 
 /// Token of the waker's eventfd in the poller; user fds use their own number.
@@ -185,6 +187,7 @@ impl LoopCore {
                 closed: false,
                 current_handle: None,
                 pool: Vec::new(),
+                pool_surplus_since: None,
             }),
             shared: Arc::new(Shared {
                 debug: AtomicBool::new(false),
@@ -207,6 +210,11 @@ impl LoopCore {
     #[getter]
     fn _clock_resolution(&self) -> f64 {
         self.clock_resolution
+    }
+
+    /// Spent handles kept for reuse (for tests of the pool's trimming).
+    fn _handle_pool_size(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.state.borrow_mut(py)?.pool.len())
     }
 
     fn get_debug(&self) -> bool {

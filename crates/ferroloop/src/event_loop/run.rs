@@ -27,9 +27,13 @@ use crate::stdlib::{stdlib, support};
 
 /// Spent handles kept for reuse: up to the burst size while the loop is busy (a gather of 100k
 /// tasks reuses its 100k step handles on every round instead of allocating them), trimmed to
-/// the idle size whenever the loop goes to sleep, so a past burst does not hold memory.
+/// the idle size when the loop goes to sleep with a surplus older than `POOL_SURPLUS_AGE`, so
+/// a past burst does not hold memory. Trimming at every sleep would free and reallocate the
+/// surplus on every burst of a producer thread (`call_soon_threadsafe` wakes the loop each
+/// time): measured, that tripled the page faults, as pymalloc returned and re-mapped arenas.
 const POOL_MAX_BURST: usize = 1 << 17;
 const POOL_MAX_IDLE: usize = 256;
+const POOL_SURPLUS_AGE: f64 = 1.0;
 
 thread_local! {
     /// `run_once`'s event list, kept between iterations.
@@ -109,10 +113,22 @@ impl LoopCore {
                 if !st.ready.is_empty() {
                     timeout = Some(0.0);
                 }
-                if st.pool.len() > POOL_MAX_IDLE {
-                    st.pool.split_off(POOL_MAX_IDLE)
-                } else {
+                if st.pool.len() <= POOL_MAX_IDLE {
+                    st.pool_surplus_since = None;
                     Vec::new()
+                } else {
+                    let now = monotonic();
+                    match st.pool_surplus_since {
+                        Some(since) if now - since >= POOL_SURPLUS_AGE => {
+                            st.pool_surplus_since = None;
+                            st.pool.split_off(POOL_MAX_IDLE)
+                        }
+                        Some(_) => Vec::new(),
+                        None => {
+                            st.pool_surplus_since = Some(now);
+                            Vec::new()
+                        }
+                    }
                 }
             };
             drop(surplus); // outside the borrow

@@ -1,0 +1,487 @@
+"""Datagram transports under load: bursts, many peers, closing mid-burst, errors.
+
+ferroloop's native `_read_ready` receives several datagrams per readiness event and caches
+address tuples and sockaddrs; CPython's loop receives one datagram per iteration. Everything
+asserted here holds on both (the ``loop`` fixture runs each test on each loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+
+import pytest
+
+TIMEOUT = 10
+
+
+def run(loop, coro, timeout=TIMEOUT):
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+def udp_peer(family=socket.AF_INET, host="127.0.0.1"):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    s.settimeout(TIMEOUT)
+    return s
+
+
+class Recorder(asyncio.DatagramProtocol):
+    """Records datagrams and errors; `wait(n)` resolves once n datagrams arrived."""
+
+    def __init__(self, loop, on_datagram=None):
+        self.loop = loop
+        self.transport = None
+        self.received = []
+        self.errors = []
+        self.lost = loop.create_future()
+        self.on_datagram = on_datagram
+        self._waiters = []
+        self.error = loop.create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.received.append((data, addr))
+        for n, fut in self._waiters:
+            if len(self.received) >= n and not fut.done():
+                fut.set_result(None)
+        if self.on_datagram is not None:
+            self.on_datagram(self, data, addr)
+
+    def error_received(self, exc):
+        self.errors.append(exc)
+        if not self.error.done():
+            self.error.set_result(exc)
+
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+
+    async def wait(self, n):
+        if len(self.received) >= n:
+            return
+        fut = self.loop.create_future()
+        self._waiters.append((n, fut))
+        await fut
+
+
+def test_burst_is_delivered_in_order(loop):
+    """A burst queued before the loop looks (more than one batch): every datagram, in order,
+    with its sender's address."""
+    peers = [udp_peer() for _ in range(3)]
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop), local_addr=("127.0.0.1", 0)
+        )
+        dest = transport.get_extra_info("sockname")
+        expected = []
+        for i in range(150):  # all queued in the kernel before the loop polls again
+            p = peers[i % 3]
+            payload = b"%d" % i
+            p.sendto(payload, dest)
+            expected.append((payload, p.getsockname()))
+        await proto.wait(len(expected))
+        assert proto.received == expected
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        for p in peers:
+            p.close()
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+def test_close_in_datagram_received_stops_delivery(loop, how):
+    peer = udp_peer()
+
+    def on_datagram(proto, data, addr):
+        getattr(proto.transport, how)()
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop, on_datagram), local_addr=("127.0.0.1", 0)
+        )
+        dest = transport.get_extra_info("sockname")
+        for i in range(10):
+            peer.sendto(b"%d" % i, dest)
+        assert await proto.lost is None
+        await asyncio.sleep(0.05)
+        assert proto.received == [(b"0", peer.getsockname())]
+        assert transport.is_closing()
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()
+
+
+def test_exception_in_datagram_received_goes_to_handler(loop):
+    """A raising datagram_received is reported to the exception handler; the datagrams after
+    it are still delivered, in order."""
+    peer = udp_peer()
+    reported = []
+
+    def on_datagram(proto, data, addr):
+        if data == b"boom":
+            raise ZeroDivisionError("boom")
+
+    async def main():
+        loop.set_exception_handler(lambda lp, ctx: reported.append(ctx.get("exception")))
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop, on_datagram), local_addr=("127.0.0.1", 0)
+        )
+        dest = transport.get_extra_info("sockname")
+        sent = [b"a", b"boom", b"b", b"boom", b"c"]
+        for d in sent:
+            peer.sendto(d, dest)
+        await proto.wait(len(sent))
+        assert [d for d, _ in proto.received] == sent
+        assert len(reported) == 2 and all(isinstance(e, ZeroDivisionError) for e in reported)
+        assert not transport.is_closing()
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()
+
+
+def test_callbacks_scheduled_per_datagram_all_run_in_order(loop):
+    peer = udp_peer()
+    order = []
+
+    def on_datagram(proto, data, addr):
+        order.append(("dgram", data))
+        loop.call_soon(order.append, ("cb", data))
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop, on_datagram), local_addr=("127.0.0.1", 0)
+        )
+        dest = transport.get_extra_info("sockname")
+        for i in range(50):
+            peer.sendto(b"%d" % i, dest)
+        await proto.wait(50)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert [d for k, d in order if k == "dgram"] == [b"%d" % i for i in range(50)]
+        assert [d for k, d in order if k == "cb"] == [b"%d" % i for i in range(50)]
+        # a callback never runs before the datagram that scheduled it
+        for i in range(50):
+            assert order.index(("dgram", b"%d" % i)) < order.index(("cb", b"%d" % i))
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()
+
+
+def test_echo_to_many_peers(loop):
+    """More peers than any address cache has slots: every reply reaches its own sender."""
+    peers = [udp_peer() for _ in range(150)]
+
+    def echo(proto, data, addr):
+        proto.transport.sendto(data + b"!", addr)
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop, echo), local_addr=("127.0.0.1", 0)
+        )
+        dest = transport.get_extra_info("sockname")
+        for rnd in range(2):
+            for i, p in enumerate(peers):
+                p.sendto(b"%d-%d" % (rnd, i), dest)
+            await proto.wait(len(peers) * (rnd + 1))
+            for i, p in enumerate(peers):
+                data, addr = await loop.run_in_executor(None, p.recvfrom, 100)
+                assert (data, addr) == (b"%d-%d!" % (rnd, i), dest)
+        assert {a for _, a in proto.received} == {p.getsockname() for p in peers}
+        for data, addr in proto.received:
+            assert type(addr) is tuple and type(addr[0]) is str and type(addr[1]) is int
+            assert addr == peers[int(data.split(b"-")[1])].getsockname()
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        for p in peers:
+            p.close()
+
+
+def test_sendto_address_objects(loop):
+    """Fresh tuples, reused tuples, subclasses and host names: each datagram goes where its
+    own address says."""
+    a, b = udp_peer(), udp_peer()
+
+    class Host(str):
+        pass
+
+    class Port(int):
+        pass
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop), local_addr=("127.0.0.1", 0)
+        )
+        pa, pb = a.getsockname()[1], b.getsockname()[1]
+        expect = {pa: [], pb: []}
+        reused = {pa: ("127.0.0.1", pa), pb: ("127.0.0.1", pb)}
+        for i in range(200):
+            port = pa if i % 3 else pb
+            kind = i % 5
+            if kind == 0:
+                addr = tuple(["127.0.0.1", port])  # a new object every time
+            elif kind == 1:
+                addr = reused[port]
+            elif kind == 2:
+                addr = (Host("127.0.0.1"), Port(port))
+            elif kind == 3:
+                addr = ("localhost", port)
+            else:
+                addr = ["127.0.0.1", port][0], port
+            payload = b"%d" % i
+            transport.sendto(payload, addr)
+            expect[port].append(payload)
+            del addr
+        for sock, port in ((a, pa), (b, pb)):
+            got = []
+            for _ in expect[port]:
+                data, _ = await loop.run_in_executor(None, sock.recvfrom, 100)
+                got.append(data)
+            assert got == expect[port]
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", ("127.0.0.1",), ("127.0.0.1", "x")])
+def test_sendto_bad_address_is_fatal_as_in_asyncio(loop, addr):
+    """A malformed address (not an OSError) is a fatal write error: reported to the exception
+    handler, the transport closed with the TypeError."""
+    reported = []
+
+    async def main():
+        loop.set_exception_handler(lambda lp, ctx: reported.append(ctx))
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop), local_addr=("127.0.0.1", 0)
+        )
+        transport.sendto(b"x", addr)
+        assert transport.is_closing()
+        exc = await proto.lost
+        assert isinstance(exc, TypeError)
+        assert [ctx["message"] for ctx in reported] == ["Fatal write error on datagram transport"]
+
+    run(loop, main())
+
+
+def test_connected_sock_sends_to_its_peer(loop):
+    """An endpoint made from an already connected socket sends with send(): the address
+    passed to sendto is not used (asyncio's behaviour)."""
+    a, b = udp_peer(), udp_peer()
+
+    async def main():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.connect(a.getsockname())
+        transport, proto = await loop.create_datagram_endpoint(lambda: Recorder(loop), sock=sock)
+        transport.sendto(b"hello", b.getsockname())
+        data, addr = await loop.run_in_executor(None, a.recvfrom, 100)
+        assert (data, addr) == (b"hello", sock.getsockname())
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        a.close()
+        b.close()
+
+
+def test_icmp_error_goes_to_error_received(loop):
+    """A connected endpoint whose peer port is closed: the ICMP error is reported through
+    error_received, and the transport stays usable."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop), remote_addr=closed
+        )
+        transport.sendto(b"anyone?")
+        exc = await proto.error
+        assert isinstance(exc, ConnectionRefusedError)
+        assert not transport.is_closing()
+        transport.close()
+        assert await proto.lost is None
+
+    run(loop, main())
+
+
+def test_ipv6_echo(loop):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        peer = udp_peer(socket.AF_INET6, "::1")
+    except OSError:
+        pytest.skip("no ::1")
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop), local_addr=("::1", 0)
+        )
+        dest = transport.get_extra_info("sockname")
+        for i in range(40):
+            peer.sendto(b"%d" % i, dest)
+        await proto.wait(40)
+        assert [d for d, _ in proto.received] == [b"%d" % i for i in range(40)]
+        assert all(a[:2] == peer.getsockname()[:2] for _, a in proto.received)
+        transport.sendto(b"back", proto.received[0][1])
+        data, addr = await loop.run_in_executor(None, peer.recvfrom, 100)
+        assert data == b"back" and addr[:2] == dest[:2]
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()
+
+
+def test_unix_datagram_echo(loop, tmp_path):
+    server_path = str(tmp_path / "srv.sock")
+    peer_path = str(tmp_path / "peer.sock")
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    peer.bind(peer_path)
+    peer.settimeout(TIMEOUT)
+
+    def echo(proto, data, addr):
+        proto.transport.sendto(data.upper(), addr)
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop, echo), local_addr=server_path, family=socket.AF_UNIX
+        )
+        # a Unix datagram queue holds few datagrams (net.unix.max_dgram_qlen, often 10)
+        for rnd in range(5):
+            for i in range(5):
+                peer.sendto(b"u%d-%d" % (rnd, i), server_path)
+            await proto.wait(5 * (rnd + 1))
+            for i in range(5):
+                data, addr = await loop.run_in_executor(None, peer.recvfrom, 100)
+                assert (data, addr) == (b"U%d-%d" % (rnd, i), server_path)
+        assert proto.received == [
+            (b"u%d-%d" % (rnd, i), peer_path) for rnd in range(5) for i in range(5)
+        ]
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()
+
+
+def test_transport_subclass_and_stray_self(loop, loop_impl):
+    """ferroloop only: the native methods read a transport's slots directly only for the exact
+    class; a subclass instance takes the generic attribute path, anything else gets the
+    AttributeError a Python method would raise (never a crash)."""
+    if loop_impl.name != "ferroloop":
+        pytest.skip("ferroloop's transport class")
+    from ferroloop._net.datagram import DatagramTransport
+
+    class Sub(DatagramTransport):
+        pass
+
+    loop._make_datagram_transport = lambda *a, **kw: Sub(loop, *a, **kw)
+    peer = udp_peer()
+
+    def echo(proto, data, addr):
+        proto.transport.sendto(data * 2, addr)
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop, echo), local_addr=("127.0.0.1", 0)
+        )
+        assert type(transport) is Sub
+        dest = transport.get_extra_info("sockname")
+        for i in range(40):
+            peer.sendto(b"%d" % i, dest)
+        await proto.wait(40)
+        for i in range(40):
+            data, _ = await loop.run_in_executor(None, peer.recvfrom, 100)
+            assert data == b"%d%d" % (i, i)
+        with pytest.raises(AttributeError):
+            DatagramTransport.sendto(object(), b"x", dest)
+        with pytest.raises(AttributeError):
+            DatagramTransport._read_ready(object())
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("family", ["inet", "unix"])
+def test_connected_endpoint_sendto_without_address(loop, family, tmp_path):
+    """A connected endpoint: sendto(data) and sendto(data, its own address) both reach the
+    peer, in order; an empty datagram is not sent (3.11); another address is a ValueError."""
+    if family == "inet":
+        peer = udp_peer()
+        peer_addr = peer.getsockname()
+        kw = {"remote_addr": peer_addr}
+    else:
+        peer_addr = str(tmp_path / "peer.sock")
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        peer.bind(peer_addr)
+        peer.settimeout(TIMEOUT)
+        kw = {"remote_addr": peer_addr, "local_addr": str(tmp_path / "me.sock"),
+              "family": socket.AF_UNIX}
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(lambda: Recorder(loop), **kw)
+        assert transport.get_extra_info("peername") == peer_addr
+        sent = []
+        for i in range(8):  # a Unix datagram queue may hold as few as 10
+            payload = b"c%d" % i
+            if i % 2:
+                transport.sendto(payload)
+            else:
+                transport.sendto(payload, peer_addr)
+            sent.append(payload)
+        if sys.version_info < (3, 12):  # newer CPythons may send empty datagrams
+            transport.sendto(b"")
+        with pytest.raises(ValueError, match="Invalid address"):
+            transport.sendto(b"x", ("127.0.0.1", 1) if family == "inet" else "/nonexistent")
+        got = []
+        for _ in sent:
+            data, addr = await loop.run_in_executor(None, peer.recvfrom, 100)
+            got.append(data)
+            assert addr == transport.get_extra_info("sockname")
+        assert got == sent
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            peer.recvfrom(100)  # nothing more: the empty datagram was not sent
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()
