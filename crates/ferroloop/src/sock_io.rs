@@ -171,6 +171,10 @@ fn read_copied<'py>(
         let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         let err = (r < 0).then(std::io::Error::last_os_error);
         let n = r as usize;
+        if err.is_none() && n >= DIRECT_MIN {
+            // Big: the next read goes straight into a bytes object.
+            st.set_hint(fd, 0, n);
+        }
         match spare {
             // SAFETY: the spare is a live bytes object.
             Some(sp) if r >= 0 && unsafe { ffi::Py_SIZE(sp.as_ptr()) } as usize == n => {
@@ -192,9 +196,6 @@ fn read_copied<'py>(
         }
         if let Some(err) = err {
             return Err(ReadError::Os(err));
-        }
-        if n >= DIRECT_MIN {
-            st.set_hint(fd, 0, n);
         }
         Ok(PyBytes::new(py, &buf[..n]))
     })
