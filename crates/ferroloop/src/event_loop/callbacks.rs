@@ -5,8 +5,8 @@
 use std::sync::atomic::Ordering;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
-use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::{ffi, intern};
 
 use super::{current_thread_id, monotonic, LoopCore};
 use crate::handles::{check_callback, untrack, Args, FreshContext, Handle, TimerHandle};
@@ -169,6 +169,22 @@ impl LoopCore {
     pub(crate) fn create_future_impl(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let s = stdlib(py)?;
+        let running_here = slf.get().state.borrow_mut(py)?.thread_id == Some(current_thread_id());
+        if running_here {
+            // Running in this thread, this loop is the thread's running loop: `Future()` finds
+            // it by itself, without the keyword argument's parsing.
+            // SAFETY: a live callable; NULL args with nargs 0 is a valid vectorcall.
+            let r = unsafe {
+                ffi::PyObject_Vectorcall(
+                    s.future_type.as_ptr(),
+                    std::ptr::null(),
+                    0,
+                    std::ptr::null_mut(),
+                )
+            };
+            // SAFETY: a new reference or NULL with an exception set.
+            return unsafe { Bound::from_owned_ptr_or_err(py, r) }.map(Bound::unbind);
+        }
         Ok(call_kw(
             py,
             s.future_type.bind(py),

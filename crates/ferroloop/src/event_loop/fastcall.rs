@@ -212,8 +212,68 @@ const METHODS: [(&CStr, Raw, &CStr); 4] = [
     ),
 ];
 
+/// `create_future()`: called for every `await` on a stream, a queue or a lock. A raw
+/// `METH_NOARGS` function spares PyO3's argument handling.
+unsafe extern "C" fn create_future(
+    slf: *mut ffi::PyObject,
+    _unused: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self` (the descriptor checked its type).
+        let slf = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        LoopCore::create_future_impl(slf.cast::<LoopCore>()?)
+    })
+}
+
+/// `get_debug()`: every new Future asks its loop (CPython's `future_init`).
+unsafe extern "C" fn get_debug(
+    slf: *mut ffi::PyObject,
+    _unused: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: as above.
+        let slf = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        let debug = slf.cast::<LoopCore>()?.get().shared.debug();
+        Ok(pyo3::types::PyBool::new(py, debug)
+            .to_owned()
+            .into_any()
+            .unbind())
+    })
+}
+
+type RawNoArgs = unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject) -> *mut ffi::PyObject;
+
+const NOARGS_METHODS: [(&CStr, RawNoArgs, &CStr); 2] = [
+    (
+        c"create_future",
+        create_future,
+        c"create_future($self, /)\n--\n\nCreate a Future object attached to the loop.",
+    ),
+    (
+        c"get_debug",
+        get_debug,
+        c"get_debug($self, /)\n--\n\nIs the loop in debug mode?",
+    ),
+];
+
 /// Installs the raw entry points as methods of `LoopCore`.
 pub(crate) fn install(py: Python<'_>, ty: &Bound<'_, pyo3::types::PyType>) -> PyResult<()> {
+    for (name, func, doc) in NOARGS_METHODS {
+        let def = Box::leak(Box::new(ffi::PyMethodDef {
+            ml_name: name.as_ptr(),
+            ml_meth: ffi::PyMethodDefPointer { PyCFunction: func },
+            ml_flags: ffi::METH_NOARGS,
+            ml_doc: doc.as_ptr(),
+        }));
+        // SAFETY: `ty` is a live type object and `def` a valid, 'static method definition.
+        let descr = unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyDescr_NewMethod(ty.as_type_ptr(), def as *mut ffi::PyMethodDef),
+            )?
+        };
+        ty.setattr(PyString::new(py, name.to_str().expect("ascii")), descr)?;
+    }
     for (name, func, doc) in METHODS {
         // The method table must live as long as the type: leak one small struct per method,
         // once per interpreter.
