@@ -939,3 +939,42 @@ def test_ferroloop_keeps_spent_handles_across_short_sleeps_and_trims_idle_surplu
         assert lp._handle_pool_size() <= 256
     finally:
         lp.close()
+
+
+class _CycleOwner:
+    """Holds the handle of its own bound method: owner -> handle -> method -> owner."""
+
+    def fail(self):
+        raise ValueError("callback failed")
+
+
+@pytest.mark.parametrize("scheduler", ["call_soon", "call_later", "call_soon_threadsafe"])
+def test_handle_kept_after_its_callback_raised_can_be_collected_in_a_cycle(loop, scheduler):
+    import gc
+    import weakref
+
+    loop.set_exception_handler(lambda lp, ctx: None)
+    owner = _CycleOwner()
+    if scheduler == "call_later":
+        owner.handle = loop.call_later(0, owner.fail)
+    else:
+        owner.handle = getattr(loop, scheduler)(owner.fail)
+    ref = weakref.ref(owner)
+    del owner
+    run_for(loop, 0.01)
+    gc.collect()
+    assert ref() is None
+
+
+def test_handle_created_before_debug_mode_and_run_in_it_can_be_collected_in_a_cycle(loop):
+    import gc
+    import weakref
+
+    owner = _Payload()
+    owner.handle = loop.call_soon(lambda o: None, owner)
+    ref = weakref.ref(owner)
+    del owner
+    loop.set_debug(True)
+    run_once(loop)
+    gc.collect()
+    assert ref() is None

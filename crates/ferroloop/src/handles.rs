@@ -287,6 +287,11 @@ impl Handle {
             // doubles GC work when 100k tasks are pending), so they must never be the link
             // that closes a reference cycle once they are done. Watchers keep theirs.
             let take = this.one_shot && !this.shared.debug();
+            if this.one_shot && !take {
+                // Debug mode keeps the callback, and the handle may have been created (and
+                // untracked) before debug mode was turned on.
+                track(slf.as_any());
+            }
             let c = if take {
                 cb.take()
             } else {
@@ -343,6 +348,10 @@ impl Handle {
                             func: func.clone_ref(py),
                             args: args.clone_ref(py),
                         });
+                        // The handle holds its callback again and whoever keeps it (the
+                        // callback's own object, an error context) may close a cycle through
+                        // it: the collector must see it, as it sees asyncio's handles.
+                        track(slf.as_any());
                     }
                 }
                 report_callback_error(slf.as_any(), &func, &args.to_tuple(py)?, err, loop_obj)
@@ -399,6 +408,18 @@ pub(crate) fn untrack<T>(obj: &Py<T>) {
     // SAFETY: `obj` is a live object of a GC-enabled type (PyO3 sets Py_TPFLAGS_HAVE_GC on every
     // pyclass); untracking an object is always allowed, and its dealloc untracks idempotently.
     unsafe { ffi::PyObject_GC_UnTrack(obj.as_ptr().cast()) }
+}
+
+/// Lets the garbage collector see a handle again that [`untrack`] hid from it: needed as soon as
+/// the handle keeps its callback after running, since it may then close a reference cycle.
+fn track(obj: &Bound<'_, PyAny>) {
+    // SAFETY: `obj` is a live object of a GC-enabled type; PyObject_GC_Track is only called when
+    // it is not tracked, which it requires.
+    unsafe {
+        if ffi::PyObject_GC_IsTracked(obj.as_ptr()) == 0 {
+            ffi::PyObject_GC_Track(obj.as_ptr().cast());
+        }
+    }
 }
 
 /// asyncio's `Handle._run` error path: `{'message': 'Exception in callback ...', 'exception':
