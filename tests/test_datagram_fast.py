@@ -120,6 +120,34 @@ def test_close_in_datagram_received_stops_delivery(loop, how):
         peer.close()
 
 
+def test_stop_in_datagram_received_ends_delivery_for_this_run(loop):
+    """asyncio receives one datagram per readiness event, so loop.stop() called from
+    datagram_received leaves the datagrams still queued for the next run of the loop."""
+    peer = udp_peer()
+
+    def on_datagram(proto, data, addr):
+        loop.stop()
+
+    transport, proto = run(
+        loop,
+        loop.create_datagram_endpoint(
+            lambda: Recorder(loop, on_datagram), local_addr=("127.0.0.1", 0)
+        ),
+    )
+    try:
+        dest = transport.get_extra_info("sockname")
+        for i in range(5):
+            peer.sendto(b"%d" % i, dest)
+        loop.run_forever()
+        assert [d for d, _ in proto.received] == [b"0"]
+        loop.run_forever()
+        assert [d for d, _ in proto.received] == [b"0", b"1"]
+    finally:
+        transport.close()
+        run(loop, proto.lost)
+        peer.close()
+
+
 def test_exception_in_datagram_received_goes_to_handler(loop):
     """A raising datagram_received is reported to the exception handler; the datagrams after
     it are still delivered, in order."""

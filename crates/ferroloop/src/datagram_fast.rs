@@ -12,6 +12,7 @@ use pyo3::types::{PyBytes, PyType};
 use pyo3::{ffi, intern};
 
 use crate::event_loop::fastcall::trampoline;
+use crate::event_loop::LoopCore;
 use crate::sock_io::RecvError;
 use crate::transports::{fatal, install, Raw};
 
@@ -21,6 +22,7 @@ use crate::transports::{fatal, install, Raw};
 /// install time; any other type (a subclass, a stray `self`) takes the generic path.
 struct Layout {
     cls: Py<PyType>,
+    loop_: isize,
     closing: isize,
     buffer: isize,
     protocol: isize,
@@ -51,6 +53,7 @@ fn member_offset(cls: &Bound<'_, PyType>, name: &str) -> Option<isize> {
 fn resolve_layout(cls: &Bound<'_, PyType>) -> Option<Layout> {
     Some(Layout {
         cls: cls.clone().unbind(),
+        loop_: member_offset(cls, "_loop")?,
         closing: member_offset(cls, "_closing")?,
         buffer: member_offset(cls, "_buffer")?,
         protocol: member_offset(cls, "_protocol")?,
@@ -120,11 +123,17 @@ fn datagram_read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
         return Ok(());
     }
     let fd: i32 = f.get(|l| l.sock_fd, intern!(py, "_sock_fd"))?.extract()?;
+    let loop_obj = f.get(|l| l.loop_, intern!(py, "_loop"))?;
+    let core = loop_obj.cast::<LoopCore>().ok();
     for i in 0..MAX_BATCH {
         // After the first datagram: stop as soon as the protocol closed or aborted the
-        // transport (its reader is then removed: asyncio would deliver nothing more). Every
-        // path that sets `_conn_lost` sets `_closing` first.
-        if i > 0 && f.get(|l| l.closing, intern!(py, "_closing"))?.is_truthy()? {
+        // transport (its reader is then removed: asyncio would deliver nothing more; every
+        // path that sets `_conn_lost` sets `_closing` first), or stopped the loop (asyncio
+        // delivers one datagram per iteration, so the rest waits for the next run).
+        if i > 0
+            && (f.get(|l| l.closing, intern!(py, "_closing"))?.is_truthy()?
+                || core.is_some_and(|c| c.get().is_stopping(py)))
+        {
             return Ok(());
         }
         match crate::sock_io::recv_inet(py, fd, 256 * 1024) {
