@@ -32,7 +32,8 @@ struct Call<'py> {
     context: Option<Bound<'py, PyAny>>,
 }
 
-/// Parses `(leading..., callback, *args, context=None)`.
+/// Parses `(leading..., callback, *args, context=None)`. As in asyncio's signatures, the
+/// leading arguments and the callback may also be passed by keyword (then without `*args`).
 ///
 /// # Safety
 /// `args`/`nargsf`/`kwnames` must be a valid vectorcall argument triple and the GIL held.
@@ -45,9 +46,16 @@ unsafe fn parse<'py>(
     nargsf: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> PyResult<Call<'py>> {
+    debug_assert!(n_leading <= 2 && leading_names.len() == n_leading);
     // SAFETY: vectorcall contract (see above); all pointers are borrowed for the call's duration.
     unsafe {
         let nargs = ffi::PyVectorcall_NARGS(nargsf as usize) as usize;
+        let name_of = |i: usize| if i < n_leading { leading_names[i] } else { "callback" };
+        // The leading arguments and the callback, by position.
+        let mut named: [Option<Bound<'py, PyAny>>; 3] = [None, None, None];
+        for (i, slot) in named.iter_mut().enumerate().take((n_leading + 1).min(nargs)) {
+            *slot = Some(Bound::from_borrowed_ptr(py, *args.add(i)));
+        }
         let mut context = None;
         if !kwnames.is_null() {
             let names = Bound::from_borrowed_ptr(py, kwnames).cast_into::<PyTuple>()?;
@@ -57,36 +65,38 @@ unsafe fn parse<'py>(
             let interned = pyo3::intern!(py, "context").as_ptr();
             let other = OTHER_CONTEXT_NAME.load(Ordering::Relaxed);
             for (i, name) in names.iter().enumerate() {
+                let value = || Bound::from_borrowed_ptr(py, *args.add(nargs + i));
                 if name.as_ptr() == interned || name.as_ptr() == other {
-                    context = Some(Bound::from_borrowed_ptr(py, *args.add(nargs + i)));
+                    context = Some(value());
                     continue;
                 }
                 let name = name.cast_into::<PyString>()?;
-                if name.to_str()? == "context" {
-                    if other.is_null() && name.is_exact_instance_of::<PyString>() {
-                        OTHER_CONTEXT_NAME.store(name.clone().into_ptr(), Ordering::Relaxed);
+                let name = name.to_str()?;
+                if name == "context" {
+                    let s = names.get_item(i)?.cast_into::<PyString>()?;
+                    if other.is_null() && s.is_exact_instance_of::<PyString>() {
+                        OTHER_CONTEXT_NAME.store(s.into_ptr(), Ordering::Relaxed);
                     }
-                    context = Some(Bound::from_borrowed_ptr(py, *args.add(nargs + i)));
-                } else if leading_names.contains(&name.to_str()?) || name.to_str()? == "callback" {
-                    return Err(PyTypeError::new_err(format!(
-                        "{method}() got some positional-only arguments passed as keyword arguments: '{}'",
-                        name.to_str()?
-                    )));
+                    context = Some(value());
+                } else if let Some(pos) = (0..=n_leading).find(|&p| name_of(p) == name) {
+                    if named[pos].is_some() {
+                        return Err(PyTypeError::new_err(format!(
+                            "{method}() got multiple values for argument '{name}'"
+                        )));
+                    }
+                    named[pos] = Some(value());
                 } else {
                     return Err(PyTypeError::new_err(format!(
-                        "{method}() got an unexpected keyword argument '{}'",
-                        name.to_str()?
+                        "{method}() got an unexpected keyword argument '{name}'"
                     )));
                 }
             }
         }
-        if nargs < n_leading + 1 {
-            let missing: Vec<String> = leading_names
-                .iter()
-                .chain(std::iter::once(&"callback"))
-                .skip(nargs)
-                .map(|n| format!("'{n}'"))
-                .collect();
+        let missing: Vec<String> = (0..=n_leading)
+            .filter(|&p| named[p].is_none())
+            .map(|p| format!("'{}'", name_of(p)))
+            .collect();
+        if !missing.is_empty() {
             return Err(PyTypeError::new_err(format!(
                 "{method}() missing {} required positional argument{}: {}",
                 missing.len(),
@@ -94,15 +104,20 @@ unsafe fn parse<'py>(
                 missing.join(" and ")
             )));
         }
-        let mut leading = [None, None];
-        for (i, slot) in leading.iter_mut().enumerate().take(n_leading) {
-            *slot = Some(Bound::from_borrowed_ptr(py, *args.add(i)));
-        }
-        let callback = Bound::from_borrowed_ptr(py, *args.add(n_leading));
-        let rest = Args::from_raw(py, args.add(n_leading + 1), nargs - n_leading - 1)?;
+        let [a, b, c] = named;
+        let (leading, callback) = match n_leading {
+            0 => ([None, None], a),
+            1 => ([a, None], b),
+            _ => ([a, b], c),
+        };
+        let rest = if nargs > n_leading + 1 {
+            Args::from_raw(py, args.add(n_leading + 1), nargs - n_leading - 1)?
+        } else {
+            Args::Empty
+        };
         Ok(Call {
             leading,
-            callback,
+            callback: callback.expect("checked above"),
             args: rest,
             context: context.filter(|c| !c.is_none()),
         })
@@ -193,22 +208,22 @@ const METHODS: [(&CStr, Raw, &CStr); 4] = [
     (
         c"call_soon",
         call_soon,
-        c"call_soon($self, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called soon.",
+        c"call_soon($self, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called soon.",
     ),
     (
         c"call_soon_threadsafe",
         call_soon_threadsafe,
-        c"call_soon_threadsafe($self, callback, /, *args, context=None)\n--\n\nLike call_soon(), but thread-safe: wakes the loop.",
+        c"call_soon_threadsafe($self, callback, *args, context=None)\n--\n\nLike call_soon(), but thread-safe: wakes the loop.",
     ),
     (
         c"call_later",
         call_later,
-        c"call_later($self, delay, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called after delay seconds.",
+        c"call_later($self, delay, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called after delay seconds.",
     ),
     (
         c"call_at",
         call_at,
-        c"call_at($self, when, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called at loop time `when`.",
+        c"call_at($self, when, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called at loop time `when`.",
     ),
 ];
 
