@@ -143,6 +143,11 @@ def test_call_later_with_non_number_delay_raises_type_error(loop, bad):
         loop.call_later(bad, print)
 
 
+def test_call_later_with_int_delay_too_large_for_a_float_raises_overflow_error(loop):
+    with pytest.raises(OverflowError):
+        loop.call_later(10**400, print)
+
+
 @requires_py311
 def test_call_at_none_raises_type_error(loop):
     with pytest.raises(TypeError):
