@@ -143,11 +143,15 @@ impl LoopCore {
             drop(st);
             drop(gone.and_then(|mut w| w.fileobj.take()));
             self.shared.poller.delete(fd).map_err(os_error)?;
-        } else {
-            self.shared
-                .poller
-                .modify(fd, interest, fd as u64)
-                .map_err(os_error)?;
+        } else if let Err(e) = self.shared.poller.modify(fd, interest, fd as u64) {
+            // The fd was closed under its watchers (EBADF/ENOENT): forget it entirely, as
+            // `selectors` does when modify fails, and drop the handles outside the borrow.
+            let gone = st.fds.remove(&fd);
+            drop(st);
+            let _ = self.shared.poller.delete(fd);
+            drop(old);
+            drop(gone);
+            return Err(os_error(e));
         }
         Ok(old)
     }
