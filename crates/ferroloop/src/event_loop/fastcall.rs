@@ -50,10 +50,20 @@ unsafe fn parse<'py>(
     // SAFETY: vectorcall contract (see above); all pointers are borrowed for the call's duration.
     unsafe {
         let nargs = ffi::PyVectorcall_NARGS(nargsf as usize) as usize;
-        let name_of = |i: usize| if i < n_leading { leading_names[i] } else { "callback" };
+        let name_of = |i: usize| {
+            if i < n_leading {
+                leading_names[i]
+            } else {
+                "callback"
+            }
+        };
         // The leading arguments and the callback, by position.
         let mut named: [Option<Bound<'py, PyAny>>; 3] = [None, None, None];
-        for (i, slot) in named.iter_mut().enumerate().take((n_leading + 1).min(nargs)) {
+        for (i, slot) in named
+            .iter_mut()
+            .enumerate()
+            .take((n_leading + 1).min(nargs))
+        {
             *slot = Some(Bound::from_borrowed_ptr(py, *args.add(i)));
         }
         let mut context = None;
