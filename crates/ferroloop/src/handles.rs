@@ -35,9 +35,25 @@ use crate::stdlib::{is_exit_exception, support};
 /// Invariant: an untracked context must be tracked again before its last reference goes
 /// (CPython's `context_tp_dealloc` unlinks it from the GC list without checking), so every
 /// path that lets go of a handle's context calls `retrack_context` first, and `Drop` does too.
+/// Until a handle owns it, the `FreshContext` itself keeps that promise: dropped on an error
+/// path (debug mode's stack capture failing, say), it tracks the context again first.
 pub(crate) struct FreshContext {
-    pub ctx: Py<PyAny>,
-    pub untracked: bool,
+    ctx: Py<PyAny>,
+    untracked: bool,
+}
+
+impl Drop for FreshContext {
+    fn drop(&mut self) {
+        if self.untracked {
+            // SAFETY: a FreshContext only lives in code that holds the GIL; `ctx` is a live
+            // Context, tracked only if it is not tracked, which PyObject_GC_Track requires.
+            unsafe {
+                if ffi::PyObject_GC_IsTracked(self.ctx.as_ptr()) == 0 {
+                    ffi::PyObject_GC_Track(self.ctx.as_ptr().cast());
+                }
+            }
+        }
+    }
 }
 
 impl FreshContext {
@@ -46,6 +62,13 @@ impl FreshContext {
             ctx,
             untracked: false,
         }
+    }
+
+    /// Hands the context to a handle, which from then on keeps the invariant above.
+    fn into_parts(self) -> (Py<PyAny>, bool) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped nor used again, so `ctx` is moved out exactly once.
+        (unsafe { std::ptr::read(&this.ctx) }, this.untracked)
     }
 
     pub(crate) fn copy_current(py: Python<'_>) -> PyResult<FreshContext> {
@@ -179,12 +202,13 @@ impl Handle {
         shared: Arc<Shared>,
         source_traceback: Option<Py<PyAny>>,
     ) -> Handle {
+        let (ctx, untracked) = context.into_parts();
         Handle {
             callback: GilCell::new(Some(Callback { func, args })),
             cancelled: AtomicBool::new(false),
             one_shot: true,
-            ctx_untracked: AtomicBool::new(context.untracked),
-            context: GilCell::new(Some(context.ctx)),
+            ctx_untracked: AtomicBool::new(untracked),
+            context: GilCell::new(Some(ctx)),
             shared,
             repr_cache: GilCell::new(None),
             source_traceback,
@@ -260,10 +284,11 @@ impl Handle {
         args: Args,
         context: FreshContext,
     ) -> PyResult<()> {
+        let mut slot = self.context.borrow_mut(py)?;
         *self.callback.borrow_mut(py)? = Some(Callback { func, args });
-        *self.context.borrow_mut(py)? = Some(context.ctx);
-        self.ctx_untracked
-            .store(context.untracked, Ordering::Relaxed);
+        let (ctx, untracked) = context.into_parts();
+        *slot = Some(ctx);
+        self.ctx_untracked.store(untracked, Ordering::Relaxed);
         self.cancelled.store(false, Ordering::Relaxed);
         Ok(())
     }
