@@ -1053,3 +1053,17 @@ def test_ferroloop_scheduling_that_fails_after_copying_the_context_does_not_cras
         timeout=60,
     )
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
+def test_arguments_of_a_rejected_call_soon_are_released_at_once(loop):
+    """Called from plain Python code (no loop running), a scheduling method that fails after
+    parsing its arguments lets go of them before returning, as a Python method would."""
+    import weakref
+
+    loop.set_debug(True)  # non-callables are rejected in debug mode
+    payload = _Payload()
+    ref = weakref.ref(payload)
+    with pytest.raises(TypeError):
+        loop.call_soon(42, payload, "second argument")
+    del payload
+    assert ref() is None

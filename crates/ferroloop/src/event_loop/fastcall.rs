@@ -134,29 +134,36 @@ unsafe fn parse<'py>(
     }
 }
 
-/// Runs `body` with the GIL token, turning errors into a raised exception and panics into
-/// `PanicException`, as PyO3's own trampolines do.
+/// Runs `body` attached to the interpreter, turning errors into a raised exception and panics
+/// into `PanicException`, as PyO3's own trampolines do.
+///
+/// CPython calls us with the GIL held, but PyO3 must also be told (`Python::attach`, which then
+/// only bumps a counter): otherwise every `Py<T>` dropped in `body` while no PyO3 frame is below
+/// us (a call from plain Python code, outside the running loop) would be parked in PyO3's
+/// deferred-decref pool instead of released at once.
 pub(crate) fn trampoline(
     body: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>,
 ) -> *mut ffi::PyObject {
-    // SAFETY: CPython calls method implementations with the GIL held.
-    let py = unsafe { Python::assume_attached() };
-    match catch_unwind(AssertUnwindSafe(|| body(py))) {
-        Ok(Ok(obj)) => obj.into_ptr(),
-        Ok(Err(err)) => {
-            err.restore(py);
-            std::ptr::null_mut()
-        }
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "Rust panic in ferroloop".into());
-            pyo3::panic::PanicException::new_err(msg).restore(py);
-            std::ptr::null_mut()
-        }
-    }
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        Python::attach(|py| match body(py) {
+            Ok(obj) => obj.into_ptr(),
+            Err(err) => {
+                err.restore(py);
+                std::ptr::null_mut()
+            }
+        })
+    }));
+    result.unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "Rust panic in ferroloop".into());
+        // SAFETY: CPython calls method implementations with the GIL held.
+        let py = unsafe { Python::assume_attached() };
+        pyo3::panic::PanicException::new_err(msg).restore(py);
+        std::ptr::null_mut()
+    })
 }
 
 macro_rules! entry {
