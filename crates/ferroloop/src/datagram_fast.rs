@@ -24,6 +24,7 @@ struct Layout {
     cls: Py<PyType>,
     loop_: isize,
     closing: isize,
+    paused: isize,
     buffer: isize,
     protocol: isize,
     conn_lost: isize,
@@ -55,6 +56,7 @@ fn resolve_layout(cls: &Bound<'_, PyType>) -> Option<Layout> {
         cls: cls.clone().unbind(),
         loop_: member_offset(cls, "_loop")?,
         closing: member_offset(cls, "_closing")?,
+        paused: member_offset(cls, "_paused")?,
         buffer: member_offset(cls, "_buffer")?,
         protocol: member_offset(cls, "_protocol")?,
         conn_lost: member_offset(cls, "_conn_lost")?,
@@ -126,12 +128,13 @@ fn datagram_read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let loop_obj = f.get(|l| l.loop_, intern!(py, "_loop"))?;
     let core = loop_obj.cast::<LoopCore>().ok();
     for i in 0..MAX_BATCH {
-        // After the first datagram: stop as soon as the protocol closed or aborted the
-        // transport (its reader is then removed: asyncio would deliver nothing more; every
+        // After the first datagram: stop as soon as the protocol closed, aborted or paused
+        // the transport (its reader is then removed: asyncio would deliver nothing more; every
         // path that sets `_conn_lost` sets `_closing` first), or stopped the loop (asyncio
         // delivers one datagram per iteration, so the rest waits for the next run).
         if i > 0
             && (f.get(|l| l.closing, intern!(py, "_closing"))?.is_truthy()?
+                || f.get(|l| l.paused, intern!(py, "_paused"))?.is_truthy()?
                 || core.is_some_and(|c| c.get().is_stopping(py)))
         {
             return Ok(());
