@@ -115,6 +115,7 @@ impl Args {
 
     /// # Safety
     /// `items` must point to `n` valid, borrowed object pointers.
+    #[inline(always)] // on call_soon's hot path
     pub(crate) unsafe fn from_raw(
         py: Python<'_>,
         items: *const *mut ffi::PyObject,
@@ -284,10 +285,9 @@ impl Handle {
         args: Args,
         context: FreshContext,
     ) -> PyResult<()> {
-        let mut slot = self.context.borrow_mut(py)?;
         *self.callback.borrow_mut(py)? = Some(Callback { func, args });
         let (ctx, untracked) = context.into_parts();
-        *slot = Some(ctx);
+        *self.context.borrow_mut(py)? = Some(ctx);
         self.ctx_untracked.store(untracked, Ordering::Relaxed);
         self.cancelled.store(false, Ordering::Relaxed);
         Ok(())

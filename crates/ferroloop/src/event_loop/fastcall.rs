@@ -32,8 +32,9 @@ struct Call<'py> {
     context: Option<Bound<'py, PyAny>>,
 }
 
-/// Parses `(leading..., callback, *args, context=None)`. As in asyncio's signatures, the
-/// leading arguments and the callback may also be passed by keyword (then without `*args`).
+/// Parses `(leading..., callback, *args, context=None)`. The hot path knows only positional
+/// arguments and the `context` keyword passed as a known string object; any other keyword goes
+/// to [`parse_keywords`].
 ///
 /// # Safety
 /// `args`/`nargsf`/`kwnames` must be a valid vectorcall argument triple and the GIL held.
@@ -50,22 +51,6 @@ unsafe fn parse<'py>(
     // SAFETY: vectorcall contract (see above); all pointers are borrowed for the call's duration.
     unsafe {
         let nargs = ffi::PyVectorcall_NARGS(nargsf as usize) as usize;
-        let name_of = |i: usize| {
-            if i < n_leading {
-                leading_names[i]
-            } else {
-                "callback"
-            }
-        };
-        // The leading arguments and the callback, by position.
-        let mut named: [Option<Bound<'py, PyAny>>; 3] = [None, None, None];
-        for (i, slot) in named
-            .iter_mut()
-            .enumerate()
-            .take((n_leading + 1).min(nargs))
-        {
-            *slot = Some(Bound::from_borrowed_ptr(py, *args.add(i)));
-        }
         let mut context = None;
         if !kwnames.is_null() {
             let names = Bound::from_borrowed_ptr(py, kwnames).cast_into::<PyTuple>()?;
@@ -75,95 +60,155 @@ unsafe fn parse<'py>(
             let interned = pyo3::intern!(py, "context").as_ptr();
             let other = OTHER_CONTEXT_NAME.load(Ordering::Relaxed);
             for (i, name) in names.iter().enumerate() {
-                let value = || Bound::from_borrowed_ptr(py, *args.add(nargs + i));
                 if name.as_ptr() == interned || name.as_ptr() == other {
-                    context = Some(value());
+                    context = Some(Bound::from_borrowed_ptr(py, *args.add(nargs + i)));
                     continue;
                 }
-                let name = name.cast_into::<PyString>()?;
-                let name = name.to_str()?;
-                if name == "context" {
-                    let s = names.get_item(i)?.cast_into::<PyString>()?;
-                    if other.is_null() && s.is_exact_instance_of::<PyString>() {
-                        OTHER_CONTEXT_NAME.store(s.into_ptr(), Ordering::Relaxed);
-                    }
-                    context = Some(value());
-                } else if let Some(pos) = (0..=n_leading).find(|&p| name_of(p) == name) {
-                    if named[pos].is_some() {
-                        return Err(PyTypeError::new_err(format!(
-                            "{method}() got multiple values for argument '{name}'"
-                        )));
-                    }
-                    named[pos] = Some(value());
-                } else {
-                    return Err(PyTypeError::new_err(format!(
-                        "{method}() got an unexpected keyword argument '{name}'"
-                    )));
-                }
+                return parse_keywords(py, method, n_leading, leading_names, args, nargs, &names);
             }
         }
-        let missing: Vec<String> = (0..=n_leading)
-            .filter(|&p| named[p].is_none())
-            .map(|p| format!("'{}'", name_of(p)))
-            .collect();
-        if !missing.is_empty() {
-            return Err(PyTypeError::new_err(format!(
-                "{method}() missing {} required positional argument{}: {}",
-                missing.len(),
-                if missing.len() == 1 { "" } else { "s" },
-                missing.join(" and ")
-            )));
+        if nargs < n_leading + 1 {
+            return Err(missing_error(method, leading_names, |p| p < nargs));
         }
-        let [a, b, c] = named;
-        let (leading, callback) = match n_leading {
-            0 => ([None, None], a),
-            1 => ([a, None], b),
-            _ => ([a, b], c),
-        };
-        let rest = if nargs > n_leading + 1 {
-            Args::from_raw(py, args.add(n_leading + 1), nargs - n_leading - 1)?
-        } else {
-            Args::Empty
-        };
+        let mut leading = [None, None];
+        for (i, slot) in leading.iter_mut().enumerate().take(n_leading) {
+            *slot = Some(Bound::from_borrowed_ptr(py, *args.add(i)));
+        }
+        let callback = Bound::from_borrowed_ptr(py, *args.add(n_leading));
+        let rest = Args::from_raw(py, args.add(n_leading + 1), nargs - n_leading - 1)?;
         Ok(Call {
             leading,
-            callback: callback.expect("checked above"),
+            callback,
             args: rest,
             context: context.filter(|c| !c.is_none()),
         })
     }
 }
 
-/// Runs `body` attached to the interpreter, turning errors into a raised exception and panics
-/// into `PanicException`, as PyO3's own trampolines do.
+/// `parse` for calls with keywords other than a known `context` string: `context` spelled by
+/// another string object, and (as asyncio's signatures allow) the leading arguments or the
+/// callback by name, in which case there are no `*args`.
 ///
-/// CPython calls us with the GIL held, but PyO3 must also be told (`Python::attach`, which then
-/// only bumps a counter): otherwise every `Py<T>` dropped in `body` while no PyO3 frame is below
-/// us (a call from plain Python code, outside the running loop) would be parked in PyO3's
-/// deferred-decref pool instead of released at once.
+/// # Safety
+/// As for [`parse`]; `nargs` positional arguments in `args`, followed by one value per name.
+#[cold]
+unsafe fn parse_keywords<'py>(
+    py: Python<'py>,
+    method: &str,
+    n_leading: usize,
+    leading_names: &[&str],
+    args: *const *mut ffi::PyObject,
+    nargs: usize,
+    names: &Bound<'py, PyTuple>,
+) -> PyResult<Call<'py>> {
+    let names_of = || leading_names.iter().chain(std::iter::once(&"callback"));
+    // The leading arguments and the callback, by position.
+    let mut slots: [Option<Bound<'py, PyAny>>; 3] = [None, None, None];
+    let mut context = None;
+    // SAFETY: vectorcall contract: `nargs` positional values, then one per keyword name.
+    let value = |i: usize| unsafe { Bound::from_borrowed_ptr(py, *args.add(i)) };
+    for (i, slot) in slots
+        .iter_mut()
+        .enumerate()
+        .take((n_leading + 1).min(nargs))
+    {
+        *slot = Some(value(i));
+    }
+    for (i, name) in names.iter().enumerate() {
+        let name = name.cast_into::<PyString>()?;
+        let text = name.to_str()?;
+        if text == "context" {
+            let other = OTHER_CONTEXT_NAME.load(Ordering::Relaxed);
+            if other.is_null() && name.is_exact_instance_of::<PyString>() {
+                OTHER_CONTEXT_NAME.store(name.clone().into_ptr(), Ordering::Relaxed);
+            }
+            context = Some(value(nargs + i));
+        } else if let Some(pos) = names_of().position(|n| *n == text) {
+            if slots[pos].is_some() {
+                return Err(PyTypeError::new_err(format!(
+                    "{method}() got multiple values for argument '{text}'"
+                )));
+            }
+            slots[pos] = Some(value(nargs + i));
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "{method}() got an unexpected keyword argument '{text}'"
+            )));
+        }
+    }
+    let missing = |p: usize| slots[p].is_some();
+    if !(0..=n_leading).all(missing) {
+        return Err(missing_error(method, leading_names, missing));
+    }
+    let rest = if nargs > n_leading + 1 {
+        // SAFETY: `args[n_leading + 1 .. nargs]` are live borrowed references.
+        unsafe { Args::from_raw(py, args.add(n_leading + 1), nargs - n_leading - 1)? }
+    } else {
+        Args::Empty
+    };
+    let [a, b, c] = slots;
+    let (leading, callback) = match n_leading {
+        0 => ([None, None], a),
+        1 => ([a, None], b),
+        _ => ([a, b], c),
+    };
+    Ok(Call {
+        leading,
+        callback: callback.ok_or_else(|| missing_error(method, leading_names, |_| false))?,
+        args: rest,
+        context: context.filter(|c| !c.is_none()),
+    })
+}
+
+/// CPython's "missing N required positional argument(s)" TypeError, for the leading arguments
+/// and the callback that `given` says were not passed.
+fn missing_error(method: &str, leading_names: &[&str], given: impl Fn(usize) -> bool) -> PyErr {
+    let missing: Vec<String> = leading_names
+        .iter()
+        .chain(std::iter::once(&"callback"))
+        .enumerate()
+        .filter(|&(p, _)| !given(p))
+        .map(|(_, n)| format!("'{n}'"))
+        .collect();
+    PyTypeError::new_err(format!(
+        "{method}() missing {} required positional argument{}: {}",
+        missing.len(),
+        if missing.len() == 1 { "" } else { "s" },
+        missing.join(" and ")
+    ))
+}
+
+/// Runs `body` with the GIL token, turning errors into a raised exception and panics into
+/// `PanicException`, as PyO3's own trampolines do.
+///
+/// CPython calls us with the GIL held, but PyO3 is not told (`Python::attach` would cost ~50
+/// instructions per call, a thread-local lookup included, on the hottest path). So a `Py<T>`
+/// dropped in `body` while no PyO3 frame is below us (a call from plain Python code, outside
+/// the running loop) is parked in PyO3's deferred-decref pool rather than released. The success
+/// paths drop nothing of the caller's; on an error path (the arguments of a rejected call), the
+/// pool is drained before returning, so the caller sees them released as a Python method would.
 pub(crate) fn trampoline(
     body: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>,
 ) -> *mut ffi::PyObject {
-    let result = catch_unwind(AssertUnwindSafe(|| {
-        Python::attach(|py| match body(py) {
-            Ok(obj) => obj.into_ptr(),
-            Err(err) => {
-                err.restore(py);
-                std::ptr::null_mut()
-            }
-        })
-    }));
-    result.unwrap_or_else(|payload| {
-        let msg = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "Rust panic in ferroloop".into());
-        // SAFETY: CPython calls method implementations with the GIL held.
-        let py = unsafe { Python::assume_attached() };
-        pyo3::panic::PanicException::new_err(msg).restore(py);
-        std::ptr::null_mut()
-    })
+    // SAFETY: CPython calls method implementations with the GIL held.
+    let py = unsafe { Python::assume_attached() };
+    let err = match catch_unwind(AssertUnwindSafe(|| body(py))) {
+        Ok(Ok(obj)) => return obj.into_ptr(),
+        Ok(Err(err)) => err,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "Rust panic in ferroloop".into());
+            pyo3::panic::PanicException::new_err(msg)
+        }
+    };
+    // Attaching drains PyO3's deferred-decref pool (cheap: the thread holds the GIL). It may run
+    // finalizers, which must not see our exception set yet.
+    Python::attach(|_| ());
+    err.restore(py);
+    std::ptr::null_mut()
 }
 
 macro_rules! entry {
