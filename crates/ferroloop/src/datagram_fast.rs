@@ -105,6 +105,29 @@ impl<'a, 'py> Fields<'a, 'py> {
         }
         self.tr.getattr(name)
     }
+
+    /// A field's truth value; the bools the transport stores are recognised without a call.
+    #[inline]
+    fn flag(
+        &self,
+        offset: fn(&Layout) -> isize,
+        name: &Bound<'py, pyo3::types::PyString>,
+    ) -> PyResult<bool> {
+        if let Some(l) = self.layout {
+            // SAFETY: as in `get`; only the pointer is compared (with the bool singletons).
+            let p = unsafe {
+                *(self.tr.as_ptr() as *const u8)
+                    .offset(offset(l))
+                    .cast::<*mut ffi::PyObject>()
+            };
+            // SAFETY: the addresses of the static bool singletons.
+            let (t, f) = unsafe { (ffi::Py_True(), ffi::Py_False()) };
+            if p == t || p == f {
+                return Ok(p == t);
+            }
+        }
+        self.get(offset, name)?.is_truthy()
+    }
 }
 
 /// Datagrams received per readiness event at most: the socket is drained in one loop iteration
@@ -115,7 +138,7 @@ const MAX_BATCH: usize = 32;
 fn datagram_read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
     let f = Fields::of(tr);
-    if !f.get(|l| l.inet, intern!(py, "_inet"))?.is_truthy()? {
+    if !f.flag(|l| l.inet, intern!(py, "_inet"))? {
         tr.call_method0(intern!(py, "_read_ready_py"))?;
         return Ok(());
     }
@@ -133,8 +156,8 @@ fn datagram_read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
         // path that sets `_conn_lost` sets `_closing` first), or stopped the loop (asyncio
         // delivers one datagram per iteration, so the rest waits for the next run).
         if i > 0
-            && (f.get(|l| l.closing, intern!(py, "_closing"))?.is_truthy()?
-                || f.get(|l| l.paused, intern!(py, "_paused"))?.is_truthy()?
+            && (f.flag(|l| l.closing, intern!(py, "_closing"))?
+                || f.flag(|l| l.paused, intern!(py, "_paused"))?
                 || core.is_some_and(|c| c.get().is_stopping(py)))
         {
             return Ok(());
@@ -193,7 +216,7 @@ fn datagram_sendto(
     .extract()?;
     let fast = fd >= 0
         && !bytes.is_empty()
-        && !f.get(|l| l.closing, intern!(py, "_closing"))?.is_truthy()?
+        && !f.flag(|l| l.closing, intern!(py, "_closing"))?
         && f.get(|l| l.buffer, intern!(py, "_buffer"))?.len()? == 0;
     if !fast {
         return fallback();
