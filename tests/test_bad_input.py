@@ -104,6 +104,36 @@ def test_call_soon_with_unknown_keyword_raises_type_error(loop):
         loop.call_soon(print, "x", end="")
 
 
+def test_scheduling_methods_accept_callback_and_delay_as_keywords(loop):
+    calls = []
+    loop.call_soon(callback=calls.append)  # no *args: the callback may be named
+    loop.call_soon(callback=lambda: calls.append("soon"))
+    loop.call_soon_threadsafe(callback=lambda: calls.append("threadsafe"))
+    loop.call_later(0, callback=lambda: calls.append("later"))
+    loop.call_later(delay=0, callback=lambda: calls.append("later-kw"))
+    loop.call_at(when=loop.time(), callback=lambda: calls.append("at"), context=None)
+    loop.set_exception_handler(lambda lp, ctx: calls.append(type(ctx["exception"]).__name__))
+    run_for(loop, 0.01)
+    assert calls == ["TypeError", "soon", "threadsafe", "later", "later-kw", "at"]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda lp: lp.call_soon(print, callback=print),
+        lambda lp: lp.call_soon_threadsafe(print, 1, callback=print),
+        lambda lp: lp.call_later(0, print, delay=0),
+        lambda lp: lp.call_at(0, print, callback=print),
+        lambda lp: lp.call_later(callback=print),
+        lambda lp: lp.call_at(when=0),
+    ],
+    ids=["soon-twice", "threadsafe-twice", "later-delay-twice", "at-twice", "later-no-delay", "at-no-callback"],
+)
+def test_scheduling_argument_given_twice_or_missing_raises_type_error(loop, call):
+    with pytest.raises(TypeError):
+        call(loop)
+
+
 # -- delays and deadlines ---------------------------------------------------
 
 
@@ -111,6 +141,11 @@ def test_call_soon_with_unknown_keyword_raises_type_error(loop):
 def test_call_later_with_non_number_delay_raises_type_error(loop, bad):
     with pytest.raises(TypeError):
         loop.call_later(bad, print)
+
+
+def test_call_later_with_int_delay_too_large_for_a_float_raises_overflow_error(loop):
+    with pytest.raises(OverflowError):
+        loop.call_later(10**400, print)
 
 
 @requires_py311

@@ -120,6 +120,70 @@ def test_close_in_datagram_received_stops_delivery(loop, how):
         peer.close()
 
 
+def test_stop_in_datagram_received_ends_delivery_for_this_run(loop):
+    """asyncio receives one datagram per readiness event, so loop.stop() called from
+    datagram_received leaves the datagrams still queued for the next run of the loop."""
+    peer = udp_peer()
+
+    def on_datagram(proto, data, addr):
+        loop.stop()
+
+    transport, proto = run(
+        loop,
+        loop.create_datagram_endpoint(
+            lambda: Recorder(loop, on_datagram), local_addr=("127.0.0.1", 0)
+        ),
+    )
+    try:
+        dest = transport.get_extra_info("sockname")
+        for i in range(5):
+            peer.sendto(b"%d" % i, dest)
+        loop.run_forever()
+        assert [d for d, _ in proto.received] == [b"0"]
+        loop.run_forever()
+        assert [d for d, _ in proto.received] == [b"0", b"1"]
+    finally:
+        transport.close()
+        run(loop, proto.lost)
+        peer.close()
+
+
+def test_pause_reading_in_datagram_received_holds_the_rest_until_resume(loop):
+    """asyncio's datagram transports have pause_reading/resume_reading/is_reading (from its
+    selector transport base); pausing inside datagram_received delivers nothing more."""
+    peer = udp_peer()
+
+    def on_datagram(proto, data, addr):
+        proto.transport.pause_reading()
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop, on_datagram), local_addr=("127.0.0.1", 0)
+        )
+        assert transport.is_reading()
+        dest = transport.get_extra_info("sockname")
+        for i in range(5):
+            peer.sendto(b"%d" % i, dest)
+        await proto.wait(1)
+        await asyncio.sleep(0.05)
+        assert [d for d, _ in proto.received] == [b"0"]
+        assert not transport.is_reading()
+        transport.pause_reading()  # already paused: no-op
+        transport.resume_reading()
+        await proto.wait(2)
+        await asyncio.sleep(0.05)
+        assert [d for d, _ in proto.received] == [b"0", b"1"]
+        transport.close()
+        assert not transport.is_reading()
+        transport.resume_reading()  # closing: no-op
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()
+
+
 def test_exception_in_datagram_received_goes_to_handler(loop):
     """A raising datagram_received is reported to the exception handler; the datagrams after
     it are still delivered, in order."""

@@ -602,3 +602,21 @@ def test_add_reader_with_int_subclass_fd(loop, sockpair):
     run_once(loop)
     assert calls == ["int-subclass"]
     assert loop.remove_reader(a.fileno()) is True
+
+
+def test_failed_remove_of_one_side_of_a_closed_fd_forgets_the_whole_fd(loop):
+    """`selectors` drops an fd whose epoll modify failed (the fd was closed while both a
+    reader and a writer watched it): remove_reader raises OSError, then nothing is left."""
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    try:
+        loop.add_reader(fd, lambda: None)
+        loop.add_writer(fd, lambda: None)
+        a.close()
+        with pytest.raises(OSError):
+            loop.remove_reader(fd)
+        assert loop.remove_writer(fd) is False
+        assert loop.remove_reader(fd) is False
+    finally:
+        a.close()
+        b.close()

@@ -12,6 +12,7 @@ use pyo3::types::{PyBytes, PyType};
 use pyo3::{ffi, intern};
 
 use crate::event_loop::fastcall::trampoline;
+use crate::event_loop::LoopCore;
 use crate::sock_io::RecvError;
 use crate::transports::{fatal, install, Raw};
 
@@ -21,7 +22,9 @@ use crate::transports::{fatal, install, Raw};
 /// install time; any other type (a subclass, a stray `self`) takes the generic path.
 struct Layout {
     cls: Py<PyType>,
+    loop_: isize,
     closing: isize,
+    paused: isize,
     buffer: isize,
     protocol: isize,
     conn_lost: isize,
@@ -51,7 +54,9 @@ fn member_offset(cls: &Bound<'_, PyType>, name: &str) -> Option<isize> {
 fn resolve_layout(cls: &Bound<'_, PyType>) -> Option<Layout> {
     Some(Layout {
         cls: cls.clone().unbind(),
+        loop_: member_offset(cls, "_loop")?,
         closing: member_offset(cls, "_closing")?,
+        paused: member_offset(cls, "_paused")?,
         buffer: member_offset(cls, "_buffer")?,
         protocol: member_offset(cls, "_protocol")?,
         conn_lost: member_offset(cls, "_conn_lost")?,
@@ -100,6 +105,29 @@ impl<'a, 'py> Fields<'a, 'py> {
         }
         self.tr.getattr(name)
     }
+
+    /// A field's truth value; the bools the transport stores are recognised without a call.
+    #[inline]
+    fn flag(
+        &self,
+        offset: fn(&Layout) -> isize,
+        name: &Bound<'py, pyo3::types::PyString>,
+    ) -> PyResult<bool> {
+        if let Some(l) = self.layout {
+            // SAFETY: as in `get`; only the pointer is compared (with the bool singletons).
+            let p = unsafe {
+                *(self.tr.as_ptr() as *const u8)
+                    .offset(offset(l))
+                    .cast::<*mut ffi::PyObject>()
+            };
+            // SAFETY: the addresses of the static bool singletons.
+            let (t, f) = unsafe { (ffi::Py_True(), ffi::Py_False()) };
+            if p == t || p == f {
+                return Ok(p == t);
+            }
+        }
+        self.get(offset, name)?.is_truthy()
+    }
 }
 
 /// Datagrams received per readiness event at most: the socket is drained in one loop iteration
@@ -110,7 +138,7 @@ const MAX_BATCH: usize = 32;
 fn datagram_read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
     let f = Fields::of(tr);
-    if !f.get(|l| l.inet, intern!(py, "_inet"))?.is_truthy()? {
+    if !f.flag(|l| l.inet, intern!(py, "_inet"))? {
         tr.call_method0(intern!(py, "_read_ready_py"))?;
         return Ok(());
     }
@@ -120,11 +148,18 @@ fn datagram_read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
         return Ok(());
     }
     let fd: i32 = f.get(|l| l.sock_fd, intern!(py, "_sock_fd"))?.extract()?;
+    let loop_obj = f.get(|l| l.loop_, intern!(py, "_loop"))?;
+    let core = loop_obj.cast::<LoopCore>().ok();
     for i in 0..MAX_BATCH {
-        // After the first datagram: stop as soon as the protocol closed or aborted the
-        // transport (its reader is then removed: asyncio would deliver nothing more). Every
-        // path that sets `_conn_lost` sets `_closing` first.
-        if i > 0 && f.get(|l| l.closing, intern!(py, "_closing"))?.is_truthy()? {
+        // After the first datagram: stop as soon as the protocol closed, aborted or paused
+        // the transport (its reader is then removed: asyncio would deliver nothing more; every
+        // path that sets `_conn_lost` sets `_closing` first), or stopped the loop (asyncio
+        // delivers one datagram per iteration, so the rest waits for the next run).
+        if i > 0
+            && (f.flag(|l| l.closing, intern!(py, "_closing"))?
+                || f.flag(|l| l.paused, intern!(py, "_paused"))?
+                || core.is_some_and(|c| c.get().is_stopping(py)))
+        {
             return Ok(());
         }
         match crate::sock_io::recv_inet(py, fd, 256 * 1024) {
@@ -181,7 +216,7 @@ fn datagram_sendto(
     .extract()?;
     let fast = fd >= 0
         && !bytes.is_empty()
-        && !f.get(|l| l.closing, intern!(py, "_closing"))?.is_truthy()?
+        && !f.flag(|l| l.closing, intern!(py, "_closing"))?
         && f.get(|l| l.buffer, intern!(py, "_buffer"))?.len()? == 0;
     if !fast {
         return fallback();

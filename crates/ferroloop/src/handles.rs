@@ -35,9 +35,25 @@ use crate::stdlib::{is_exit_exception, support};
 /// Invariant: an untracked context must be tracked again before its last reference goes
 /// (CPython's `context_tp_dealloc` unlinks it from the GC list without checking), so every
 /// path that lets go of a handle's context calls `retrack_context` first, and `Drop` does too.
+/// Until a handle owns it, the `FreshContext` itself keeps that promise: dropped on an error
+/// path (debug mode's stack capture failing, say), it tracks the context again first.
 pub(crate) struct FreshContext {
-    pub ctx: Py<PyAny>,
-    pub untracked: bool,
+    ctx: Py<PyAny>,
+    untracked: bool,
+}
+
+impl Drop for FreshContext {
+    fn drop(&mut self) {
+        if self.untracked {
+            // SAFETY: a FreshContext only lives in code that holds the GIL; `ctx` is a live
+            // Context, tracked only if it is not tracked, which PyObject_GC_Track requires.
+            unsafe {
+                if ffi::PyObject_GC_IsTracked(self.ctx.as_ptr()) == 0 {
+                    ffi::PyObject_GC_Track(self.ctx.as_ptr().cast());
+                }
+            }
+        }
+    }
 }
 
 impl FreshContext {
@@ -46,6 +62,13 @@ impl FreshContext {
             ctx,
             untracked: false,
         }
+    }
+
+    /// Hands the context to a handle, which from then on keeps the invariant above.
+    fn into_parts(self) -> (Py<PyAny>, bool) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped nor used again, so `ctx` is moved out exactly once.
+        (unsafe { std::ptr::read(&this.ctx) }, this.untracked)
     }
 
     pub(crate) fn copy_current(py: Python<'_>) -> PyResult<FreshContext> {
@@ -92,6 +115,7 @@ impl Args {
 
     /// # Safety
     /// `items` must point to `n` valid, borrowed object pointers.
+    #[inline(always)] // on call_soon's hot path
     pub(crate) unsafe fn from_raw(
         py: Python<'_>,
         items: *const *mut ffi::PyObject,
@@ -179,12 +203,13 @@ impl Handle {
         shared: Arc<Shared>,
         source_traceback: Option<Py<PyAny>>,
     ) -> Handle {
+        let (ctx, untracked) = context.into_parts();
         Handle {
             callback: GilCell::new(Some(Callback { func, args })),
             cancelled: AtomicBool::new(false),
             one_shot: true,
-            ctx_untracked: AtomicBool::new(context.untracked),
-            context: GilCell::new(Some(context.ctx)),
+            ctx_untracked: AtomicBool::new(untracked),
+            context: GilCell::new(Some(ctx)),
             shared,
             repr_cache: GilCell::new(None),
             source_traceback,
@@ -261,9 +286,9 @@ impl Handle {
         context: FreshContext,
     ) -> PyResult<()> {
         *self.callback.borrow_mut(py)? = Some(Callback { func, args });
-        *self.context.borrow_mut(py)? = Some(context.ctx);
-        self.ctx_untracked
-            .store(context.untracked, Ordering::Relaxed);
+        let (ctx, untracked) = context.into_parts();
+        *self.context.borrow_mut(py)? = Some(ctx);
+        self.ctx_untracked.store(untracked, Ordering::Relaxed);
         self.cancelled.store(false, Ordering::Relaxed);
         Ok(())
     }
@@ -287,6 +312,11 @@ impl Handle {
             // doubles GC work when 100k tasks are pending), so they must never be the link
             // that closes a reference cycle once they are done. Watchers keep theirs.
             let take = this.one_shot && !this.shared.debug();
+            if this.one_shot && !take {
+                // Debug mode keeps the callback, and the handle may have been created (and
+                // untracked) before debug mode was turned on.
+                track(slf.as_any());
+            }
             let c = if take {
                 cb.take()
             } else {
@@ -343,6 +373,10 @@ impl Handle {
                             func: func.clone_ref(py),
                             args: args.clone_ref(py),
                         });
+                        // The handle holds its callback again and whoever keeps it (the
+                        // callback's own object, an error context) may close a cycle through
+                        // it: the collector must see it, as it sees asyncio's handles.
+                        track(slf.as_any());
                     }
                 }
                 report_callback_error(slf.as_any(), &func, &args.to_tuple(py)?, err, loop_obj)
@@ -399,6 +433,18 @@ pub(crate) fn untrack<T>(obj: &Py<T>) {
     // SAFETY: `obj` is a live object of a GC-enabled type (PyO3 sets Py_TPFLAGS_HAVE_GC on every
     // pyclass); untracking an object is always allowed, and its dealloc untracks idempotently.
     unsafe { ffi::PyObject_GC_UnTrack(obj.as_ptr().cast()) }
+}
+
+/// Lets the garbage collector see a handle again that [`untrack`] hid from it: needed as soon as
+/// the handle keeps its callback after running, since it may then close a reference cycle.
+fn track(obj: &Bound<'_, PyAny>) {
+    // SAFETY: `obj` is a live object of a GC-enabled type; PyObject_GC_Track is only called when
+    // it is not tracked, which it requires.
+    unsafe {
+        if ffi::PyObject_GC_IsTracked(obj.as_ptr()) == 0 {
+            ffi::PyObject_GC_Track(obj.as_ptr().cast());
+        }
+    }
 }
 
 /// asyncio's `Handle._run` error path: `{'message': 'Exception in callback ...', 'exception':

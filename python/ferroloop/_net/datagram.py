@@ -24,9 +24,10 @@ class DatagramTransport(SocketTransportBase, transports.DatagramTransport):
 
     # Slots, so that the native fast paths read them at fixed offsets; `__dict__` keeps
     # instances open to other attributes, as asyncio's transports are.
-    __slots__ = ("_address", "_inet", "_sendto_fd", "_send_fd", "__dict__")
+    __slots__ = ("_address", "_inet", "_sendto_fd", "_send_fd", "_paused", "__dict__")
 
     def __init__(self, loop, sock, protocol, address=None, waiter=None, extra=None):
+        self._paused = False
         super().__init__(loop, sock, protocol, extra)
         self._address = address
         # AF_INET sockets take the native fast paths (installed at the end of this module).
@@ -40,6 +41,26 @@ class DatagramTransport(SocketTransportBase, transports.DatagramTransport):
         loop.call_soon(self._add_reader, self._sock_fd, self._read_ready)
         if waiter is not None:
             loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
+
+    # asyncio's datagram transport inherits these from its selector transport base.
+    def is_reading(self) -> bool:
+        return not self._paused and not self._closing
+
+    def pause_reading(self) -> None:
+        if not self.is_reading():
+            return
+        self._paused = True
+        self._loop._remove_reader(self._sock_fd)
+        if self._loop.get_debug():
+            logger.debug("%r pauses reading", self)
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        self._add_reader(self._sock_fd, self._read_ready)
+        if self._loop.get_debug():
+            logger.debug("%r resumes reading", self)
 
     def _read_ready(self) -> None:
         if self._conn_lost:

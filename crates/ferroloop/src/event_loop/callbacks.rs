@@ -323,9 +323,13 @@ impl LoopCore {
 }
 
 /// A delay or deadline as float seconds; anything that is not a real number is a TypeError, as
-/// the `time() + delay` arithmetic in asyncio would raise.
+/// the `time() + delay` arithmetic in asyncio would raise, and an int too large for a float the
+/// OverflowError that arithmetic raises.
 fn extract_seconds(v: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
-    v.extract::<f64>().map_err(|_| {
+    v.extract::<f64>().map_err(|e| {
+        if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(v.py()) {
+            return e;
+        }
         PyTypeError::new_err(format!(
             "{what} must be a real number, not {}",
             v.get_type()

@@ -32,7 +32,9 @@ struct Call<'py> {
     context: Option<Bound<'py, PyAny>>,
 }
 
-/// Parses `(leading..., callback, *args, context=None)`.
+/// Parses `(leading..., callback, *args, context=None)`. The hot path knows only positional
+/// arguments and the `context` keyword passed as a known string object; any other keyword goes
+/// to [`parse_keywords`].
 ///
 /// # Safety
 /// `args`/`nargsf`/`kwnames` must be a valid vectorcall argument triple and the GIL held.
@@ -45,6 +47,7 @@ unsafe fn parse<'py>(
     nargsf: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> PyResult<Call<'py>> {
+    debug_assert!(n_leading <= 2 && leading_names.len() == n_leading);
     // SAFETY: vectorcall contract (see above); all pointers are borrowed for the call's duration.
     unsafe {
         let nargs = ffi::PyVectorcall_NARGS(nargsf as usize) as usize;
@@ -61,38 +64,11 @@ unsafe fn parse<'py>(
                     context = Some(Bound::from_borrowed_ptr(py, *args.add(nargs + i)));
                     continue;
                 }
-                let name = name.cast_into::<PyString>()?;
-                if name.to_str()? == "context" {
-                    if other.is_null() && name.is_exact_instance_of::<PyString>() {
-                        OTHER_CONTEXT_NAME.store(name.clone().into_ptr(), Ordering::Relaxed);
-                    }
-                    context = Some(Bound::from_borrowed_ptr(py, *args.add(nargs + i)));
-                } else if leading_names.contains(&name.to_str()?) || name.to_str()? == "callback" {
-                    return Err(PyTypeError::new_err(format!(
-                        "{method}() got some positional-only arguments passed as keyword arguments: '{}'",
-                        name.to_str()?
-                    )));
-                } else {
-                    return Err(PyTypeError::new_err(format!(
-                        "{method}() got an unexpected keyword argument '{}'",
-                        name.to_str()?
-                    )));
-                }
+                return parse_keywords(py, method, n_leading, leading_names, args, nargs, &names);
             }
         }
         if nargs < n_leading + 1 {
-            let missing: Vec<String> = leading_names
-                .iter()
-                .chain(std::iter::once(&"callback"))
-                .skip(nargs)
-                .map(|n| format!("'{n}'"))
-                .collect();
-            return Err(PyTypeError::new_err(format!(
-                "{method}() missing {} required positional argument{}: {}",
-                missing.len(),
-                if missing.len() == 1 { "" } else { "s" },
-                missing.join(" and ")
-            )));
+            return Err(missing_error(method, leading_names, |p| p < nargs));
         }
         let mut leading = [None, None];
         for (i, slot) in leading.iter_mut().enumerate().take(n_leading) {
@@ -109,29 +85,130 @@ unsafe fn parse<'py>(
     }
 }
 
+/// `parse` for calls with keywords other than a known `context` string: `context` spelled by
+/// another string object, and (as asyncio's signatures allow) the leading arguments or the
+/// callback by name, in which case there are no `*args`.
+///
+/// # Safety
+/// As for [`parse`]; `nargs` positional arguments in `args`, followed by one value per name.
+#[cold]
+unsafe fn parse_keywords<'py>(
+    py: Python<'py>,
+    method: &str,
+    n_leading: usize,
+    leading_names: &[&str],
+    args: *const *mut ffi::PyObject,
+    nargs: usize,
+    names: &Bound<'py, PyTuple>,
+) -> PyResult<Call<'py>> {
+    let names_of = || leading_names.iter().chain(std::iter::once(&"callback"));
+    // The leading arguments and the callback, by position.
+    let mut slots: [Option<Bound<'py, PyAny>>; 3] = [None, None, None];
+    let mut context = None;
+    // SAFETY: vectorcall contract: `nargs` positional values, then one per keyword name.
+    let value = |i: usize| unsafe { Bound::from_borrowed_ptr(py, *args.add(i)) };
+    for (i, slot) in slots
+        .iter_mut()
+        .enumerate()
+        .take((n_leading + 1).min(nargs))
+    {
+        *slot = Some(value(i));
+    }
+    for (i, name) in names.iter().enumerate() {
+        let name = name.cast_into::<PyString>()?;
+        let text = name.to_str()?;
+        if text == "context" {
+            let other = OTHER_CONTEXT_NAME.load(Ordering::Relaxed);
+            if other.is_null() && name.is_exact_instance_of::<PyString>() {
+                OTHER_CONTEXT_NAME.store(name.clone().into_ptr(), Ordering::Relaxed);
+            }
+            context = Some(value(nargs + i));
+        } else if let Some(pos) = names_of().position(|n| *n == text) {
+            if slots[pos].is_some() {
+                return Err(PyTypeError::new_err(format!(
+                    "{method}() got multiple values for argument '{text}'"
+                )));
+            }
+            slots[pos] = Some(value(nargs + i));
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "{method}() got an unexpected keyword argument '{text}'"
+            )));
+        }
+    }
+    let missing = |p: usize| slots[p].is_some();
+    if !(0..=n_leading).all(missing) {
+        return Err(missing_error(method, leading_names, missing));
+    }
+    let rest = if nargs > n_leading + 1 {
+        // SAFETY: `args[n_leading + 1 .. nargs]` are live borrowed references.
+        unsafe { Args::from_raw(py, args.add(n_leading + 1), nargs - n_leading - 1)? }
+    } else {
+        Args::Empty
+    };
+    let [a, b, c] = slots;
+    let (leading, callback) = match n_leading {
+        0 => ([None, None], a),
+        1 => ([a, None], b),
+        _ => ([a, b], c),
+    };
+    Ok(Call {
+        leading,
+        callback: callback.ok_or_else(|| missing_error(method, leading_names, |_| false))?,
+        args: rest,
+        context: context.filter(|c| !c.is_none()),
+    })
+}
+
+/// CPython's "missing N required positional argument(s)" TypeError, for the leading arguments
+/// and the callback that `given` says were not passed.
+fn missing_error(method: &str, leading_names: &[&str], given: impl Fn(usize) -> bool) -> PyErr {
+    let missing: Vec<String> = leading_names
+        .iter()
+        .chain(std::iter::once(&"callback"))
+        .enumerate()
+        .filter(|&(p, _)| !given(p))
+        .map(|(_, n)| format!("'{n}'"))
+        .collect();
+    PyTypeError::new_err(format!(
+        "{method}() missing {} required positional argument{}: {}",
+        missing.len(),
+        if missing.len() == 1 { "" } else { "s" },
+        missing.join(" and ")
+    ))
+}
+
 /// Runs `body` with the GIL token, turning errors into a raised exception and panics into
 /// `PanicException`, as PyO3's own trampolines do.
+///
+/// CPython calls us with the GIL held, but PyO3 is not told (`Python::attach` would cost ~50
+/// instructions per call, a thread-local lookup included, on the hottest path). So a `Py<T>`
+/// dropped in `body` while no PyO3 frame is below us (a call from plain Python code, outside
+/// the running loop) is parked in PyO3's deferred-decref pool rather than released. The success
+/// paths drop nothing of the caller's; on an error path (the arguments of a rejected call), the
+/// pool is drained before returning, so the caller sees them released as a Python method would.
 pub(crate) fn trampoline(
     body: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>,
 ) -> *mut ffi::PyObject {
     // SAFETY: CPython calls method implementations with the GIL held.
     let py = unsafe { Python::assume_attached() };
-    match catch_unwind(AssertUnwindSafe(|| body(py))) {
-        Ok(Ok(obj)) => obj.into_ptr(),
-        Ok(Err(err)) => {
-            err.restore(py);
-            std::ptr::null_mut()
-        }
+    let err = match catch_unwind(AssertUnwindSafe(|| body(py))) {
+        Ok(Ok(obj)) => return obj.into_ptr(),
+        Ok(Err(err)) => err,
         Err(payload) => {
             let msg = payload
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "Rust panic in ferroloop".into());
-            pyo3::panic::PanicException::new_err(msg).restore(py);
-            std::ptr::null_mut()
+            pyo3::panic::PanicException::new_err(msg)
         }
-    }
+    };
+    // Attaching drains PyO3's deferred-decref pool (cheap: the thread holds the GIL). It may run
+    // finalizers, which must not see our exception set yet.
+    Python::attach(|_| ());
+    err.restore(py);
+    std::ptr::null_mut()
 }
 
 macro_rules! entry {
@@ -193,22 +270,22 @@ const METHODS: [(&CStr, Raw, &CStr); 4] = [
     (
         c"call_soon",
         call_soon,
-        c"call_soon($self, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called soon.",
+        c"call_soon($self, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called soon.",
     ),
     (
         c"call_soon_threadsafe",
         call_soon_threadsafe,
-        c"call_soon_threadsafe($self, callback, /, *args, context=None)\n--\n\nLike call_soon(), but thread-safe: wakes the loop.",
+        c"call_soon_threadsafe($self, callback, *args, context=None)\n--\n\nLike call_soon(), but thread-safe: wakes the loop.",
     ),
     (
         c"call_later",
         call_later,
-        c"call_later($self, delay, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called after delay seconds.",
+        c"call_later($self, delay, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called after delay seconds.",
     ),
     (
         c"call_at",
         call_at,
-        c"call_at($self, when, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called at loop time `when`.",
+        c"call_at($self, when, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called at loop time `when`.",
     ),
 ];
 

@@ -212,9 +212,17 @@ impl LoopCore {
             drop(st);
             drop(gone.and_then(|mut w| w.fileobj.take()));
             self.shared.poller.delete(fd).map_err(os_error)?;
-        } else {
-            // An edge-triggered reader left alone again is reported once if readable now.
-            self.register(fd, w, true).map_err(os_error)?;
+        } else if let Err(e) = self.register(fd, w, true) {
+            // (An edge-triggered reader left alone again is re-registered, so it is reported
+            // once if readable now.) The fd was closed under its watchers (EBADF/ENOENT):
+            // forget it entirely, as `selectors` does when modify fails, and drop the handles
+            // outside the borrow.
+            let gone = st.fds.remove(&fd);
+            drop(st);
+            let _ = self.shared.poller.delete(fd);
+            drop(old);
+            drop(gone);
+            return Err(os_error(e));
         }
         Ok(old)
     }

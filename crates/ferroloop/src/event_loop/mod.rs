@@ -140,6 +140,12 @@ pub(crate) fn monotonic() -> f64 {
 }
 
 impl LoopCore {
+    /// `stop()` was called and the current iteration is the last one (for the batching fast
+    /// paths, which must not deliver more than asyncio would before the loop stops).
+    pub(crate) fn is_stopping(&self, py: Python<'_>) -> bool {
+        self.state.borrow_mut(py).is_ok_and(|st| st.stopping)
+    }
+
     pub(crate) fn check_closed(&self, py: Python<'_>) -> PyResult<()> {
         if self.state.borrow_mut(py)?.closed {
             Err(crate::errors::closed_loop())
