@@ -1,6 +1,7 @@
 """call_later / call_at / TimerHandle / loop.time()."""
 
 import contextvars
+import os
 import math
 import time
 
@@ -408,3 +409,39 @@ def test_fired_timer_handle_in_a_reference_cycle_is_garbage_collected(loop):
     run_for(loop, 0.01)
     gc.collect()
     assert ref() is None
+
+
+def test_loop_dropped_unclosed_with_a_timer_cycle_is_collected(loop_impl):
+    """A loop that ran, was never closed and is only referenced by a cycle through one of its
+    pending timers (and a pending callback) is collected, with asyncio's ResourceWarning, and
+    its file descriptors are closed."""
+    import gc
+    import warnings
+    import weakref
+
+    class Owner:
+        def tick(self):
+            pass
+
+    def make():
+        lp = loop_impl.new_event_loop()
+        owner = Owner()
+        owner.loop = lp
+
+        async def setup():
+            owner.timer = lp.call_later(3600, owner.tick)
+            lp.call_soon(owner.tick)
+            lp.stop()  # leaves the call_soon callback pending
+
+        lp.run_until_complete(setup())
+        return weakref.ref(lp)
+
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref = make()
+        for _ in range(3):
+            gc.collect()
+    assert ref() is None, "the unclosed loop was not collected"
+    assert any(issubclass(w.category, ResourceWarning) for w in caught)
+    assert len(os.listdir("/proc/self/fd")) <= fds_before

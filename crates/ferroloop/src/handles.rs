@@ -437,7 +437,7 @@ pub(crate) fn untrack<T>(obj: &Py<T>) {
 
 /// Lets the garbage collector see a handle again that [`untrack`] hid from it: needed as soon as
 /// the handle keeps its callback after running, since it may then close a reference cycle.
-fn track(obj: &Bound<'_, PyAny>) {
+pub(crate) fn track(obj: &Bound<'_, PyAny>) {
     // SAFETY: `obj` is a live object of a GC-enabled type; PyObject_GC_Track is only called when
     // it is not tracked, which it requires.
     unsafe {

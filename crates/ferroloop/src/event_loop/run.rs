@@ -341,6 +341,16 @@ impl LoopCore {
             let mut st = this.state.borrow_mut(py)?;
             st.stopping = false;
             st.thread_id = None;
+            // Callbacks and timers still pending once the loop stops are shown to the garbage
+            // collector again (they are hidden from it for speed): a loop dropped unclosed with
+            // a pending callback that refers back to it (`o.loop = loop; o.t =
+            // loop.call_later(60, o.tick)`) is then collectable, as asyncio's is.
+            for h in &st.ready {
+                crate::handles::track(h.bind(py).as_any());
+            }
+            for t in st.timers.iter() {
+                crate::handles::track(t.bind(py).as_any());
+            }
         }
         let reset = s.set_running_loop(py, &py.None().into_bound(py));
         result.and(reset)
