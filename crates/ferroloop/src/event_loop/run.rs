@@ -337,7 +337,7 @@ impl LoopCore {
                 .unwrap_or_else(|| "Rust panic in the event loop".into());
             Err(pyo3::panic::PanicException::new_err(msg))
         });
-        {
+        let surplus = {
             let mut st = this.state.borrow_mut(py)?;
             st.stopping = false;
             st.thread_id = None;
@@ -351,7 +351,15 @@ impl LoopCore {
             for t in st.timers.iter() {
                 crate::handles::track(t.bind(py).as_any());
             }
-        }
+            // A stopped loop does not keep a past burst's spare handles.
+            st.pool_surplus_since = None;
+            if st.pool.len() > POOL_MAX_IDLE {
+                st.pool.split_off(POOL_MAX_IDLE)
+            } else {
+                Vec::new()
+            }
+        };
+        drop(surplus); // outside the borrow
         let reset = s.set_running_loop(py, &py.None().into_bound(py));
         result.and(reset)
     }
