@@ -96,13 +96,15 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
 
     max_size = 256 * 1024  # bytes per read
 
-    def __init__(self, loop, pipe, protocol, waiter=None, extra=None):
+    def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _fifo=False):
+        # _fifo: the caller knows `pipe` is a pipe (a subprocess's): no fstat needed.
         super().__init__(extra)
         self._extra["pipe"] = pipe
         fileno = pipe.fileno()
-        is_fifo, is_socket, is_char = _file_type(fileno)
-        if not (is_fifo or is_socket or is_char):
-            raise ValueError("Pipe transport is for pipes/sockets only.")
+        if not _fifo:
+            is_fifo, is_socket, is_char = _file_type(fileno)
+            if not (is_fifo or is_socket or is_char):
+                raise ValueError("Pipe transport is for pipes/sockets only.")
         self._fileno = fileno
         self._paused = False
         self._watching = False
@@ -200,13 +202,18 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
 class WritePipeTransport(_PipeTransportBase, transports.WriteTransport):
     """The write end of a pipe, FIFO, pty or socket, with asyncio's write flow control."""
 
-    def __init__(self, loop, pipe, protocol, waiter=None, extra=None):
+    def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _fifo=False):
+        # _fifo: the caller knows `pipe` is a pipe (a subprocess's): no fstat needed.
         super().__init__(extra)
         self._extra["pipe"] = pipe
         fileno = pipe.fileno()
-        is_fifo, is_socket, is_char = _file_type(fileno)
-        if not (is_fifo or is_socket or is_char):
-            raise ValueError("Pipe transport is only for pipes, sockets and character devices")
+        if _fifo:
+            is_fifo = True
+            is_socket = False
+        else:
+            is_fifo, is_socket, is_char = _file_type(fileno)
+            if not (is_fifo or is_socket or is_char):
+                raise ValueError("Pipe transport is only for pipes, sockets and character devices")
         self._fileno = fileno
         self._buffer = bytearray()
         self._conn_lost = 0

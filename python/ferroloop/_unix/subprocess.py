@@ -21,8 +21,11 @@ import logging
 import os
 import subprocess
 import threading
+import types
 import warnings
 from asyncio import protocols, transports
+
+from .pipes import PipesMixin, ReadPipeTransport, WritePipeTransport
 
 logger = logging.getLogger("asyncio")
 
@@ -123,7 +126,8 @@ class SubprocessTransport(transports.SubprocessTransport):
         if loop.get_debug():
             program = args if isinstance(args, (bytes, str)) else args[0]
             logger.debug("process %r created: pid %s", program, self._pid)
-        loop.create_task(self._connect_pipes(waiter))
+        if waiter is not None:
+            loop.create_task(self._connect_pipes(waiter))
 
     def __repr__(self) -> str:
         info = [type(self).__name__]
@@ -258,6 +262,35 @@ class SubprocessTransport(transports.SubprocessTransport):
             if waiter is not None and not waiter.cancelled():
                 waiter.set_result(None)
 
+    def _connect_pipes_now(self) -> None:
+        """The pipes' transports built at once, for a loop whose connect_read_pipe /
+        connect_write_pipe are ferroloop's own (so awaiting them would only build the same
+        transports, one loop iteration each). Queues the same callbacks, in the same order, as
+        _connect_pipes: each pipe protocol's connection_made (stdin, stdout, stderr), then the
+        process protocol's."""
+        loop = self._loop
+        proc = self._proc
+        try:
+            if proc.stdin is not None:
+                proto = _PipeProto(self, 0)
+                WritePipeTransport(loop, proc.stdin, proto, _fifo=True)
+                self._pipes[0] = proto
+            if proc.stdout is not None:
+                proto = _ReadPipeProto(self, 1)
+                ReadPipeTransport(loop, proc.stdout, proto, _fifo=True)
+                self._pipes[1] = proto
+            if proc.stderr is not None:
+                proto = _ReadPipeProto(self, 2)
+                ReadPipeTransport(loop, proc.stderr, proto, _fifo=True)
+                self._pipes[2] = proto
+        except BaseException:
+            self._abandon_unconnected_pipes()
+            raise
+        loop.call_soon(self._protocol.connection_made, self)
+        for callback, data in self._pending_calls:
+            loop.call_soon(callback, *data)
+        self._pending_calls = None
+
     def _abandon_unconnected_pipes(self) -> None:
         # Close the Popen pipe files no transport took, so they do not leak and the
         # transport can still finish once the child exits.
@@ -314,6 +347,12 @@ class SubprocessTransport(transports.SubprocessTransport):
             self._loop = None
             self._proc = None
             self._protocol = None
+
+
+@types.coroutine
+def _one_iteration():
+    """Yield to the loop once: the awaiting task resumes after the callbacks queued so far."""
+    yield
 
 
 def _reap_blocking(pid: int):
@@ -393,12 +432,27 @@ class SubprocessMixin:
     async def _make_subprocess_transport(self, protocol, args, shell, stdin, stdout, stderr,
                                          bufsize, extra=None, **kwargs):
         self._check_closed()
-        waiter = self.create_future()
+        # With our own connect_read_pipe / connect_write_pipe the pipe transports are built at
+        # once; a loop (or subclass) that replaces them gets them awaited, as asyncio does.
+        cls = type(self)
+        own_dict = self.__dict__
+        direct = (
+            cls.connect_read_pipe is PipesMixin.connect_read_pipe
+            and cls.connect_write_pipe is PipesMixin.connect_write_pipe
+            and "connect_read_pipe" not in own_dict
+            and "connect_write_pipe" not in own_dict
+        )
+        waiter = None if direct else self.create_future()
         transport = SubprocessTransport(self, protocol, args, shell, stdin, stdout, stderr,
                                         bufsize, waiter=waiter, extra=extra, **kwargs)
         self._unix_watch_child(transport)
         try:
-            await waiter
+            if direct:
+                transport._connect_pipes_now()
+                # Return once the queued connection_made callbacks have run.
+                await _one_iteration()
+            else:
+                await waiter
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException:
