@@ -69,8 +69,10 @@ class _PipeProto(protocols.BaseProtocol):
 
     def connection_lost(self, exc) -> None:
         self.disconnected = True
-        self.proc._pipe_connection_lost(self.fd, exc)
+        proc = self.proc
         self.proc = None
+        proc._call(proc._protocol.pipe_connection_lost, self.fd, exc)
+        proc._try_finish()
 
     def pause_writing(self) -> None:
         self.proc._protocol.pause_writing()
@@ -81,7 +83,8 @@ class _PipeProto(protocols.BaseProtocol):
 
 class _ReadPipeProto(_PipeProto, protocols.Protocol):
     def data_received(self, data) -> None:
-        self.proc._pipe_data_received(self.fd, data)
+        proc = self.proc
+        proc._call(proc._protocol.pipe_data_received, self.fd, data)
 
 
 class _UnconnectedPipe:
@@ -264,24 +267,25 @@ class SubprocessTransport(transports.SubprocessTransport):
 
     def _connect_pipes_now(self) -> None:
         """The pipes' transports built at once, for a loop whose connect_read_pipe /
-        connect_write_pipe are ferroloop's own (so awaiting them would only build the same
-        transports, one loop iteration each). Queues the same callbacks, in the same order, as
-        _connect_pipes: each pipe protocol's connection_made (stdin, stdout, stderr), then the
-        process protocol's."""
+        connect_write_pipe are ferroloop's own (awaiting them would only build the same
+        transports, a loop iteration or two each). The pipe protocols are ours: their
+        connection_made runs at once (stdin, stdout, stderr), before the process protocol's,
+        which is queued as _connect_pipes queues it; reading starts at once, and whatever the
+        pipes report reaches the process protocol through _call, after its connection_made."""
         loop = self._loop
         proc = self._proc
         try:
             if proc.stdin is not None:
                 proto = _PipeProto(self, 0)
-                WritePipeTransport(loop, proc.stdin, proto, _fifo=True)
+                WritePipeTransport(loop, proc.stdin, proto, _subprocess=True)
                 self._pipes[0] = proto
             if proc.stdout is not None:
                 proto = _ReadPipeProto(self, 1)
-                ReadPipeTransport(loop, proc.stdout, proto, _fifo=True)
+                ReadPipeTransport(loop, proc.stdout, proto, _subprocess=True)
                 self._pipes[1] = proto
             if proc.stderr is not None:
                 proto = _ReadPipeProto(self, 2)
-                ReadPipeTransport(loop, proc.stderr, proto, _fifo=True)
+                ReadPipeTransport(loop, proc.stderr, proto, _subprocess=True)
                 self._pipes[2] = proto
         except BaseException:
             self._abandon_unconnected_pipes()
@@ -332,9 +336,11 @@ class SubprocessTransport(transports.SubprocessTransport):
     def _try_finish(self) -> None:
         if self._returncode is None or self._finished:
             return
-        if all(p is not None and p.disconnected for p in self._pipes.values()):
-            self._finished = True
-            self._call(self._call_connection_lost, None)
+        for p in self._pipes.values():
+            if p is None or not p.disconnected:
+                return
+        self._finished = True
+        self._call(self._call_connection_lost, None)
 
     def _call_connection_lost(self, exc) -> None:
         try:
