@@ -45,7 +45,10 @@ class _PipeTransportBase:
         self._closing = False
         self._lost_scheduled = False
         os.set_blocking(self._fileno, False)
-        loop._transports[self._fileno] = self
+        table = loop.__dict__.get("_net_transports")
+        if table is None:
+            table = loop._transports
+        table[self._fileno] = self
 
     def set_protocol(self, protocol) -> None:
         self._protocol = protocol
@@ -102,8 +105,11 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
         # _subprocess: a subprocess transport's own pipe (a pipe, so no fstat) and pipe
         # protocol, whose connection_made only records the transport: called at once, and
         # reading starts at once (the subprocess transport orders its protocol's callbacks).
-        super().__init__(extra)
-        self._extra["pipe"] = pipe
+        # (transports.BaseTransport.__init__, without the call)
+        if extra is None:
+            extra = {}
+        self._extra = extra
+        extra["pipe"] = pipe
         fileno = pipe.fileno()
         if not _subprocess:
             is_fifo, is_socket, is_char = _file_type(fileno)
@@ -216,8 +222,11 @@ class WritePipeTransport(_PipeTransportBase, transports.WriteTransport):
 
     def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _subprocess=False):
         # _subprocess: as for ReadPipeTransport; the reader is watched at once.
-        super().__init__(extra)
-        self._extra["pipe"] = pipe
+        # (transports.BaseTransport.__init__, without the call)
+        if extra is None:
+            extra = {}
+        self._extra = extra
+        extra["pipe"] = pipe
         fileno = pipe.fileno()
         if not _subprocess:
             is_fifo, is_socket, is_char = _file_type(fileno)
@@ -229,9 +238,8 @@ class WritePipeTransport(_PipeTransportBase, transports.WriteTransport):
         self._writing = False
         self._watching_peer = False
         self._protocol_paused = False
-        self._high_water = 0
-        self._low_water = 0
-        self._set_write_buffer_limits()
+        self._high_water = 64 * 1024  # as _set_write_buffer_limits() sets them
+        self._low_water = 16 * 1024
         self._register(loop, pipe, protocol)
         if _subprocess:
             loop._add_reader(fileno, self._read_ready)

@@ -71,8 +71,7 @@ class _PipeProto(protocols.BaseProtocol):
         self.disconnected = True
         proc = self.proc
         self.proc = None
-        proc._call(proc._protocol.pipe_connection_lost, self.fd, exc)
-        proc._try_finish()
+        proc._pipe_connection_lost(self.fd, exc)
 
     def pause_writing(self) -> None:
         self.proc._protocol.pause_writing()
@@ -84,7 +83,10 @@ class _PipeProto(protocols.BaseProtocol):
 class _ReadPipeProto(_PipeProto, protocols.Protocol):
     def data_received(self, data) -> None:
         proc = self.proc
-        proc._call(proc._protocol.pipe_data_received, self.fd, data)
+        if proc._pending_calls is None:
+            proc._loop.call_soon(proc._protocol.pipe_data_received, self.fd, data)
+        else:
+            proc._pending_calls.append((proc._protocol.pipe_data_received, (self.fd, data)))
 
 
 class _UnconnectedPipe:
@@ -315,8 +317,12 @@ class SubprocessTransport(transports.SubprocessTransport):
             self._loop.call_soon(callback, *data)
 
     def _pipe_connection_lost(self, fd, exc) -> None:
-        self._call(self._protocol.pipe_connection_lost, fd, exc)
-        self._try_finish()
+        if self._pending_calls is None:
+            self._loop.call_soon(self._protocol.pipe_connection_lost, fd, exc)
+        else:
+            self._pending_calls.append((self._protocol.pipe_connection_lost, (fd, exc)))
+        if self._returncode is not None:
+            self._try_finish()
 
     def _pipe_data_received(self, fd, data) -> None:
         self._call(self._protocol.pipe_data_received, fd, data)
