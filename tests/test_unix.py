@@ -1000,6 +1000,41 @@ def test_subprocess_spawns_leak_no_fds_and_no_children(loop):
         assert_reaped(pid)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_subprocess_exec_cancelled_while_connecting_kills_and_reaps_the_child(loop):
+    spawned = []
+
+    class Proto(ProcProto):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            spawned.append(transport.get_pid())
+
+    async def main():
+        task = asyncio.current_task()
+
+        def factory():
+            # Cancel the task once subprocess_exec has spawned the child and waits for the
+            # pipes (and the protocol) to be connected.
+            loop.call_soon(task.cancel)
+            return Proto(loop)
+
+        await loop.subprocess_exec(factory, PY, "-c", "import time; time.sleep(30)")
+
+    async def warm_up():  # the loop's own lazily made fds
+        proc = await asyncio.create_subprocess_exec(PY, "-c", "pass")
+        await proc.wait()
+
+    run(loop, warm_up())
+    gc.collect()
+    before = _open_fds()
+    with pytest.raises(asyncio.CancelledError):
+        loop.run_until_complete(main())
+    gc.collect()
+    assert _open_fds() == before
+    assert len(spawned) == 1
+    assert_reaped(spawned[0])
+
+
 def test_read_pipe_calls_an_eof_received_set_on_the_instance(loop):
     rfd, wfd = os.pipe()
     pipe = io.open(rfd, "rb", 0)
