@@ -55,6 +55,8 @@ def _check_binary_args(bufsize, text, encoding, errors) -> None:
 class _PipeProto(protocols.BaseProtocol):
     """The protocol of one of the child's pipes: forwards events to the transport."""
 
+    __slots__ = ("proc", "fd", "pipe", "disconnected")
+
     def __init__(self, proc, fd):
         self.proc = proc
         self.fd = fd
@@ -81,6 +83,8 @@ class _PipeProto(protocols.BaseProtocol):
 
 
 class _ReadPipeProto(_PipeProto, protocols.Protocol):
+    __slots__ = ()
+
     def data_received(self, data) -> None:
         proc = self.proc
         if proc._pending_calls is None:
@@ -101,7 +105,7 @@ class SubprocessTransport(transports.SubprocessTransport):
 
     def __init__(self, loop, protocol, args, shell, stdin, stdout, stderr, bufsize,
                  waiter=None, extra=None, **kwargs):
-        super().__init__(extra)
+        self._extra = {} if extra is None else extra  # (transports.BaseTransport.__init__)
         self._closed = False
         self._protocol = protocol
         self._loop = loop
@@ -415,7 +419,8 @@ class SubprocessMixin:
             raise ValueError("universal_newlines must be False")
         if shell:
             raise ValueError("shell must be False")
-        _check_binary_args(bufsize, text, encoding, errors)
+        if bufsize != 0 or text or encoding is not None or errors is not None:
+            _check_binary_args(bufsize, text, encoding, errors)
         popen_args = (program,) + args
         protocol = protocol_factory()
         debug_log = None
@@ -476,7 +481,7 @@ class SubprocessMixin:
     # ---- the child watcher --------------------------------------------------------------
 
     def _unix_watch_child(self, transport) -> None:
-        pid = transport.get_pid()
+        pid = transport._pid
         if self._unix_children is None:
             self._unix_children = {}
         try:
