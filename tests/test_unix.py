@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import gc
 import io
+import logging
 import os
 import signal
 import socket
@@ -1033,6 +1034,22 @@ def test_subprocess_exec_cancelled_while_connecting_kills_and_reaps_the_child(lo
     assert _open_fds() == before
     assert len(spawned) == 1
     assert_reaped(spawned[0])
+
+
+def test_subprocess_pipes_are_logged_in_debug_mode(loop, caplog):
+    loop.set_debug(True)
+
+    async def main():
+        proc = await asyncio.create_subprocess_exec(
+            PY, "-c", "pass", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        return await proc.communicate()
+
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        assert run(loop, main()) == (b"", b"")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("Write pipe ") and " connected: " in m for m in messages) == 1
+    assert sum(m.startswith("Read pipe ") and " connected: " in m for m in messages) == 2
 
 
 def test_read_pipe_calls_an_eof_received_set_on_the_instance(loop):

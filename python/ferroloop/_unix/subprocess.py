@@ -180,8 +180,8 @@ class SubprocessTransport(transports.SubprocessTransport):
             return
         self._closed = True
         for proto in self._pipes.values():
-            if proto is None or proto.pipe is None:
-                continue
+            if proto is None or proto.pipe is None or proto.disconnected:
+                continue  # (a disconnected pipe's transport is closed already)
             proto.pipe.close()
         if self._proc is not None and self._returncode is None and not self._child_finished():
             if self._loop is not None and self._loop.get_debug():
@@ -450,11 +450,13 @@ class SubprocessMixin:
                                          bufsize, extra=None, **kwargs):
         self._check_closed()
         # With our own connect_read_pipe / connect_write_pipe the pipe transports are built at
-        # once; a loop (or subclass) that replaces them gets them awaited, as asyncio does.
+        # once; a loop (or subclass) that replaces them gets them awaited, as asyncio does, and
+        # so does a loop in debug mode (connect_*_pipe log each pipe there).
         cls = type(self)
         own_dict = self.__dict__
         direct = (
-            cls.connect_read_pipe is PipesMixin.connect_read_pipe
+            not self.get_debug()
+            and cls.connect_read_pipe is PipesMixin.connect_read_pipe
             and cls.connect_write_pipe is PipesMixin.connect_write_pipe
             and "connect_read_pipe" not in own_dict
             and "connect_write_pipe" not in own_dict
