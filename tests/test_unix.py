@@ -951,11 +951,18 @@ def test_subprocess_stdout_flow_control_pauses_and_resumes_reading(loop):
         )
         transport = proc._transport.get_pipe_transport(1)
         seen = []
-        for name in ("pause_reading", "resume_reading"):
-            def spy(_orig=getattr(transport, name), _name=name):
-                seen.append(_name)
-                _orig()
+
+        def spy_on(name):
+            method = getattr(transport, name)
+
+            def spy():
+                seen.append(name)
+                method()
+
             setattr(transport, name, spy)
+
+        spy_on("pause_reading")
+        spy_on("resume_reading")
         chunks = []
         while True:
             chunk = await proc.stdout.read(4096)

@@ -55,7 +55,7 @@ def _check_binary_args(bufsize, text, encoding, errors) -> None:
 class _PipeProto(protocols.BaseProtocol):
     """The protocol of one of the child's pipes: forwards events to the transport."""
 
-    __slots__ = ("proc", "fd", "pipe", "disconnected")
+    __slots__ = ("disconnected", "fd", "pipe", "proc")
 
     def __init__(self, proc, fd):
         self.proc = proc
