@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import io
+import logging
 import os
 import signal
 import socket
@@ -877,6 +879,203 @@ def test_child_exit_before_pipes_close(loop):
     exited = proto.events.index(("exited", 0))
     assert exited < proto.events.index(("pipe_lost", 1, None)) < proto.events.index(("lost", None))
     assert bytes(proto.data[1]) == b"late\n"
+
+
+def test_subprocess_pipes_are_connected_before_connection_made(loop):
+    # The pipe transports exist when the process protocol's connection_made runs, and
+    # subprocess_exec returns only after it ran.
+    class Proto(ProcProto):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.pipes_at_made = [transport.get_pipe_transport(fd) is not None for fd in (0, 1, 2)]
+
+    async def main():
+        transport, proto = await loop.subprocess_exec(
+            lambda: Proto(loop), PY, "-c", "import sys; sys.stdout.write(sys.stdin.read())",
+        )
+        assert proto.events == ["made"]
+        assert proto.pipes_at_made == [True, True, True]
+        stdin = transport.get_pipe_transport(0)
+        stdin.write(b"ping")
+        stdin.close()
+        await proto.done
+        transport.close()
+        return proto
+
+    proto = run(loop, main())
+    assert bytes(proto.data[1]) == b"ping"
+    assert proto.events[0] == "made" and proto.events[-1] == ("lost", None)
+    assert {e[1] for e in proto.events if e[0] == "pipe_lost"} == {0, 1, 2}
+
+
+def test_subprocess_pipes_go_through_overridden_connect_pipe_methods(loop):
+    # A loop whose connect_read_pipe / connect_write_pipe are replaced gets its replacements
+    # called for a subprocess's pipes (CPython's test_subprocess.test_pause_reading does it).
+    calls = []
+    connect_read_pipe = loop.connect_read_pipe
+    connect_write_pipe = loop.connect_write_pipe
+
+    async def read_pipe(*args, **kw):
+        calls.append("read")
+        return await connect_read_pipe(*args, **kw)
+
+    async def write_pipe(*args, **kw):
+        calls.append("write")
+        return await connect_write_pipe(*args, **kw)
+
+    loop.connect_read_pipe = read_pipe
+    loop.connect_write_pipe = write_pipe
+
+    async def main():
+        proc = await asyncio.create_subprocess_exec(
+            PY, "-c", "import sys; print(sys.stdin.read().upper())",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        return await proc.communicate(b"abc")
+
+    try:
+        out, err = run(loop, main())
+    finally:
+        del loop.connect_read_pipe, loop.connect_write_pipe
+    assert (out, err) == (b"ABC\n", b"")
+    assert calls == ["write", "read", "read"]
+
+
+def test_subprocess_stdout_flow_control_pauses_and_resumes_reading(loop):
+    size = 256 * 1024
+
+    async def main():
+        proc = await asyncio.create_subprocess_exec(
+            PY, "-c", f"import sys; sys.stdout.write('x' * {size})",
+            stdout=subprocess.PIPE, limit=1024,
+        )
+        transport = proc._transport.get_pipe_transport(1)
+        seen = []
+
+        def spy_on(name):
+            method = getattr(transport, name)
+
+            def spy():
+                seen.append(name)
+                method()
+
+            setattr(transport, name, spy)
+
+        spy_on("pause_reading")
+        spy_on("resume_reading")
+        chunks = []
+        while True:
+            chunk = await proc.stdout.read(4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            await asyncio.sleep(0)
+        await proc.wait()
+        return b"".join(chunks), seen
+
+    data, seen = run(loop, main())
+    assert data == b"x" * size
+    assert "pause_reading" in seen and "resume_reading" in seen
+
+
+def _open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_subprocess_spawns_leak_no_fds_and_no_children(loop):
+    async def one(i):
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/echo", str(i),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        return proc.pid, out, err, proc.returncode
+
+    async def main(n):
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    run(loop, main(2))  # first use: the loop's own lazily made fds
+    gc.collect()
+    before = _open_fds()
+    results = run(loop, main(40), timeout=30)
+    gc.collect()
+    assert _open_fds() == before
+    assert [(out, err, rc) for _, out, err, rc in results] == [
+        (b"%d\n" % i, b"", 0) for i in range(40)
+    ]
+    for pid, *_ in results:
+        assert_reaped(pid)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_subprocess_exec_cancelled_while_connecting_kills_and_reaps_the_child(loop):
+    spawned = []
+
+    class Proto(ProcProto):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            spawned.append(transport.get_pid())
+
+    async def main():
+        task = asyncio.current_task()
+
+        def factory():
+            # Cancel the task once subprocess_exec has spawned the child and waits for the
+            # pipes (and the protocol) to be connected.
+            loop.call_soon(task.cancel)
+            return Proto(loop)
+
+        await loop.subprocess_exec(factory, PY, "-c", "import time; time.sleep(30)")
+
+    async def warm_up():  # the loop's own lazily made fds
+        proc = await asyncio.create_subprocess_exec(PY, "-c", "pass")
+        await proc.wait()
+
+    run(loop, warm_up())
+    gc.collect()
+    before = _open_fds()
+    with pytest.raises(asyncio.CancelledError):
+        loop.run_until_complete(main())
+    gc.collect()
+    assert _open_fds() == before
+    assert len(spawned) == 1
+    assert_reaped(spawned[0])
+
+
+def test_subprocess_pipes_are_logged_in_debug_mode(loop, caplog):
+    loop.set_debug(True)
+
+    async def main():
+        proc = await asyncio.create_subprocess_exec(
+            PY, "-c", "pass", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        return await proc.communicate()
+
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        assert run(loop, main()) == (b"", b"")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("Write pipe ") and " connected: " in m for m in messages) == 1
+    assert sum(m.startswith("Read pipe ") and " connected: " in m for m in messages) == 2
+
+
+def test_read_pipe_calls_an_eof_received_set_on_the_instance(loop):
+    rfd, wfd = os.pipe()
+    pipe = io.open(rfd, "rb", 0)
+    events = []
+    done = loop.create_future()
+
+    class Proto(asyncio.Protocol):
+        def connection_lost(self, exc):
+            events.append("lost")
+            done.set_result(None)
+
+    proto = Proto()
+    proto.eof_received = lambda: events.append("eof")
+    run(loop, loop.connect_read_pipe(lambda: proto, pipe))
+    os.close(wfd)
+    run(loop, done)
+    assert events == ["eof", "lost"]
 
 
 # ---- fork -------------------------------------------------------------------------------

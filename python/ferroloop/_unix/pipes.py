@@ -16,12 +16,14 @@ import logging
 import os
 import stat
 import warnings
-from asyncio import constants, futures, transports
+from asyncio import constants, futures, protocols, transports
 
 from .._ferroloop import read_bytes as _read_bytes
 from .._net.transports import as_bytes_like
 
 logger = logging.getLogger("asyncio")
+
+_PROTOCOL_EOF_RECEIVED = protocols.Protocol.eof_received
 
 
 def _file_type(fileno: int):
@@ -43,7 +45,10 @@ class _PipeTransportBase:
         self._closing = False
         self._lost_scheduled = False
         os.set_blocking(self._fileno, False)
-        loop._transports[self._fileno] = self
+        table = loop.__dict__.get("_net_transports")
+        if table is None:
+            table = loop._transports
+        table[self._fileno] = self
 
     def set_protocol(self, protocol) -> None:
         self._protocol = protocol
@@ -76,8 +81,8 @@ class _PipeTransportBase:
         finally:
             if loop is not None:
                 table = loop.__dict__.get("_net_transports")
-                if table is not None and table.get(self._fileno) is self:
-                    del table[self._fileno]
+                if table is not None:
+                    table.discard(self._fileno, self)
             self._pipe.close()
             self._pipe = None
             self._protocol = None
@@ -96,17 +101,29 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
 
     max_size = 256 * 1024  # bytes per read
 
-    def __init__(self, loop, pipe, protocol, waiter=None, extra=None):
-        super().__init__(extra)
-        self._extra["pipe"] = pipe
+    def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _subprocess=False):
+        # _subprocess: a subprocess transport's own pipe (a pipe, so no fstat) and pipe
+        # protocol, whose connection_made only records the transport: called at once, and
+        # reading starts at once (the subprocess transport orders its protocol's callbacks).
+        # (transports.BaseTransport.__init__, without the call)
+        if extra is None:
+            extra = {}
+        self._extra = extra
+        extra["pipe"] = pipe
         fileno = pipe.fileno()
-        is_fifo, is_socket, is_char = _file_type(fileno)
-        if not (is_fifo or is_socket or is_char):
-            raise ValueError("Pipe transport is for pipes/sockets only.")
+        if not _subprocess:
+            is_fifo, is_socket, is_char = _file_type(fileno)
+            if not (is_fifo or is_socket or is_char):
+                raise ValueError("Pipe transport is for pipes/sockets only.")
         self._fileno = fileno
         self._paused = False
         self._watching = False
         self._register(loop, pipe, protocol)
+        if _subprocess:
+            loop._add_reader(fileno, self._read_ready)
+            self._watching = True
+            protocol.connection_made(self)
+            return
         loop.call_soon(protocol.connection_made, self)
         # Read only once connection_made() has run.
         loop.call_soon(self._start_reading)
@@ -168,7 +185,10 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
             logger.info("%r was closed by peer", self)
         self._closing = True
         self._stop_reading()
-        self._loop.call_soon(self._protocol.eof_received)
+        eof_received = self._protocol.eof_received
+        if getattr(eof_received, "__func__", None) is not _PROTOCOL_EOF_RECEIVED:
+            # (asyncio.Protocol's own eof_received does nothing: no callback needed for it.)
+            self._loop.call_soon(eof_received)
         self._schedule_connection_lost(None)
 
     def close(self) -> None:
@@ -200,23 +220,32 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
 class WritePipeTransport(_PipeTransportBase, transports.WriteTransport):
     """The write end of a pipe, FIFO, pty or socket, with asyncio's write flow control."""
 
-    def __init__(self, loop, pipe, protocol, waiter=None, extra=None):
-        super().__init__(extra)
-        self._extra["pipe"] = pipe
+    def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _subprocess=False):
+        # _subprocess: as for ReadPipeTransport; the reader is watched at once.
+        # (transports.BaseTransport.__init__, without the call)
+        if extra is None:
+            extra = {}
+        self._extra = extra
+        extra["pipe"] = pipe
         fileno = pipe.fileno()
-        is_fifo, is_socket, is_char = _file_type(fileno)
-        if not (is_fifo or is_socket or is_char):
-            raise ValueError("Pipe transport is only for pipes, sockets and character devices")
+        if not _subprocess:
+            is_fifo, is_socket, is_char = _file_type(fileno)
+            if not (is_fifo or is_socket or is_char):
+                raise ValueError("Pipe transport is only for pipes, sockets and character devices")
         self._fileno = fileno
         self._buffer = bytearray()
         self._conn_lost = 0
         self._writing = False
         self._watching_peer = False
         self._protocol_paused = False
-        self._high_water = 0
-        self._low_water = 0
-        self._set_write_buffer_limits()
+        self._high_water = 64 * 1024  # as _set_write_buffer_limits() sets them
+        self._low_water = 16 * 1024
         self._register(loop, pipe, protocol)
+        if _subprocess:
+            loop._add_reader(fileno, self._read_ready)
+            self._watching_peer = True
+            protocol.connection_made(self)
+            return
         loop.call_soon(protocol.connection_made, self)
         if is_fifo or is_socket:
             # The write end of a pipe (or a socket) reports readable/error when the reader

@@ -21,8 +21,11 @@ import logging
 import os
 import subprocess
 import threading
+import types
 import warnings
 from asyncio import protocols, transports
+
+from .pipes import PipesMixin, ReadPipeTransport, WritePipeTransport
 
 logger = logging.getLogger("asyncio")
 
@@ -52,6 +55,8 @@ def _check_binary_args(bufsize, text, encoding, errors) -> None:
 class _PipeProto(protocols.BaseProtocol):
     """The protocol of one of the child's pipes: forwards events to the transport."""
 
+    __slots__ = ("disconnected", "fd", "pipe", "proc")
+
     def __init__(self, proc, fd):
         self.proc = proc
         self.fd = fd
@@ -66,8 +71,9 @@ class _PipeProto(protocols.BaseProtocol):
 
     def connection_lost(self, exc) -> None:
         self.disconnected = True
-        self.proc._pipe_connection_lost(self.fd, exc)
+        proc = self.proc
         self.proc = None
+        proc._pipe_connection_lost(self.fd, exc)
 
     def pause_writing(self) -> None:
         self.proc._protocol.pause_writing()
@@ -77,8 +83,14 @@ class _PipeProto(protocols.BaseProtocol):
 
 
 class _ReadPipeProto(_PipeProto, protocols.Protocol):
+    __slots__ = ()
+
     def data_received(self, data) -> None:
-        self.proc._pipe_data_received(self.fd, data)
+        proc = self.proc
+        if proc._pending_calls is None:
+            proc._loop.call_soon(proc._protocol.pipe_data_received, self.fd, data)
+        else:
+            proc._pending_calls.append((proc._protocol.pipe_data_received, (self.fd, data)))
 
 
 class _UnconnectedPipe:
@@ -93,7 +105,7 @@ class SubprocessTransport(transports.SubprocessTransport):
 
     def __init__(self, loop, protocol, args, shell, stdin, stdout, stderr, bufsize,
                  waiter=None, extra=None, **kwargs):
-        super().__init__(extra)
+        self._extra = {} if extra is None else extra  # (transports.BaseTransport.__init__)
         self._closed = False
         self._protocol = protocol
         self._loop = loop
@@ -123,7 +135,8 @@ class SubprocessTransport(transports.SubprocessTransport):
         if loop.get_debug():
             program = args if isinstance(args, (bytes, str)) else args[0]
             logger.debug("process %r created: pid %s", program, self._pid)
-        loop.create_task(self._connect_pipes(waiter))
+        if waiter is not None:
+            loop.create_task(self._connect_pipes(waiter))
 
     def __repr__(self) -> str:
         info = [type(self).__name__]
@@ -167,8 +180,8 @@ class SubprocessTransport(transports.SubprocessTransport):
             return
         self._closed = True
         for proto in self._pipes.values():
-            if proto is None or proto.pipe is None:
-                continue
+            if proto is None or proto.pipe is None or proto.disconnected:
+                continue  # (a disconnected pipe's transport is closed already)
             proto.pipe.close()
         if self._proc is not None and self._returncode is None and not self._child_finished():
             if self._loop is not None and self._loop.get_debug():
@@ -258,6 +271,36 @@ class SubprocessTransport(transports.SubprocessTransport):
             if waiter is not None and not waiter.cancelled():
                 waiter.set_result(None)
 
+    def _connect_pipes_now(self) -> None:
+        """The pipes' transports built at once, for a loop whose connect_read_pipe /
+        connect_write_pipe are ferroloop's own (awaiting them would only build the same
+        transports, a loop iteration or two each). The pipe protocols are ours: their
+        connection_made runs at once (stdin, stdout, stderr), before the process protocol's,
+        which is queued as _connect_pipes queues it; reading starts at once, and whatever the
+        pipes report reaches the process protocol through _call, after its connection_made."""
+        loop = self._loop
+        proc = self._proc
+        try:
+            if proc.stdin is not None:
+                proto = _PipeProto(self, 0)
+                WritePipeTransport(loop, proc.stdin, proto, _subprocess=True)
+                self._pipes[0] = proto
+            if proc.stdout is not None:
+                proto = _ReadPipeProto(self, 1)
+                ReadPipeTransport(loop, proc.stdout, proto, _subprocess=True)
+                self._pipes[1] = proto
+            if proc.stderr is not None:
+                proto = _ReadPipeProto(self, 2)
+                ReadPipeTransport(loop, proc.stderr, proto, _subprocess=True)
+                self._pipes[2] = proto
+        except BaseException:
+            self._abandon_unconnected_pipes()
+            raise
+        loop.call_soon(self._protocol.connection_made, self)
+        for callback, data in self._pending_calls:
+            loop.call_soon(callback, *data)
+        self._pending_calls = None
+
     def _abandon_unconnected_pipes(self) -> None:
         # Close the Popen pipe files no transport took, so they do not leak and the
         # transport can still finish once the child exits.
@@ -278,8 +321,12 @@ class SubprocessTransport(transports.SubprocessTransport):
             self._loop.call_soon(callback, *data)
 
     def _pipe_connection_lost(self, fd, exc) -> None:
-        self._call(self._protocol.pipe_connection_lost, fd, exc)
-        self._try_finish()
+        if self._pending_calls is None:
+            self._loop.call_soon(self._protocol.pipe_connection_lost, fd, exc)
+        else:
+            self._pending_calls.append((self._protocol.pipe_connection_lost, (fd, exc)))
+        if self._returncode is not None:
+            self._try_finish()
 
     def _pipe_data_received(self, fd, data) -> None:
         self._call(self._protocol.pipe_data_received, fd, data)
@@ -299,9 +346,11 @@ class SubprocessTransport(transports.SubprocessTransport):
     def _try_finish(self) -> None:
         if self._returncode is None or self._finished:
             return
-        if all(p is not None and p.disconnected for p in self._pipes.values()):
-            self._finished = True
-            self._call(self._call_connection_lost, None)
+        for p in self._pipes.values():
+            if p is None or not p.disconnected:
+                return
+        self._finished = True
+        self._call(self._call_connection_lost, None)
 
     def _call_connection_lost(self, exc) -> None:
         try:
@@ -314,6 +363,12 @@ class SubprocessTransport(transports.SubprocessTransport):
             self._loop = None
             self._proc = None
             self._protocol = None
+
+
+@types.coroutine
+def _one_iteration():
+    """Yield to the loop once: the awaiting task resumes after the callbacks queued so far."""
+    yield
 
 
 def _reap_blocking(pid: int):
@@ -364,7 +419,8 @@ class SubprocessMixin:
             raise ValueError("universal_newlines must be False")
         if shell:
             raise ValueError("shell must be False")
-        _check_binary_args(bufsize, text, encoding, errors)
+        if bufsize != 0 or text or encoding is not None or errors is not None:
+            _check_binary_args(bufsize, text, encoding, errors)
         popen_args = (program,) + args
         protocol = protocol_factory()
         debug_log = None
@@ -393,12 +449,29 @@ class SubprocessMixin:
     async def _make_subprocess_transport(self, protocol, args, shell, stdin, stdout, stderr,
                                          bufsize, extra=None, **kwargs):
         self._check_closed()
-        waiter = self.create_future()
+        # With our own connect_read_pipe / connect_write_pipe the pipe transports are built at
+        # once; a loop (or subclass) that replaces them gets them awaited, as asyncio does, and
+        # so does a loop in debug mode (connect_*_pipe log each pipe there).
+        cls = type(self)
+        own_dict = self.__dict__
+        direct = (
+            not self.get_debug()
+            and cls.connect_read_pipe is PipesMixin.connect_read_pipe
+            and cls.connect_write_pipe is PipesMixin.connect_write_pipe
+            and "connect_read_pipe" not in own_dict
+            and "connect_write_pipe" not in own_dict
+        )
+        waiter = None if direct else self.create_future()
         transport = SubprocessTransport(self, protocol, args, shell, stdin, stdout, stderr,
                                         bufsize, waiter=waiter, extra=extra, **kwargs)
         self._unix_watch_child(transport)
         try:
-            await waiter
+            if direct:
+                transport._connect_pipes_now()
+                # Return once the queued connection_made callbacks have run.
+                await _one_iteration()
+            else:
+                await waiter
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException:
@@ -410,7 +483,7 @@ class SubprocessMixin:
     # ---- the child watcher --------------------------------------------------------------
 
     def _unix_watch_child(self, transport) -> None:
-        pid = transport.get_pid()
+        pid = transport._pid
         if self._unix_children is None:
             self._unix_children = {}
         try:
