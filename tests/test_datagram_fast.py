@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from conftest import requires_py311
+
 TIMEOUT = 10
 
 
@@ -148,6 +150,7 @@ def test_stop_in_datagram_received_ends_delivery_for_this_run(loop):
         peer.close()
 
 
+@requires_py311  # datagram transports gained pause_reading() in CPython 3.11
 def test_pause_reading_in_datagram_received_holds_the_rest_until_resume(loop):
     """asyncio's datagram transports have pause_reading/resume_reading/is_reading (from its
     selector transport base); pausing inside datagram_received delivers nothing more."""

@@ -142,10 +142,14 @@ impl<const N: usize> SlotTable<N> {
             }
             // SAFETY: `descr` is exactly a member descriptor, so it has this layout; its
             // `d_member` points to the owning type's member table, which lives as long as the
-            // type. `d_type` is the class that defined the slot.
+            // type. `d_type` is the class that defined the slot. (pyo3-ffi declares `d_member`
+            // with another pointer type before 3.11; the object is the same PyMemberDef.)
             let (def, owner) = unsafe {
                 let d = descr.as_ptr().cast::<ffi::PyMemberDescrObject>();
-                (*(*d).d_member, (*d).d_common.d_type)
+                (
+                    &*((*d).d_member as *const ffi::PyMemberDef),
+                    (*d).d_common.d_type,
+                )
             };
             // SAFETY: both are live type objects.
             let is_base = unsafe { ffi::PyType_IsSubtype(ty.as_type_ptr(), owner) } != 0;
