@@ -1,5 +1,6 @@
 """call_later / call_at / TimerHandle / loop.time()."""
 
+import asyncio
 import contextvars
 import os
 import math
@@ -445,3 +446,28 @@ def test_loop_dropped_unclosed_with_a_timer_cycle_is_collected(loop_impl):
     assert ref() is None, "the unclosed loop was not collected"
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
     assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_loop_dropped_unclosed_with_a_pending_task_step_is_collected(loop_impl):
+    """The same with a task whose first step is still queued when the loop is dropped (a C Task
+    step, which ferroloop queues without a Handle)."""
+    import gc
+    import warnings
+    import weakref
+
+    async def forever():
+        await asyncio.sleep(3600)
+
+    def make():
+        lp = loop_impl.new_event_loop()
+        task = lp.create_task(forever())
+        task.loop_ref = lp  # the task is reachable only from the loop's queue
+        return weakref.ref(lp), weakref.ref(task)
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        loop_ref, task_ref = make()
+        for _ in range(3):
+            gc.collect()
+    assert loop_ref() is None, "the unclosed loop was not collected"
+    assert task_ref() is None

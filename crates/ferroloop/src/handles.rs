@@ -156,7 +156,7 @@ impl Args {
     ///
     /// # Safety
     /// `func` must be a live object pointer and the GIL must be held.
-    unsafe fn call(&self, func: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    pub(crate) unsafe fn call(&self, func: *mut ffi::PyObject) -> *mut ffi::PyObject {
         // SAFETY: live pointers per the caller's contract and our own owned references.
         unsafe {
             match self {
@@ -167,7 +167,7 @@ impl Args {
         }
     }
 
-    fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+    pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         match self {
             Args::Empty => Ok(()),
             Args::One(o) => visit.call(o),
@@ -449,7 +449,7 @@ pub(crate) fn track(obj: &Bound<'_, PyAny>) {
 
 /// asyncio's `Handle._run` error path: `{'message': 'Exception in callback ...', 'exception':
 /// exc, 'handle': handle}` to `loop.call_exception_handler`.
-fn report_callback_error(
+pub(crate) fn report_callback_error(
     handle: &Bound<'_, PyAny>,
     func: &Py<PyAny>,
     args: &Py<PyTuple>,

@@ -95,7 +95,30 @@ impl LoopCore {
     }
 
     pub(crate) fn push_ready(&self, py: Python<'_>, h: Py<Handle>) -> PyResult<()> {
-        self.state.borrow_mut(py)?.ready.push_back(h);
+        self.state
+            .borrow_mut(py)?
+            .ready
+            .push_back(super::Ready::Handle(h));
+        Ok(())
+    }
+
+    /// `call_soon` of a C Task step or wake-up (see `fastcall.rs`): queued without a Handle.
+    pub(crate) fn push_task_step(
+        &self,
+        py: Python<'_>,
+        callback: &Bound<'_, PyAny>,
+        args: Args,
+        context: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        self.check_schedule(py, true)?;
+        self.state
+            .borrow_mut(py)?
+            .ready
+            .push_back(super::Ready::TaskStep {
+                func: callback.clone().unbind(),
+                args,
+                context: context.clone().unbind(),
+            });
         Ok(())
     }
 }

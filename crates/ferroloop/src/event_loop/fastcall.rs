@@ -232,9 +232,64 @@ macro_rules! entry {
 }
 
 entry!(call_soon, "call_soon", 0, [], |py, lp, c| {
+    if let Some(context) = &c.context {
+        if !lp.shared.debug() && is_c_task_callback(&c.callback) {
+            // The C Task and Future discard what call_soon returns: no Handle is made.
+            lp.push_task_step(py, &c.callback, c.args, context)?;
+            return Ok(py.None());
+        }
+    }
     lp.call_soon_impl(py, &c.callback, c.args, c.context.as_ref())
         .map(Py::into_any)
 });
+
+/// The type of CPython's C Task step callback (`TaskStepMethWrapper`), once seen.
+static TASK_STEP_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(std::ptr::null_mut());
+/// The method definition of the C Task's wake-up callback (`task_wakeup`), once seen.
+static TASK_WAKEUP_DEF: AtomicPtr<ffi::PyMethodDef> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Is `cb` a step or wake-up callback of CPython's C Task? Those objects only exist inside the
+/// C Task, which schedules them through `call_soon(cb[, arg], context=ctx)` from C and drops
+/// the returned handle at once (as does the C Future for its callbacks), so the loop may queue
+/// them without making a Handle. Recognised by type name and method name the first time, then
+/// by pointer.
+fn is_c_task_callback(cb: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: `cb` is a live object; its type object outlives it. The name and method-table
+    // pointers read here are static C data of the `_asyncio` module or of the interpreter.
+    unsafe {
+        let tp = ffi::Py_TYPE(cb.as_ptr());
+        let step = TASK_STEP_TYPE.load(Ordering::Relaxed);
+        if tp == step {
+            return true;
+        }
+        if tp == std::ptr::addr_of_mut!(ffi::PyCFunction_Type) {
+            let f = cb.as_ptr().cast::<ffi::PyCFunctionObject>();
+            let def = (*f).m_ml;
+            let wakeup = TASK_WAKEUP_DEF.load(Ordering::Relaxed);
+            if def == wakeup {
+                return true;
+            }
+            if wakeup.is_null()
+                && !(*f).m_self.is_null()
+                && CStr::from_ptr((*def).ml_name) == c"task_wakeup"
+                && CStr::from_ptr((*ffi::Py_TYPE((*f).m_self)).tp_name) == c"_asyncio.Task"
+            {
+                TASK_WAKEUP_DEF.store(def, Ordering::Relaxed);
+                return true;
+            }
+            return false;
+        }
+        // "TaskStepMethWrapper" up to 3.11, "_asyncio.TaskStepMethWrapper" from 3.12.
+        let name = CStr::from_ptr((*tp).tp_name);
+        if step.is_null()
+            && (name == c"TaskStepMethWrapper" || name == c"_asyncio.TaskStepMethWrapper")
+        {
+            TASK_STEP_TYPE.store(tp, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
 
 entry!(
     call_soon_threadsafe,

@@ -75,7 +75,7 @@ pub(crate) struct FdWatch {
 }
 
 pub(crate) struct State {
-    pub ready: VecDeque<Py<Handle>>,
+    pub ready: VecDeque<Ready>,
     pub timers: TimerHeap<Py<TimerHandle>>,
     pub fds: HashMap<RawFd, FdWatch, io_watch::FdHash>,
     pub task_factory: Option<Py<PyAny>>,
@@ -90,6 +90,42 @@ pub(crate) struct State {
     pub pool: Vec<Py<Handle>>,
     /// When the loop first went to sleep with more than the idle pool size (see run.rs).
     pub pool_surplus_since: Option<f64>,
+}
+
+/// An entry of the ready queue.
+pub(crate) enum Ready {
+    Handle(Py<Handle>),
+    /// A step or wake-up of CPython's C Task, scheduled by `call_soon(cb[, arg], context=ctx)`
+    /// from C code that discards the handle it returns (see `fastcall.rs`): no Handle is made.
+    TaskStep {
+        func: Py<PyAny>,
+        args: crate::handles::Args,
+        context: Py<PyAny>,
+    },
+}
+
+impl Ready {
+    pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        match self {
+            Ready::Handle(h) => visit.call(h),
+            Ready::TaskStep {
+                func,
+                args,
+                context,
+            } => {
+                visit.call(func)?;
+                args.visit(visit)?;
+                visit.call(context)
+            }
+        }
+    }
+
+    pub(crate) fn handle(&self) -> Option<&Py<Handle>> {
+        match self {
+            Ready::Handle(h) => Some(h),
+            Ready::TaskStep { .. } => None,
+        }
+    }
 }
 
 /// Token of the waker's eventfd in the poller; user fds use their own number.
@@ -115,7 +151,7 @@ impl Drop for LoopCore {
                 for t in st.timers.iter() {
                     t.bind(py).as_super().get().forget_callback(py);
                 }
-                for h in &st.ready {
+                for h in st.ready.iter().filter_map(Ready::handle) {
                     h.get().forget_callback(py);
                 }
             }
@@ -314,7 +350,7 @@ impl LoopCore {
             t.get().scheduled.store(false, Ordering::Relaxed);
             t.bind(py).as_super().get().forget_callback(py);
         }
-        for h in &ready {
+        for h in ready.iter().filter_map(Ready::handle) {
             h.get().forget_callback(py);
         }
         self.shared
@@ -427,8 +463,8 @@ impl LoopCore {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         if let Some(st) = self.state.try_borrow_for_gc() {
-            for h in &st.ready {
-                visit.call(h)?;
+            for r in &st.ready {
+                r.visit(&visit)?;
             }
             for w in st.fds.values() {
                 if let Some(h) = &w.reader {

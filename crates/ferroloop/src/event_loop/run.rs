@@ -20,7 +20,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::{ffi, intern};
 
-use super::{current_thread_id, monotonic, LoopCore, WAKER_TOKEN};
+use super::{current_thread_id, monotonic, LoopCore, Ready, WAKER_TOKEN};
 use crate::errors::os_error;
 use crate::handles::Handle;
 use crate::stdlib::{stdlib, support};
@@ -178,7 +178,7 @@ impl LoopCore {
                         if h.get().is_cancelled() {
                             stale.push((fd, true));
                         } else {
-                            st.ready.push_back(h.clone_ref(py));
+                            st.ready.push_back(Ready::Handle(h.clone_ref(py)));
                         }
                     }
                 }
@@ -187,7 +187,7 @@ impl LoopCore {
                         if h.get().is_cancelled() {
                             stale.push((fd, false));
                         } else {
-                            st.ready.push_back(h.clone_ref(py));
+                            st.ready.push_back(Ready::Handle(h.clone_ref(py)));
                         }
                     }
                 }
@@ -210,7 +210,7 @@ impl LoopCore {
         while let Some(t) = st.timers.pop_due(end_time) {
             t.get().scheduled.store(false, Ordering::Relaxed);
             let h: Py<Handle> = t.into_bound(py).into_super().unbind();
-            st.ready.push_back(h);
+            st.ready.push_back(Ready::Handle(h));
         }
         Ok(())
     }
@@ -235,10 +235,20 @@ impl LoopCore {
         let ntodo = self.state.borrow_mut(py)?.ready.len();
         let debug = self.shared.debug();
         for _ in 0..ntodo {
-            let Some(h) = self.state.borrow_mut(py)?.ready.pop_front() else {
+            let Some(r) = self.state.borrow_mut(py)?.ready.pop_front() else {
                 break;
             };
-            let h = h.into_bound(py);
+            let h = match r {
+                Ready::Handle(h) => h.into_bound(py),
+                Ready::TaskStep {
+                    func,
+                    args,
+                    context,
+                } => {
+                    self.run_task_step(func, args, context, loop_obj)?;
+                    continue;
+                }
+            };
             if !h.get().is_cancelled() {
                 if debug {
                     self.run_timed(&h, loop_obj)?;
@@ -249,6 +259,53 @@ impl LoopCore {
             self.recycle(h)?;
         }
         Ok(())
+    }
+
+    /// Runs a C Task step queued without a Handle, as `Handle::run` would: in its context, a
+    /// raised exception to the exception handler (with a Handle made for the report), SystemExit
+    /// and KeyboardInterrupt out of the loop.
+    fn run_task_step(
+        &self,
+        func: Py<PyAny>,
+        args: crate::handles::Args,
+        context: Py<PyAny>,
+        loop_obj: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let py = loop_obj.py();
+        // SAFETY: `context`, `func` and `args` are owned references alive for the block.
+        // PyContext_Enter fails with an exception (never UB) for a non-Context or an entered
+        // one; Exit is only called after Enter succeeded.
+        let result = unsafe {
+            let ctx = context.as_ptr();
+            if ffi::PyContext_Enter(ctx) != 0 {
+                Err(PyErr::fetch(py))
+            } else {
+                let ret = args.call(func.as_ptr());
+                let exit = ffi::PyContext_Exit(ctx);
+                let r = Bound::from_owned_ptr_or_err(py, ret).map(drop);
+                if exit != 0 && r.is_ok() {
+                    Err(PyErr::fetch(py))
+                } else {
+                    r
+                }
+            }
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(err) if crate::stdlib::is_exit_exception(py, &err) => Err(err),
+            Err(err) => {
+                let fb = func.bind(py);
+                let args_tuple = args.to_tuple(py)?;
+                let handle = Py::new(py, self.new_handle(py, fb, args, Some(context.bind(py)))?)?;
+                crate::handles::report_callback_error(
+                    handle.bind(py).as_any(),
+                    &func,
+                    &args_tuple,
+                    err,
+                    loop_obj,
+                )
+            }
+        }
     }
 
     /// Keeps a spent handle for reuse when nothing else can see it.
@@ -345,7 +402,7 @@ impl LoopCore {
             // collector again (they are hidden from it for speed): a loop dropped unclosed with
             // a pending callback that refers back to it (`o.loop = loop; o.t =
             // loop.call_later(60, o.tick)`) is then collectable, as asyncio's is.
-            for h in &st.ready {
+            for h in st.ready.iter().filter_map(Ready::handle) {
                 crate::handles::track(h.bind(py).as_any());
             }
             for t in st.timers.iter() {
