@@ -435,6 +435,18 @@ pub(crate) fn untrack<T>(obj: &Py<T>) {
     unsafe { ffi::PyObject_GC_UnTrack(obj.as_ptr().cast()) }
 }
 
+/// Hides a C Task step or wake-up callback from the garbage collector while it sits in the
+/// ready queue (see `push_task_step`).
+pub(crate) fn untrack_object(obj: &Bound<'_, PyAny>) {
+    // SAFETY: `obj` is a live object of a GC type (the C Task's step wrapper or a builtin
+    // method, both GC types whose dealloc untracks with the idempotent PyObject_GC_UnTrack).
+    unsafe {
+        if ffi::PyObject_IS_GC(obj.as_ptr()) != 0 {
+            ffi::PyObject_GC_UnTrack(obj.as_ptr().cast());
+        }
+    }
+}
+
 /// Lets the garbage collector see a handle again that [`untrack`] hid from it: needed as soon as
 /// the handle keeps its callback after running, since it may then close a reference cycle.
 pub(crate) fn track(obj: &Bound<'_, PyAny>) {

@@ -103,6 +103,14 @@ impl LoopCore {
     }
 
     /// `call_soon` of a C Task step or wake-up (see `fastcall.rs`): queued without a Handle.
+    ///
+    /// The step wrapper (or wake-up method) is made by the C Task for this one call and
+    /// referenced by nothing but the ready queue: like a one-shot handle, it is hidden from the
+    /// garbage collector while it waits. With 100k tasks pending, these objects otherwise
+    /// survive into the oldest generation on every round and trigger full collections.
+    /// Only while the loop runs: `run_task_step` shows it to the collector again if anything
+    /// still holds it after it ran, and `run_forever` does for the ones still queued when it
+    /// returns, so a loop dropped unclosed with a queued step stays collectable.
     pub(crate) fn push_task_step(
         &self,
         py: Python<'_>,
@@ -110,15 +118,19 @@ impl LoopCore {
         args: Args,
         context: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        self.check_schedule(py, true)?;
-        self.state
-            .borrow_mut(py)?
-            .ready
-            .push_back(super::Ready::TaskStep {
-                func: callback.clone().unbind(),
-                args,
-                context: context.clone().unbind(),
-            });
+        let mut st = self.state.borrow_mut(py)?;
+        if st.closed {
+            return Err(crate::errors::closed_loop());
+        }
+        // (debug mode never comes here: its steps get a Handle)
+        if st.thread_id.is_some() {
+            crate::handles::untrack_object(callback);
+        }
+        st.ready.push_back(super::Ready::TaskStep {
+            func: callback.clone().unbind(),
+            args,
+            context: context.clone().unbind(),
+        });
         Ok(())
     }
 }
