@@ -37,19 +37,22 @@ use crate::stdlib::{is_exit_exception, support};
 /// path that lets go of a handle's context calls `retrack_context` first, and `Drop` does too.
 /// Until a handle owns it, the `FreshContext` itself keeps that promise: dropped on an error
 /// path (debug mode's stack capture failing, say), it tracks the context again first.
+///
+/// Better still, when the caller's context is known to be empty (see `context.rs`), no copy is
+/// made at all: `ctx` is `None` and the handle runs in its loop's shared empty context.
 pub(crate) struct FreshContext {
-    ctx: Py<PyAny>,
+    ctx: Option<Py<PyAny>>,
     untracked: bool,
 }
 
 impl Drop for FreshContext {
     fn drop(&mut self) {
-        if self.untracked {
+        if let (true, Some(ctx)) = (self.untracked, &self.ctx) {
             // SAFETY: a FreshContext only lives in code that holds the GIL; `ctx` is a live
             // Context, tracked only if it is not tracked, which PyObject_GC_Track requires.
             unsafe {
-                if ffi::PyObject_GC_IsTracked(self.ctx.as_ptr()) == 0 {
-                    ffi::PyObject_GC_Track(self.ctx.as_ptr().cast());
+                if ffi::PyObject_GC_IsTracked(ctx.as_ptr()) == 0 {
+                    ffi::PyObject_GC_Track(ctx.as_ptr().cast());
                 }
             }
         }
@@ -59,16 +62,27 @@ impl Drop for FreshContext {
 impl FreshContext {
     pub(crate) fn given(ctx: Py<PyAny>) -> FreshContext {
         FreshContext {
-            ctx,
+            ctx: Some(ctx),
             untracked: false,
         }
     }
 
     /// Hands the context to a handle, which from then on keeps the invariant above.
-    fn into_parts(self) -> (Py<PyAny>, bool) {
-        let this = std::mem::ManuallyDrop::new(self);
-        // SAFETY: `this` is never dropped nor used again, so `ctx` is moved out exactly once.
-        (unsafe { std::ptr::read(&this.ctx) }, this.untracked)
+    fn into_parts(self) -> (Option<Py<PyAny>>, bool) {
+        let mut this = std::mem::ManuallyDrop::new(self);
+        (this.ctx.take(), this.untracked)
+    }
+
+    /// A copy of the caller's context, or none at all when that context is empty.
+    #[inline]
+    pub(crate) fn of_caller(py: Python<'_>) -> PyResult<FreshContext> {
+        if crate::context::current_is_empty(py) == Some(true) {
+            return Ok(FreshContext {
+                ctx: None,
+                untracked: false,
+            });
+        }
+        FreshContext::copy_current(py)
     }
 
     pub(crate) fn copy_current(py: Python<'_>) -> PyResult<FreshContext> {
@@ -85,7 +99,7 @@ impl FreshContext {
             }
         };
         Ok(FreshContext {
-            ctx: ctx.unbind(),
+            ctx: Some(ctx.unbind()),
             untracked,
         })
     }
@@ -182,8 +196,12 @@ pub struct Handle {
     pub(crate) cancelled: AtomicBool,
     /// False for `add_reader`/`add_writer` handles, which run once per readiness event.
     pub(crate) one_shot: bool,
-    /// `None` only while the handle sits in its loop's recycling pool (see `recycle`).
+    /// `None` while the handle sits in its loop's recycling pool (see `recycle`), or while
+    /// `ctx_empty` says it runs in the loop's shared empty context.
     pub(crate) context: GilCell<Option<Py<PyAny>>>,
+    /// The handle's context is an empty copy that was never made: it runs in the loop's shared
+    /// empty context (see `context.rs`), and makes its own when it needs one.
+    ctx_empty: AtomicBool,
     pub(crate) shared: Arc<Shared>,
     /// The context is our own, still-empty copy and is hidden from the garbage collector
     /// (see [`FreshContext`]); it is tracked again as soon as it holds a value or escapes.
@@ -209,7 +227,8 @@ impl Handle {
             cancelled: AtomicBool::new(false),
             one_shot: true,
             ctx_untracked: AtomicBool::new(untracked),
-            context: GilCell::new(Some(ctx)),
+            ctx_empty: AtomicBool::new(ctx.is_none()),
+            context: GilCell::new(ctx),
             shared,
             repr_cache: GilCell::new(None),
             source_traceback,
@@ -257,7 +276,22 @@ impl Handle {
         let cb = self.callback.borrow_mut(py)?.take();
         self.retrack_context(py);
         let ctx = self.context.borrow_mut(py)?.take();
+        self.ctx_empty.store(false, Ordering::Relaxed);
         Ok((cb, ctx))
+    }
+
+    /// The handle's context, for Python code that asks for it: a handle still running in the
+    /// shared empty context (or due to) gets a context of its own now, and keeps it.
+    fn own_context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        self.retrack_context(py);
+        let mut ctx = self.context.borrow_mut(py)?;
+        if self.ctx_empty.swap(false, Ordering::Relaxed) && ctx.is_none() {
+            // Not running: an empty context of its own, as the copy would have been.
+            *ctx = Some(crate::event_loop::new_context(py)?);
+        }
+        // Running in the shared one (`ctx` holds it for the run): from now on it is the
+        // handle's own, which `run` sees when the callback returns.
+        Ok(ctx.as_ref().map(|c| c.clone_ref(py)))
     }
 
     /// Gives a context we hid from the garbage collector back to it.
@@ -287,7 +321,8 @@ impl Handle {
     ) -> PyResult<()> {
         *self.callback.borrow_mut(py)? = Some(Callback { func, args });
         let (ctx, untracked) = context.into_parts();
-        *self.context.borrow_mut(py)? = Some(ctx);
+        self.ctx_empty.store(ctx.is_none(), Ordering::Relaxed);
+        *self.context.borrow_mut(py)? = ctx;
         self.ctx_untracked.store(untracked, Ordering::Relaxed);
         self.cancelled.store(false, Ordering::Relaxed);
         Ok(())
@@ -330,6 +365,15 @@ impl Handle {
                 None => return Ok(()),
             }
         };
+        // The shared empty context (see `context.rs`) is put in `context` for the run, with
+        // `ctx_empty` still set: `own_context` clears it if Python code gets hold of it then.
+        let empty_run = if this.ctx_empty.load(Ordering::Relaxed) {
+            let (ctx, shared) = this.shared.enter_empty_context(py)?;
+            *this.context.borrow_mut(py)? = Some(ctx);
+            Some(shared)
+        } else {
+            None
+        };
         let Some(context) = this
             .context
             .borrow_mut(py)?
@@ -361,6 +405,21 @@ impl Handle {
                 }
             }
         };
+        if let Some(shared) = empty_run {
+            // The handle keeps the context if the callback set a variable in it or Python code
+            // asked for it; else it goes back to sharing.
+            // SAFETY: `context` is a live Context; its length cannot fail.
+            let set_var = unsafe { ffi::PyObject_Length(context.as_ptr()) } != 0;
+            let asked = !this.ctx_empty.load(Ordering::Relaxed);
+            let keep = set_var || asked;
+            if keep {
+                this.ctx_empty.store(false, Ordering::Relaxed);
+            } else {
+                let ours = this.context.borrow_mut(py)?.take();
+                drop(ours); // the loop (or `context`) still holds it
+            }
+            this.shared.leave_empty_context(py, shared, keep)?;
+        }
         match result {
             Ok(()) => Ok(()),
             Err(err) if is_exit_exception(py, &err) => Err(err),
@@ -509,12 +568,7 @@ impl Handle {
     }
 
     fn get_context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        self.retrack_context(py);
-        Ok(self
-            .context
-            .borrow_mut(py)?
-            .as_ref()
-            .map(|c| c.clone_ref(py)))
+        self.own_context(py)
     }
 
     fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -549,12 +603,7 @@ impl Handle {
 
     #[getter]
     fn _context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        self.retrack_context(py);
-        Ok(self
-            .context
-            .borrow_mut(py)?
-            .as_ref()
-            .map(|c| c.clone_ref(py)))
+        self.own_context(py)
     }
 
     #[getter]

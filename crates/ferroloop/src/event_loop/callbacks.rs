@@ -43,7 +43,7 @@ impl LoopCore {
     ) -> PyResult<FreshContext> {
         match context {
             Some(c) if !c.is_none() => Ok(FreshContext::given(c.clone().unbind())),
-            _ => FreshContext::copy_current(py),
+            _ => FreshContext::of_caller(py),
         }
     }
 
