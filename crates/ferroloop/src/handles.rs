@@ -263,9 +263,10 @@ impl Handle {
         let this = h.get();
         this.one_shot
             && this.source_traceback.is_none()
-            // SAFETY: reading the reference count of a live object.
+            // SAFETY: reading the reference count and the type of a live object.
             && unsafe { ffi::Py_REFCNT(h.as_ptr()) } == 1
-            && h.get_type().is(h.py().get_type::<Handle>())
+            && unsafe { ffi::Py_TYPE(h.as_ptr()) }
+                == <Handle as pyo3::PyTypeInfo>::type_object_raw(h.py())
     }
 
     /// Empties a recyclable handle; returns what it held, to be dropped outside any borrow.
@@ -367,20 +368,15 @@ impl Handle {
         };
         // The shared empty context (see `context.rs`) is put in `context` for the run, with
         // `ctx_empty` still set: `own_context` clears it if Python code gets hold of it then.
-        let empty_run = if this.ctx_empty.load(Ordering::Relaxed) {
+        let (context, empty_run) = if this.ctx_empty.load(Ordering::Relaxed) {
             let (ctx, shared) = this.shared.enter_empty_context(py)?;
-            *this.context.borrow_mut(py)? = Some(ctx);
-            Some(shared)
+            *this.context.borrow_mut(py)? = Some(ctx.clone_ref(py));
+            (ctx, Some(shared))
         } else {
-            None
-        };
-        let Some(context) = this
-            .context
-            .borrow_mut(py)?
-            .as_ref()
-            .map(|c| c.clone_ref(py))
-        else {
-            return Ok(());
+            match this.context.borrow_mut(py)?.as_ref() {
+                Some(c) => (c.clone_ref(py), None),
+                None => return Ok(()),
+            }
         };
         // SAFETY: `context`, `func` and `args` are owned references kept alive for the whole
         // block. PyContext_Enter type-checks its argument and fails with an exception (never UB)
@@ -729,10 +725,23 @@ pub(crate) fn check_callback(
     callback: &Bound<'_, PyAny>,
     method: &str,
 ) -> PyResult<()> {
-    // C methods (the C Task's step and wakeup, Future.set_result ...) are the common case and can
-    // be neither coroutines nor coroutine functions.
+    // SAFETY: exact type checks on a live object pointer.
+    let tp = unsafe { ffi::Py_TYPE(callback.as_ptr()) };
+    // Plain Python functions (a `call_soon_threadsafe` from a thread, gather's done-callback)
+    // are the common case: only their code's flags matter.
+    if tp == std::ptr::addr_of_mut!(ffi::PyFunction_Type) {
+        if code_is_coroutine(py, callback)? {
+            return Err(PyTypeError::new_err(format!(
+                "coroutines cannot be used with {method}()"
+            )));
+        }
+        return Ok(());
+    }
+    // C methods (the C Task's step and wakeup, Future.set_result ...) are the other common case
+    // and can be neither coroutines nor coroutine functions.
     // SAFETY: type checks on a live object pointer.
-    let is_cfunc = unsafe { ffi::PyCFunction_Check(callback.as_ptr()) } != 0;
+    let is_cfunc = tp == std::ptr::addr_of_mut!(ffi::PyCFunction_Type)
+        || unsafe { ffi::PyCFunction_Check(callback.as_ptr()) } != 0;
     if is_cfunc {
         return Ok(());
     }

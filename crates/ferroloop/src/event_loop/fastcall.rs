@@ -220,9 +220,10 @@ macro_rules! entry {
             kwnames: *mut ffi::PyObject,
         ) -> *mut ffi::PyObject {
             trampoline(|$py| {
-                // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
+                // SAFETY: CPython passes a live `self` and a valid vectorcall triple. The method
+                // descriptor checked that `self` is a LoopCore (or a subclass) before calling.
                 let slf = unsafe { Bound::from_borrowed_ptr($py, slf) };
-                let $loop = slf.cast::<LoopCore>()?.get();
+                let $loop = unsafe { slf.cast_unchecked::<LoopCore>() }.get();
                 // SAFETY: as above.
                 let $call = unsafe { parse($py, $method, $n_leading, &[$($lead),*], args, nargsf, kwnames)? };
                 $body
