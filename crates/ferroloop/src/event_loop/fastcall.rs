@@ -220,9 +220,10 @@ macro_rules! entry {
             kwnames: *mut ffi::PyObject,
         ) -> *mut ffi::PyObject {
             trampoline(|$py| {
-                // SAFETY: CPython passes a live `self` and a valid vectorcall triple. The method
-                // descriptor checked that `self` is a LoopCore (or a subclass) before calling.
+                // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
                 let slf = unsafe { Bound::from_borrowed_ptr($py, slf) };
+                // SAFETY: the method descriptor (see `install`) checked that `self` is a
+                // LoopCore or a subclass of it before calling us.
                 let $loop = unsafe { slf.cast_unchecked::<LoopCore>() }.get();
                 // SAFETY: as above.
                 let $call = unsafe { parse($py, $method, $n_leading, &[$($lead),*], args, nargsf, kwnames)? };
