@@ -263,8 +263,9 @@ impl Handle {
         let this = h.get();
         this.one_shot
             && this.source_traceback.is_none()
-            // SAFETY: reading the reference count and the type of a live object.
+            // SAFETY: reading the reference count of a live object.
             && unsafe { ffi::Py_REFCNT(h.as_ptr()) } == 1
+            // SAFETY: reading the type of a live object.
             && unsafe { ffi::Py_TYPE(h.as_ptr()) }
                 == <Handle as pyo3::PyTypeInfo>::type_object_raw(h.py())
     }
