@@ -314,6 +314,30 @@ def test_nested_handle_run_from_an_empty_context(loop):
     assert seen == [("inner", "default"), ("outer", "outer"), ("inner", "inner")]
 
 
+def test_handle_run_from_its_own_callback_cannot_reenter_its_context(loop):
+    """A handle run by hand from inside its own callback: its context is already entered, so
+    the inner run fails (reported to the exception handler) as in asyncio (debug mode, where
+    ferroloop keeps a one-shot handle's callback)."""
+    loop.set_debug(True)
+    errors = []
+    loop.set_exception_handler(lambda lp, ctx: errors.append(ctx.get("exception")))
+    seen = []
+    handles = []
+
+    def cb():
+        seen.append(cvar.get())
+        cvar.set("outer")
+        if len(seen) == 1:
+            handles[0]._run()
+        seen.append(cvar.get())
+
+    handles.append(_in_empty_context(loop.call_soon, cb))
+    run_once(loop)
+    assert seen == ["default", "outer"]
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert handles[0]._context[cvar] == "outer"
+
+
 def test_reader_callback_keeps_its_context_across_events(loop):
     """A watcher's context persists across its runs (it is one handle), as in asyncio."""
     a, b = socket.socketpair()

@@ -369,10 +369,23 @@ impl Handle {
         };
         // The shared empty context (see `context.rs`) is put in `context` for the run, with
         // `ctx_empty` still set: `own_context` clears it if Python code gets hold of it then.
-        let (context, empty_run) = if this.ctx_empty.load(Ordering::Relaxed) {
-            let (ctx, shared) = this.shared.enter_empty_context(py)?;
-            *this.context.borrow_mut(py)? = Some(ctx.clone_ref(py));
-            (ctx, Some(shared))
+        // A handle run again from its own callback (by hand, in debug mode) finds that context
+        // there and tries to enter it a second time, which fails as it does in asyncio.
+        let running_ctx = if this.ctx_empty.load(Ordering::Relaxed) {
+            let slot = this.context.borrow_mut(py)?;
+            Some(slot.as_ref().map(|c| c.clone_ref(py)))
+        } else {
+            None
+        };
+        let (context, empty_run) = if let Some(running_ctx) = running_ctx {
+            match running_ctx {
+                Some(ctx) => (ctx, None),
+                None => {
+                    let (ctx, shared) = this.shared.enter_empty_context(py)?;
+                    *this.context.borrow_mut(py)? = Some(ctx.clone_ref(py));
+                    (ctx, Some(shared))
+                }
+            }
         } else {
             match this.context.borrow_mut(py)?.as_ref() {
                 Some(c) => (c.clone_ref(py), None),
