@@ -18,6 +18,8 @@
 
 use std::os::raw::c_int;
 
+use std::sync::atomic::{AtomicPtr, Ordering};
+
 use pyo3::exceptions::PyNotImplementedError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -52,6 +54,10 @@ struct Streams {
 }
 
 static STREAMS: PyOnceLock<Option<Streams>> = PyOnceLock::new();
+
+/// `StreamReaderProtocol` (kept alive by `STREAMS`), or a dangling pointer when the fast path
+/// is off for this interpreter; NULL until the first read.
+static PROTOCOL_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(std::ptr::null_mut());
 
 fn streams(py: Python<'_>) -> Option<&'static Streams> {
     STREAMS.get_or_init(py, || load(py).ok().flatten()).as_ref()
@@ -140,15 +146,31 @@ pub(crate) struct Feed<'py> {
 impl<'py> Feed<'py> {
     /// The reader behind `protocol` if this read may go to it directly (see the module
     /// comment), else None: the read goes to `protocol.data_received`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn of(protocol: &Bound<'py, PyAny>) -> Option<Feed<'py>> {
-        let py = protocol.py();
-        let st = streams(py)?;
+        // One load and compare for every other protocol (this runs on every stream read).
         // SAFETY: a live object's type.
-        if unsafe { ffi::Py_TYPE(protocol.as_ptr()) } != st.protocol_type.as_ptr().cast() {
-            return None;
+        let ty = unsafe { ffi::Py_TYPE(protocol.as_ptr()) };
+        let known = PROTOCOL_TYPE.load(Ordering::Relaxed);
+        if ty != known {
+            if !known.is_null() {
+                return None;
+            }
+            return Self::first(protocol);
         }
-        Self::checked(protocol, st)
+        Self::checked(protocol, streams(protocol.py())?)
+    }
+
+    /// The first read of the process: loads the stdlib objects, then decides as `of`.
+    #[cold]
+    #[inline(never)]
+    fn first(protocol: &Bound<'py, PyAny>) -> Option<Feed<'py>> {
+        let known = match streams(protocol.py()) {
+            Some(st) => st.protocol_type.as_ptr().cast(),
+            None => std::ptr::NonNull::dangling().as_ptr(), // no type's address: disabled
+        };
+        PROTOCOL_TYPE.store(known, Ordering::Relaxed);
+        Self::of(protocol)
     }
 
     fn checked(protocol: &Bound<'py, PyAny>, st: &Streams) -> Option<Feed<'py>> {
