@@ -141,6 +141,11 @@ impl LoopCore {
         let fd: RawFd = fileobj_to_fd(fileobj)?.try_into().map_err(|_| {
             pyo3::exceptions::PyOverflowError::new_err("signed integer is greater than maximum")
         })?;
+        let native = if reader {
+            crate::transports::NativeReader::of(callback, args)
+        } else {
+            None
+        };
         let mut h = self.new_handle(py, callback, Args::from_tuple(args), None)?;
         h.one_shot = false;
         let handle = Py::new(py, h)?;
@@ -152,8 +157,10 @@ impl LoopCore {
             let old = slot.replace(handle.clone_ref(py));
             let old_fileobj = w.fileobj.replace(fileobj.clone().unbind());
             let old_edge = w.reader_edge;
+            let old_native = w.native_reader;
             if reader {
                 w.reader_edge = edge;
+                w.native_reader = native;
             }
             let r = self.register(fd, &w, existed);
             match r {
@@ -169,6 +176,7 @@ impl LoopCore {
                     let new = std::mem::replace(slot, old);
                     let new_fileobj = std::mem::replace(&mut w.fileobj, old_fileobj);
                     w.reader_edge = old_edge;
+                    w.native_reader = old_native;
                     if existed {
                         st.fds.insert(fd, w);
                     }
@@ -199,6 +207,7 @@ impl LoopCore {
         };
         let old = if reader {
             w.reader_edge = false;
+            w.native_reader = None;
             w.reader.take()
         } else {
             w.writer.take()
