@@ -222,7 +222,8 @@ fn write(tr: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
     let s = SLOTS.reader(tr);
     let fast = data.is_exact_instance_of::<PyBytes>()
-        && data.len()? > 0
+        // SAFETY: an exact bytes object, whose size is its ob_size.
+        && unsafe { ffi::Py_SIZE(data.as_ptr()) } > 0
         && !truthy(&s.get(BUFFER)?)?
         && !truthy(&s.get(EOF)?)?
         && s.get(EMPTY_WAITER)?.is_none()

@@ -148,6 +148,10 @@ impl LoopCore {
         };
         let mut h = self.new_handle(py, callback, Args::from_tuple(args), None)?;
         h.one_shot = false;
+        // A watcher runs on every event for as long as it is registered: its context is shown
+        // to the collector from the start (one object per watched fd), so no run has to check
+        // whether the callback set a variable in it (see `Handle::call_in_context`).
+        h.retrack_context(py);
         let handle = Py::new(py, h)?;
         let old = {
             let mut st = self.state.borrow_mut(py)?;
