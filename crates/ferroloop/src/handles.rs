@@ -167,6 +167,14 @@ impl Args {
         }
     }
 
+    /// Calls `func(*self)` and drops the result.
+    #[inline(always)]
+    pub(crate) fn call_discard(&self, func: &Bound<'_, PyAny>) -> PyResult<()> {
+        // SAFETY: `func` is live (borrowed for the call) and the GIL is held; `call` returns a
+        // new reference or NULL with an exception set.
+        unsafe { Bound::from_owned_ptr_or_err(func.py(), self.call(func.as_ptr())).map(drop) }
+    }
+
     pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         match self {
             Args::Empty => Ok(()),
@@ -261,7 +269,7 @@ impl Handle {
     }
 
     /// Gives a context we hid from the garbage collector back to it.
-    fn retrack_context(&self, py: Python<'_>) {
+    pub(crate) fn retrack_context(&self, py: Python<'_>) {
         if self.ctx_untracked.swap(false, Ordering::Relaxed) {
             if let Ok(ctx) = self.context.borrow_mut(py) {
                 if let Some(c) = ctx.as_ref() {
@@ -330,37 +338,91 @@ impl Handle {
                 None => return Ok(()),
             }
         };
-        let Some(context) = this
+        let result = this.call_in_context(py, || args.call_discard(func.bind(py)));
+        Self::finish(slf, func, args, result, loop_obj)
+    }
+
+    /// `run` for a watcher whose callback is a native `_read_ready` (see `run.rs`): the same
+    /// steps, with the Rust body called directly instead of through the method's entry point.
+    pub(crate) fn run_native_reader(
+        slf: &Bound<'_, Handle>,
+        reader: crate::transports::NativeReader,
+        loop_obj: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        debug_assert!(!this.one_shot);
+        // Borrowed views, not owned `Py` clones: dropping a `Py` asks PyO3 whether the GIL is
+        // held (a thread-local lookup), which is a measurable part of this path.
+        let (func, target) = match this.callback.borrow_mut(py)?.as_ref() {
+            Some(c) => {
+                let func = c.func.bind(py).clone();
+                match reader.target(&func, &c.args) {
+                    Some(t) => (func, t),
+                    None => return Self::run(slf, loop_obj),
+                }
+            }
+            None => return Ok(()),
+        };
+        let result = this.call_in_context(py, || reader.run(&target));
+        if result.is_ok() {
+            return Ok(());
+        }
+        let args = if reader.is_bound() {
+            Args::Empty
+        } else {
+            Args::One(target.unbind())
+        };
+        Self::finish(slf, func.unbind(), args, result, loop_obj)
+    }
+
+    /// Calls `body` inside the handle's context (`Ok` without calling it if the handle has
+    /// none, which only a pooled handle lacks).
+    #[inline(always)]
+    fn call_in_context(&self, py: Python<'_>, body: impl FnOnce() -> PyResult<()>) -> PyResult<()> {
+        // A `Bound`, not a `Py`: its drop is a plain decref (see `run_native_reader`).
+        let Some(context) = self
             .context
             .borrow_mut(py)?
             .as_ref()
-            .map(|c| c.clone_ref(py))
+            .map(|c| c.bind(py).clone())
         else {
             return Ok(());
         };
-        // SAFETY: `context`, `func` and `args` are owned references kept alive for the whole
-        // block. PyContext_Enter type-checks its argument and fails with an exception (never UB)
-        // for a non-Context or an already entered one; Exit is only called after Enter succeeded.
-        let result = unsafe {
+        // SAFETY: `context` is an owned reference kept alive for the whole block.
+        // PyContext_Enter type-checks its argument and fails with an exception (never UB) for a
+        // non-Context or an already entered one; Exit is only called after Enter succeeded.
+        unsafe {
             let ctx = context.as_ptr();
             if ffi::PyContext_Enter(ctx) != 0 {
+                return Err(PyErr::fetch(py));
+            }
+            let r = body();
+            let exit = ffi::PyContext_Exit(ctx);
+            if self.ctx_untracked.load(Ordering::Relaxed) && ffi::PyObject_Length(ctx) != 0 {
+                // The callback set a context variable: the context may now be part of a
+                // cycle, so the collector must see it again.
+                self.retrack_context(py);
+            }
+            if exit != 0 && r.is_ok() {
                 Err(PyErr::fetch(py))
             } else {
-                let ret = args.call(func.as_ptr());
-                let exit = ffi::PyContext_Exit(ctx);
-                if this.ctx_untracked.load(Ordering::Relaxed) && ffi::PyObject_Length(ctx) != 0 {
-                    // The callback set a context variable: the context may now be part of a
-                    // cycle, so the collector must see it again.
-                    this.retrack_context(py);
-                }
-                let r = Bound::from_owned_ptr_or_err(py, ret).map(drop);
-                if exit != 0 && r.is_ok() {
-                    Err(PyErr::fetch(py))
-                } else {
-                    r
-                }
+                r
             }
-        };
+        }
+    }
+
+    /// The end of `run`: SystemExit and KeyboardInterrupt propagate, any other exception goes
+    /// to the loop's exception handler with this handle.
+    fn finish(
+        slf: &Bound<'_, Handle>,
+        func: Py<PyAny>,
+        args: Args,
+        result: PyResult<()>,
+        loop_obj: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
         match result {
             Ok(()) => Ok(()),
             Err(err) if is_exit_exception(py, &err) => Err(err),

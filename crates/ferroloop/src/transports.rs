@@ -15,7 +15,7 @@ use std::ffi::CStr;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyType};
+use pyo3::types::{PyBytes, PyTuple, PyType};
 use pyo3::{ffi, intern};
 
 use crate::event_loop::fastcall::trampoline;
@@ -222,7 +222,8 @@ fn write(tr: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
     let s = SLOTS.reader(tr);
     let fast = data.is_exact_instance_of::<PyBytes>()
-        && data.len()? > 0
+        // SAFETY: an exact bytes object, whose size is its ob_size.
+        && unsafe { ffi::Py_SIZE(data.as_ptr()) } > 0
         && !truthy(&s.get(BUFFER)?)?
         && !truthy(&s.get(EOF)?)?
         && s.get(EMPTY_WAITER)?.is_none()
@@ -312,6 +313,98 @@ unsafe extern "C" fn is_closing_raw(
         // `return self._closing` (asyncio's drain() asks on every call).
         Ok(SLOTS.reader(&tr).get(CLOSING)?.unbind())
     })
+}
+
+/// A native `_read_ready` the loop calls without going through its watcher's Handle
+/// (`event_loop/run.rs`): the Rust body of the method, and where the transport is.
+#[derive(Clone, Copy)]
+pub(crate) struct NativeReader {
+    read: fn(&Bound<'_, PyAny>) -> PyResult<()>,
+    /// The watcher's callback is `tr._read_ready` (the transport is its `__self__`), not the
+    /// class's descriptor called with the transport as the one argument.
+    bound: bool,
+}
+
+impl NativeReader {
+    /// Recognises a watcher that calls a native `_read_ready`: `add_reader(fd, Cls._read_ready,
+    /// tr)` (the stream transport; `tr` passes the descriptor's type check) or `add_reader(fd,
+    /// tr._read_ready)` (the datagram transport). Anything else runs through its Handle.
+    pub(crate) fn of(callback: &Bound<'_, PyAny>, args: &Bound<'_, PyTuple>) -> Option<Self> {
+        let cb = callback.as_ptr();
+        // SAFETY: `cb` is live; each struct is only read after an exact type check says it is
+        // that object's layout; `ml_meth` is read as the variant of the fast-call flag checked.
+        unsafe {
+            let ty = ffi::Py_TYPE(cb);
+            let (def, bound) = if ty == std::ptr::addr_of_mut!(ffi::PyMethodDescr_Type) {
+                let descr = cb.cast::<ffi::PyMethodDescrObject>();
+                if args.len() != 1
+                    || ffi::PyObject_TypeCheck(
+                        args.get_borrowed_item_unchecked(0).as_ptr(),
+                        (*descr).d_common.d_type,
+                    ) == 0
+                {
+                    return None;
+                }
+                ((*descr).d_method, false)
+            } else if ty == std::ptr::addr_of_mut!(ffi::PyCFunction_Type) {
+                let f = cb.cast::<ffi::PyCFunctionObject>();
+                if !args.is_empty() || (*f).m_self.is_null() {
+                    return None;
+                }
+                ((*f).m_ml, true)
+            } else {
+                return None;
+            };
+            if def.is_null() || (*def).ml_flags != ffi::METH_FASTCALL | ffi::METH_KEYWORDS {
+                return None;
+            }
+            let meth = (*def).ml_meth.PyCFunctionFastWithKeywords as *const ();
+            let read: fn(&Bound<'_, PyAny>) -> PyResult<()> = if meth == read_ready_raw as *const ()
+            {
+                read_ready
+            } else if meth == crate::datagram_fast::READ_READY_RAW as *const () {
+                crate::datagram_fast::datagram_read_ready
+            } else {
+                return None;
+            };
+            Some(NativeReader { read, bound })
+        }
+    }
+
+    /// The transport the watcher's callback names (`None`: not this reader's shape, which
+    /// cannot happen for a callback `of` accepted).
+    pub(crate) fn target<'py>(
+        &self,
+        func: &Bound<'py, PyAny>,
+        args: &crate::handles::Args,
+    ) -> Option<Bound<'py, PyAny>> {
+        let py = func.py();
+        if self.bound {
+            // SAFETY: `of` checked that `func` is a builtin method with a `__self__`, and a
+            // handle's callback never changes.
+            unsafe {
+                let f = func.as_ptr().cast::<ffi::PyCFunctionObject>();
+                Some(Bound::from_borrowed_ptr(py, (*f).m_self))
+            }
+        } else {
+            match args {
+                crate::handles::Args::One(tr) => Some(tr.bind(py).clone()),
+                _ => None,
+            }
+        }
+    }
+
+    /// The callback is a bound method (its only argument is its `__self__`).
+    pub(crate) fn is_bound(&self) -> bool {
+        self.bound
+    }
+
+    /// Reads for `target`. A panic becomes `PanicException`, as the method's own entry point
+    /// makes it.
+    #[inline(always)]
+    pub(crate) fn run(&self, target: &Bound<'_, PyAny>) -> PyResult<()> {
+        crate::event_loop::fastcall::catch_panic(|| (self.read)(target))
+    }
 }
 
 pub(crate) type Raw = unsafe extern "C" fn(

@@ -177,6 +177,8 @@ impl LoopCore {
                     if let Some(h) = &w.reader {
                         if h.get().is_cancelled() {
                             stale.push((fd, true));
+                        } else if let Some(n) = w.native_reader {
+                            st.ready.push_back(Ready::Reader(h.clone_ref(py), n));
                         } else {
                             st.ready.push_back(Ready::Handle(h.clone_ref(py)));
                         }
@@ -246,6 +248,18 @@ impl LoopCore {
                     context,
                 } => {
                     self.run_task_step(func, args, context, loop_obj)?;
+                    continue;
+                }
+                Ready::Reader(h, reader) => {
+                    // A watcher: never recycled. Debug mode times it as a handle.
+                    let h = h.into_bound(py);
+                    if !h.get().is_cancelled() {
+                        if debug {
+                            self.run_timed(&h, loop_obj)?;
+                        } else {
+                            Handle::run_native_reader(&h, reader, loop_obj)?;
+                        }
+                    }
                     continue;
                 }
             };
