@@ -19,6 +19,7 @@ import ssl
 import struct
 import tempfile
 import threading
+import time
 
 import sys
 
@@ -489,6 +490,210 @@ def test_pause_and_resume_reading(loop):
 
     with ThreadPeer(sender) as peer:
         run(loop, main(peer))
+
+
+# A readiness event for a transport's reader runs in the place its handle would have in the
+# ready queue, and only if the reader is still registered when its turn comes (ferroloop
+# dispatches its native transports' readers without a Handle call; these pin the semantics).
+
+
+def _two_connected_transports(loop, family, path=None):
+    """A server on `family` with two accepted connections; returns (server, protocols, clients)."""
+    protos = []
+
+    class Proto(asyncio.Protocol):
+        def __init__(self):
+            self.data = bytearray()
+            self.on_data = None
+            protos.append(self)
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            self.data += data
+            if self.on_data is not None:
+                self.on_data(self)
+
+    async def start():
+        if family == socket.AF_UNIX:
+            return await loop.create_unix_server(Proto, path)
+        return await loop.create_server(Proto, "127.0.0.1", 0)
+
+    server = run(loop, start())
+    clients = []
+    for _ in range(2):
+        c = socket.socket(family, socket.SOCK_STREAM)
+        c.settimeout(TIMEOUT)
+        c.connect(server.sockets[0].getsockname())
+        clients.append(c)
+
+    async def accepted():
+        while len(protos) < 2 or not all(hasattr(p, "transport") for p in protos):
+            await asyncio.sleep(0.001)
+
+    run(loop, accepted())
+    return server, protos, clients
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_reader_paused_by_an_earlier_callback_of_the_same_iteration_does_not_run(loop, family):
+    fam = socket.AF_INET if family == "tcp" else socket.AF_UNIX
+    with tempfile.TemporaryDirectory() as d:
+        server, protos, clients = _two_connected_transports(loop, fam, os.path.join(d, "s"))
+        try:
+            first = []
+
+            def pause_the_other(p):
+                first.append(p)
+                for q in protos:
+                    if q is not p:
+                        q.transport.pause_reading()
+
+            for p in protos:
+                p.on_data = pause_the_other
+            # Both sockets are readable before the loop polls again: one poll reports both.
+            for c in clients:
+                c.sendall(b"x")
+            time.sleep(0.05)
+            run(loop, asyncio.sleep(0.05))
+            assert len(first) == 1
+            (other,) = [q for q in protos if q is not first[0]]
+            assert other.data == b""
+            for p in protos:
+                p.on_data = None
+            other.transport.resume_reading()
+            run(loop, asyncio.sleep(0.05))
+            assert other.data == b"x"
+        finally:
+            for c in clients:
+                c.close()
+            for p in protos:
+                p.transport.close()
+            server.close()
+            run(loop, server.wait_closed())
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_reader_closed_by_an_earlier_callback_of_the_same_iteration_does_not_run(loop, family):
+    fam = socket.AF_INET if family == "tcp" else socket.AF_UNIX
+    with tempfile.TemporaryDirectory() as d:
+        server, protos, clients = _two_connected_transports(loop, fam, os.path.join(d, "s"))
+        try:
+            first = []
+
+            def close_the_other(p):
+                first.append(p)
+                for q in protos:
+                    if q is not p:
+                        q.transport.close()
+
+            for p in protos:
+                p.on_data = close_the_other
+            for c in clients:
+                c.sendall(b"x")
+            time.sleep(0.05)
+            run(loop, asyncio.sleep(0.05))
+            assert len(first) == 1
+            (other,) = [q for q in protos if q is not first[0]]
+            assert other.data == b""
+        finally:
+            for c in clients:
+                c.close()
+            for p in protos:
+                p.transport.close()
+            server.close()
+            run(loop, server.wait_closed())
+
+
+def test_data_received_runs_in_one_context_for_the_whole_connection(loop):
+    # Like any reader handle, the transport's reader runs every event in the context copied
+    # when reading started: a variable set by one data_received() is seen by the next.
+    import contextvars
+
+    var = contextvars.ContextVar("calls")
+    seen = []
+
+    class Counting(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            n = var.get(0)
+            seen.append(n)
+            var.set(n + 1)
+            self.transport.write(data)
+
+    def client(conn):
+        for _ in range(3):
+            conn.sendall(b"ping")
+            assert conn.recv(10) == b"ping"
+
+    async def main():
+        server = await loop.create_server(Counting, "127.0.0.1", 0)
+        fut = loop.run_in_executor(None, _connect_and_run, server.sockets[0].getsockname(), client)
+        await fut
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+    assert seen == [0, 1, 2]
+    assert var.get(None) is None
+
+
+def _connect_and_run(address, client):
+    with socket.create_connection(address, timeout=TIMEOUT) as conn:
+        client(conn)
+
+
+def test_keyboard_interrupt_in_data_received_leaves_the_loop_usable(loop):
+    class Interrupting(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            if data == b"stop":
+                raise KeyboardInterrupt
+            self.transport.write(data)
+
+    async def start():
+        return await loop.create_server(Interrupting, "127.0.0.1", 0)
+
+    server = run(loop, start())
+    with socket.create_connection(server.sockets[0].getsockname(), timeout=TIMEOUT) as c:
+        c.sendall(b"stop")
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(asyncio.sleep(TIMEOUT))
+        c.sendall(b"echo")
+        run(loop, asyncio.sleep(0.05))
+        assert c.recv(10) == b"echo"
+    server.close()
+    run(loop, server.wait_closed())
+
+
+def test_debug_mode_reports_a_slow_data_received(loop, caplog):
+    import logging
+
+    class Slow(asyncio.Protocol):
+        def data_received(self, data):
+            time.sleep(0.05)
+
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.01
+
+    async def start():
+        return await loop.create_server(Slow, "127.0.0.1", 0)
+
+    server = run(loop, start())
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        with socket.create_connection(server.sockets[0].getsockname(), timeout=TIMEOUT) as c:
+            c.sendall(b"x")
+            run(loop, asyncio.sleep(0.2))
+    server.close()
+    run(loop, server.wait_closed())
+    slow = [r.getMessage() for r in caplog.records
+            if r.name == "asyncio" and r.levelno == logging.WARNING and "took" in r.getMessage()]
+    assert any("_read_ready" in m for m in slow), slow
 
 
 def test_eof_received_keep_open_half_close(loop):

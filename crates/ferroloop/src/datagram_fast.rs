@@ -135,7 +135,7 @@ impl<'a, 'py> Fields<'a, 'py> {
 /// lets the other ready callbacks and timers run between bursts.
 const MAX_BATCH: usize = 32;
 
-fn datagram_read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
+pub(crate) fn datagram_read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
     let f = Fields::of(tr);
     if !f.flag(|l| l.inet, intern!(py, "_inet"))? {
@@ -305,6 +305,9 @@ unsafe extern "C" fn datagram_sendto_raw(
         datagram_sendto(&tr, &data, &addr).map(|()| py.None())
     })
 }
+
+/// The native `_read_ready`'s entry point, for `transports::NativeReader`.
+pub(crate) const READ_READY_RAW: Raw = datagram_read_ready_raw;
 
 const DATAGRAM_METHODS: [(&CStr, Raw, &CStr); 2] = [
     (

@@ -181,6 +181,14 @@ impl Args {
         }
     }
 
+    /// Calls `func(*self)` and drops the result.
+    #[inline(always)]
+    pub(crate) fn call_discard(&self, func: &Bound<'_, PyAny>) -> PyResult<()> {
+        // SAFETY: `func` is live (borrowed for the call) and the GIL is held; `call` returns a
+        // new reference or NULL with an exception set.
+        unsafe { Bound::from_owned_ptr_or_err(func.py(), self.call(func.as_ptr())).map(drop) }
+    }
+
     pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         match self {
             Args::Empty => Ok(()),
@@ -282,6 +290,14 @@ impl Handle {
         Ok((cb, ctx))
     }
 
+    /// Gives a handle that would run in the shared empty context one of its own, now.
+    pub(crate) fn make_own_context(&self, py: Python<'_>) -> PyResult<()> {
+        if self.ctx_empty.swap(false, Ordering::Relaxed) {
+            *self.context.borrow_mut(py)? = Some(crate::event_loop::new_context(py)?);
+        }
+        Ok(())
+    }
+
     /// The handle's context, for Python code that asks for it: a handle still running in the
     /// shared empty context (or due to) gets a context of its own now, and keeps it.
     fn own_context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
@@ -297,7 +313,7 @@ impl Handle {
     }
 
     /// Gives a context we hid from the garbage collector back to it.
-    fn retrack_context(&self, py: Python<'_>) {
+    pub(crate) fn retrack_context(&self, py: Python<'_>) {
         if self.ctx_untracked.swap(false, Ordering::Relaxed) {
             if let Ok(ctx) = self.context.borrow_mut(py) {
                 if let Some(c) = ctx.as_ref() {
@@ -367,69 +383,137 @@ impl Handle {
                 None => return Ok(()),
             }
         };
-        // The shared empty context (see `context.rs`) is put in `context` for the run, with
-        // `ctx_empty` still set: `own_context` clears it if Python code gets hold of it then.
-        // A handle run again from its own callback (by hand, in debug mode) finds that context
-        // there and tries to enter it a second time, which fails as it does in asyncio.
-        let running_ctx = if this.ctx_empty.load(Ordering::Relaxed) {
-            let slot = this.context.borrow_mut(py)?;
-            Some(slot.as_ref().map(|c| c.clone_ref(py)))
-        } else {
-            None
-        };
-        let (context, empty_run) = if let Some(running_ctx) = running_ctx {
-            match running_ctx {
-                Some(ctx) => (ctx, None),
-                None => {
-                    let (ctx, shared) = this.shared.enter_empty_context(py)?;
-                    *this.context.borrow_mut(py)? = Some(ctx.clone_ref(py));
-                    (ctx, Some(shared))
+        let result = this.call_in_context(py, || args.call_discard(func.bind(py)));
+        Self::finish(slf, func, args, result, loop_obj)
+    }
+
+    /// `run` for a watcher whose callback is a native `_read_ready` (see `run.rs`): the same
+    /// steps, with the Rust body called directly instead of through the method's entry point.
+    pub(crate) fn run_native_reader(
+        slf: &Bound<'_, Handle>,
+        reader: crate::transports::NativeReader,
+        loop_obj: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        debug_assert!(!this.one_shot);
+        // Borrowed views, not owned `Py` clones: dropping a `Py` asks PyO3 whether the GIL is
+        // held (a thread-local lookup), which is a measurable part of this path.
+        let (func, target) = match this.callback.borrow_mut(py)?.as_ref() {
+            Some(c) => {
+                let func = c.func.bind(py).clone();
+                match reader.target(&func, &c.args) {
+                    Some(t) => (func, t),
+                    None => return Self::run(slf, loop_obj),
                 }
             }
-        } else {
-            match this.context.borrow_mut(py)?.as_ref() {
-                Some(c) => (c.clone_ref(py), None),
-                None => return Ok(()),
-            }
+            None => return Ok(()),
         };
-        // SAFETY: `context`, `func` and `args` are owned references kept alive for the whole
-        // block. PyContext_Enter type-checks its argument and fails with an exception (never UB)
-        // for a non-Context or an already entered one; Exit is only called after Enter succeeded.
+        let result = this.call_in_context(py, || reader.run(&target));
+        if result.is_ok() {
+            return Ok(());
+        }
+        let args = if reader.is_bound() {
+            Args::Empty
+        } else {
+            Args::One(target.unbind())
+        };
+        Self::finish(slf, func.unbind(), args, result, loop_obj)
+    }
+
+    /// Calls `body` inside the handle's context (`Ok` without calling it if the handle has
+    /// none, which only a pooled handle lacks).
+    #[inline(always)]
+    fn call_in_context(&self, py: Python<'_>, body: impl FnOnce() -> PyResult<()>) -> PyResult<()> {
+        // A `Bound`, not a `Py`: its drop is a plain decref (see `run_native_reader`).
+        let context = self
+            .context
+            .borrow_mut(py)?
+            .as_ref()
+            .map(|c| c.bind(py).clone());
+        let Some(context) = context else {
+            if self.ctx_empty.load(Ordering::Relaxed) {
+                return self.call_in_empty_context(py, body);
+            }
+            return Ok(());
+        };
+        // SAFETY: `context` is an owned reference kept alive for the whole block.
+        // PyContext_Enter type-checks its argument and fails with an exception (never UB) for a
+        // non-Context or an already entered one; Exit is only called after Enter succeeded.
+        unsafe {
+            let ctx = context.as_ptr();
+            if ffi::PyContext_Enter(ctx) != 0 {
+                return Err(PyErr::fetch(py));
+            }
+            let r = body();
+            let exit = ffi::PyContext_Exit(ctx);
+            if self.ctx_untracked.load(Ordering::Relaxed) && ffi::PyObject_Length(ctx) != 0 {
+                // The callback set a context variable: the context may now be part of a
+                // cycle, so the collector must see it again.
+                self.retrack_context(py);
+            }
+            if exit != 0 && r.is_ok() {
+                Err(PyErr::fetch(py))
+            } else {
+                r
+            }
+        }
+    }
+
+    /// `call_in_context` for a handle whose context is an empty copy never made: the callback
+    /// runs in the loop's shared empty context (see `context.rs`), put in `context` for the run
+    /// with `ctx_empty` still set, so that `own_context` can hand it out (and clear the flag)
+    /// if Python code asks for it meanwhile. A handle run again from its own callback (by hand,
+    /// in debug mode) finds that context there and fails to enter it again, as in asyncio.
+    fn call_in_empty_context(
+        &self,
+        py: Python<'_>,
+        body: impl FnOnce() -> PyResult<()>,
+    ) -> PyResult<()> {
+        let (context, shared) = self.shared.enter_empty_context(py)?;
+        *self.context.borrow_mut(py)? = Some(context.clone_ref(py));
+        // SAFETY: `context` is an owned reference kept alive for the whole block; Enter and Exit
+        // as in `call_in_context`.
         let result = unsafe {
             let ctx = context.as_ptr();
             if ffi::PyContext_Enter(ctx) != 0 {
                 Err(PyErr::fetch(py))
             } else {
-                let ret = args.call(func.as_ptr());
-                let exit = ffi::PyContext_Exit(ctx);
-                if this.ctx_untracked.load(Ordering::Relaxed) && ffi::PyObject_Length(ctx) != 0 {
-                    // The callback set a context variable: the context may now be part of a
-                    // cycle, so the collector must see it again.
-                    this.retrack_context(py);
-                }
-                let r = Bound::from_owned_ptr_or_err(py, ret).map(drop);
-                if exit != 0 && r.is_ok() {
+                let r = body();
+                if ffi::PyContext_Exit(ctx) != 0 && r.is_ok() {
                     Err(PyErr::fetch(py))
                 } else {
                     r
                 }
             }
         };
-        if let Some(shared) = empty_run {
-            // The handle keeps the context if the callback set a variable in it or Python code
-            // asked for it; else it goes back to sharing.
-            // SAFETY: `context` is a live Context; its length cannot fail.
-            let set_var = unsafe { ffi::PyObject_Length(context.as_ptr()) } != 0;
-            let asked = !this.ctx_empty.load(Ordering::Relaxed);
-            let keep = set_var || asked;
-            if keep {
-                this.ctx_empty.store(false, Ordering::Relaxed);
-            } else {
-                let ours = this.context.borrow_mut(py)?.take();
-                drop(ours); // the loop (or `context`) still holds it
-            }
-            this.shared.leave_empty_context(py, shared, keep)?;
+        // The handle keeps the context if the callback set a variable in it or Python code
+        // asked for it; else it goes back to sharing.
+        // SAFETY: `context` is a live Context; its length cannot fail.
+        let set_var = unsafe { ffi::PyObject_Length(context.as_ptr()) } != 0;
+        let asked = !self.ctx_empty.load(Ordering::Relaxed);
+        let keep = set_var || asked;
+        if keep {
+            self.ctx_empty.store(false, Ordering::Relaxed);
+        } else {
+            let ours = self.context.borrow_mut(py)?.take();
+            drop(ours); // the loop (or `context`) still holds it
         }
+        self.shared.leave_empty_context(py, shared, keep)?;
+        result
+    }
+
+    /// The end of `run`: SystemExit and KeyboardInterrupt propagate, any other exception goes
+    /// to the loop's exception handler with this handle.
+    fn finish(
+        slf: &Bound<'_, Handle>,
+        func: Py<PyAny>,
+        args: Args,
+        result: PyResult<()>,
+        loop_obj: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
         match result {
             Ok(()) => Ok(()),
             Err(err) if is_exit_exception(py, &err) => Err(err),

@@ -12,6 +12,7 @@ mod handles;
 mod slots;
 mod sock_io;
 mod stdlib;
+mod streams;
 mod transports;
 
 use pyo3::prelude::*;

@@ -263,6 +263,120 @@ unsafe fn read_direct<'py>(
     })
 }
 
+/// One read of up to 256 KiB from a stream fd, appended to a bytearray (what
+/// `bytearray.extend(read(fd))` does, without the intermediate `bytes`). Returns the byte count,
+/// 0 at EOF (the bytearray is then unchanged, as it is on an error).
+///
+/// Reads sized like the fd's earlier ones ([`read_stream`]'s hints) go straight into the
+/// bytearray's grown tail, with the loop buffer behind it for whatever does not fit; small ones
+/// into the loop buffer, copied onto the end.
+///
+/// # Safety
+/// `ba` must be an exact `bytearray` with no buffer exports (so it may be resized).
+pub(crate) unsafe fn read_into_bytearray(
+    py: Python<'_>,
+    fd: i32,
+    ba: *mut ffi::PyObject,
+) -> Result<usize, ReadError> {
+    // SAFETY: `ba` is a live bytearray per the caller.
+    let old = unsafe { ffi::PyByteArray_Size(ba) } as usize;
+    STREAM_READS.with(|st| {
+        let size = st.hint(fd);
+        with_buf(|buf| {
+            if size < DIRECT_MIN {
+                // SAFETY: `buf` is a valid writable region of its length.
+                let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if r < 0 {
+                    return Err(ReadError::Os(std::io::Error::last_os_error()));
+                }
+                let n = r as usize;
+                if n >= DIRECT_MIN {
+                    st.set_hint(fd, 0, n);
+                }
+                if n > 0 {
+                    // SAFETY: `ba` may be resized (caller); after a successful resize its
+                    // storage holds `old + n` bytes, the last `n` of which we fill.
+                    unsafe {
+                        resize(py, ba, old + n)?;
+                        let dst = ffi::PyByteArray_AsString(ba).cast::<u8>().add(old);
+                        std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, n);
+                    }
+                }
+                return Ok(n);
+            }
+            // SAFETY: as above: room for `size` more bytes at the end.
+            unsafe { resize(py, ba, old + size)? };
+            // SAFETY: the bytearray's storage holds `old + size` bytes.
+            let tail = unsafe { ffi::PyByteArray_AsString(ba).cast::<u8>().add(old) };
+            let iov = [
+                libc::iovec {
+                    iov_base: tail.cast(),
+                    iov_len: size,
+                },
+                libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: BUF_SIZE.saturating_sub(size).min(buf.len()),
+                },
+            ];
+            // SAFETY: both regions are valid and writable for their lengths.
+            let r = unsafe { libc::readv(fd, iov.as_ptr(), 2) };
+            if r < 0 {
+                let err = std::io::Error::last_os_error();
+                // SAFETY: shrinking back to the original contents.
+                unsafe { truncate(ba, old) };
+                return Err(ReadError::Os(err));
+            }
+            let n = r as usize;
+            let next = n.max(size / 2);
+            st.set_hint(fd, size, if next >= DIRECT_MIN { next } else { 0 });
+            if n <= size {
+                // SAFETY: shrinking to what was read.
+                unsafe { truncate(ba, old + n) };
+            } else {
+                // SAFETY: growing to what was read; the part past `size` is in `buf`.
+                unsafe {
+                    if let Err(e) = resize(py, ba, old + n) {
+                        truncate(ba, old);
+                        return Err(e);
+                    }
+                    let dst = ffi::PyByteArray_AsString(ba).cast::<u8>().add(old + size);
+                    std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, n - size);
+                }
+            }
+            Ok(n)
+        })
+    })
+}
+
+/// `PyByteArray_Resize`, its error (MemoryError) as a [`ReadError`].
+///
+/// # Safety
+/// `ba` must be a live bytearray without buffer exports.
+unsafe fn resize(py: Python<'_>, ba: *mut ffi::PyObject, len: usize) -> Result<(), ReadError> {
+    // SAFETY: per the caller.
+    if unsafe { ffi::PyByteArray_Resize(ba, len as ffi::Py_ssize_t) } != 0 {
+        return Err(ReadError::Py(PyErr::fetch(py)));
+    }
+    Ok(())
+}
+
+/// Shrinks a bytearray to `len` bytes, which cannot fail: if the allocator will not give the
+/// surplus back, the bytearray keeps it (what a minor shrink does anyway).
+///
+/// # Safety
+/// `ba` must be a live bytearray without buffer exports and with at least `len` bytes.
+unsafe fn truncate(ba: *mut ffi::PyObject, len: usize) {
+    // SAFETY: per the caller.
+    unsafe {
+        debug_assert!(ffi::PyByteArray_Size(ba) as usize >= len);
+        if ffi::PyByteArray_Resize(ba, len as ffi::Py_ssize_t) != 0 {
+            ffi::PyErr_Clear();
+            (*ba.cast::<ffi::PyVarObject>()).ob_size = len as ffi::Py_ssize_t;
+            *ffi::PyByteArray_AsString(ba).add(len) = 0;
+        }
+    }
+}
+
 /// Why [`read_stream`] failed: the read itself (with its errno), or Python (no memory).
 pub(crate) enum ReadError {
     Os(std::io::Error),

@@ -24,6 +24,10 @@ pub struct Stdlib {
     pub kw_context: Py<PyTuple>,
     pub task_accepts_context: bool,
     pub method_type: Py<PyAny>,
+    /// C asyncio finds the running loop without a system call. Before 3.12 its lookup (what
+    /// `Future()` without `loop=` does) compares the pid saved with the loop to `getpid()`, a
+    /// system call per future on glibc, which caches no pid.
+    pub running_loop_lookup_is_cheap: bool,
 }
 
 static STDLIB: PyOnceLock<Stdlib> = PyOnceLock::new();
@@ -51,6 +55,7 @@ fn load(py: Python<'_>) -> PyResult<Stdlib> {
         kw_context: names(&["context"])?,
         task_accepts_context: py.version_info() >= (3, 11),
         method_type: py.import("types")?.getattr("MethodType")?.unbind(),
+        running_loop_lookup_is_cheap: py.version_info() >= (3, 12),
     })
 }
 

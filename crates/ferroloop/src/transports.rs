@@ -15,13 +15,14 @@ use std::ffi::CStr;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyType};
+use pyo3::types::{PyBytes, PyTuple, PyType};
 use pyo3::{ffi, intern};
 
 use crate::event_loop::fastcall::trampoline;
 use crate::slots::{small_int, truthy, SlotReader, SlotTable};
 use crate::sock_io::ReadError;
 use crate::stdlib::is_exit_exception;
+use crate::streams::Feed;
 
 /// Routes an exception from a transport operation like the Python code does: SystemExit and
 /// KeyboardInterrupt propagate, anything else goes to `_fatal_error(exc, message)`.
@@ -35,7 +36,7 @@ pub(crate) fn fatal(tr: &Bound<'_, PyAny>, err: PyErr, message: &str) -> PyResul
 }
 
 /// The stream transport's slots the fast paths read (see `slots.rs`).
-static SLOTS: SlotTable<7> = SlotTable::new([
+static SLOTS: SlotTable<8> = SlotTable::new([
     "_buffered",
     "_conn_lost",
     "_sock_fd",
@@ -43,6 +44,7 @@ static SLOTS: SlotTable<7> = SlotTable::new([
     "_buffer",
     "_eof",
     "_empty_waiter",
+    "_closing",
 ]);
 const BUFFERED: usize = 0;
 const CONN_LOST: usize = 1;
@@ -51,6 +53,7 @@ const PROTOCOL: usize = 3;
 const BUFFER: usize = 4;
 const EOF: usize = 5;
 const EMPTY_WAITER: usize = 6;
+const CLOSING: usize = 7;
 
 fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
@@ -62,21 +65,13 @@ fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
         return read_ready_buffered(tr, &s);
     }
     let fd = small_int(&s.get(SOCK_FD)?)?;
+    let protocol = s.get(PROTOCOL)?;
+    if let Some(feed) = Feed::of(&protocol) {
+        return read_ready_stream_reader(tr, fd, feed);
+    }
     let data = match crate::sock_io::read_stream(py, fd) {
         Ok(d) => d,
-        Err(ReadError::Os(e))
-            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) =>
-        {
-            return Ok(())
-        }
-        Err(ReadError::Os(e)) => {
-            return fatal(
-                tr,
-                crate::errors::os_error(e),
-                "Fatal read error on socket transport",
-            )
-        }
-        Err(ReadError::Py(e)) => return fatal(tr, e, "Fatal read error on socket transport"),
+        Err(e) => return read_error(tr, e),
     };
     if data.as_bytes().is_empty() {
         tr.call_method0(intern!(py, "_read_ready__on_eof"))?;
@@ -85,11 +80,47 @@ fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     if data.as_bytes().len() == crate::sock_io::MAX_READ {
         rearm(tr, fd)?;
     }
-    let protocol = s.get(PROTOCOL)?;
     let r = protocol.call_method1(intern!(py, "data_received"), (&data,));
     crate::sock_io::recycle(data);
     match r {
         Ok(_) => Ok(()),
+        Err(e) => fatal(tr, e, "Fatal error: protocol.data_received() call failed."),
+    }
+}
+
+/// A failed read: nothing to do on EAGAIN/EINTR (wait for the next readiness event), else the
+/// transport's fatal error.
+fn read_error(tr: &Bound<'_, PyAny>, err: ReadError) -> PyResult<()> {
+    match err {
+        ReadError::Os(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => {
+            Ok(())
+        }
+        ReadError::Os(e) => fatal(
+            tr,
+            crate::errors::os_error(e),
+            "Fatal read error on socket transport",
+        ),
+        ReadError::Py(e) => fatal(tr, e, "Fatal read error on socket transport"),
+    }
+}
+
+/// `_read_ready__data_received` for a stdlib `StreamReaderProtocol` (`streams.rs`): the read
+/// lands in the reader's buffer and `data_received`'s work is done here, its errors reported
+/// as that call's.
+fn read_ready_stream_reader(tr: &Bound<'_, PyAny>, fd: i32, feed: Feed<'_>) -> PyResult<()> {
+    let n = match feed.read(fd) {
+        Ok(n) => n,
+        Err(e) => return read_error(tr, e),
+    };
+    if n == 0 {
+        tr.call_method0(intern!(tr.py(), "_read_ready__on_eof"))?;
+        return Ok(());
+    }
+    if n == crate::sock_io::MAX_READ {
+        rearm(tr, fd)?;
+    }
+    match feed.fed() {
+        Ok(()) => Ok(()),
         Err(e) => fatal(tr, e, "Fatal error: protocol.data_received() call failed."),
     }
 }
@@ -108,7 +139,7 @@ fn rearm(tr: &Bound<'_, PyAny>, fd: i32) -> PyResult<()> {
 /// `_read_ready__get_buffer` (a `BufferedProtocol`, such as the stdlib's TLS protocol): the
 /// kernel writes straight into the protocol's buffer. Same steps, errors and messages as the
 /// Python method.
-fn read_ready_buffered(tr: &Bound<'_, PyAny>, s: &SlotReader<'_, '_, 7>) -> PyResult<()> {
+fn read_ready_buffered(tr: &Bound<'_, PyAny>, s: &SlotReader<'_, '_, 8>) -> PyResult<()> {
     let py = tr.py();
     let protocol = s.get(PROTOCOL)?;
     let buf = protocol
@@ -151,7 +182,7 @@ enum RecvError {
 /// `sock.recv_into(buf)`: one `recv` into a writable buffer of any kind. Returns the bytes
 /// received and the room there was.
 fn recv_into(
-    s: &SlotReader<'_, '_, 7>,
+    s: &SlotReader<'_, '_, 8>,
     buf: &Bound<'_, PyAny>,
 ) -> Result<(usize, usize), RecvError> {
     let py = buf.py();
@@ -191,7 +222,8 @@ fn write(tr: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
     let s = SLOTS.reader(tr);
     let fast = data.is_exact_instance_of::<PyBytes>()
-        && data.len()? > 0
+        // SAFETY: an exact bytes object, whose size is its ob_size.
+        && unsafe { ffi::Py_SIZE(data.as_ptr()) } > 0
         && !truthy(&s.get(BUFFER)?)?
         && !truthy(&s.get(EOF)?)?
         && s.get(EMPTY_WAITER)?.is_none()
@@ -264,6 +296,117 @@ unsafe extern "C" fn write_raw(
     })
 }
 
+unsafe extern "C" fn is_closing_raw(
+    slf: *mut ffi::PyObject,
+    _args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: a valid vectorcall argument count.
+        let nargs = unsafe { ffi::PyVectorcall_NARGS(nargsf as usize) };
+        if nargs != 0 || !kwnames.is_null() {
+            return Err(PyTypeError::new_err("is_closing() takes no arguments"));
+        }
+        // SAFETY: CPython passes a live `self`.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // `return self._closing` (asyncio's drain() asks on every call).
+        Ok(SLOTS.reader(&tr).get(CLOSING)?.unbind())
+    })
+}
+
+/// A native `_read_ready` the loop calls without going through its watcher's Handle
+/// (`event_loop/run.rs`): the Rust body of the method, and where the transport is.
+#[derive(Clone, Copy)]
+pub(crate) struct NativeReader {
+    read: fn(&Bound<'_, PyAny>) -> PyResult<()>,
+    /// The watcher's callback is `tr._read_ready` (the transport is its `__self__`), not the
+    /// class's descriptor called with the transport as the one argument.
+    bound: bool,
+}
+
+impl NativeReader {
+    /// Recognises a watcher that calls a native `_read_ready`: `add_reader(fd, Cls._read_ready,
+    /// tr)` (the stream transport; `tr` passes the descriptor's type check) or `add_reader(fd,
+    /// tr._read_ready)` (the datagram transport). Anything else runs through its Handle.
+    pub(crate) fn of(callback: &Bound<'_, PyAny>, args: &Bound<'_, PyTuple>) -> Option<Self> {
+        let cb = callback.as_ptr();
+        // SAFETY: `cb` is live; each struct is only read after an exact type check says it is
+        // that object's layout; `ml_meth` is read as the variant of the fast-call flag checked.
+        unsafe {
+            let ty = ffi::Py_TYPE(cb);
+            let (def, bound) = if ty == std::ptr::addr_of_mut!(ffi::PyMethodDescr_Type) {
+                let descr = cb.cast::<ffi::PyMethodDescrObject>();
+                if args.len() != 1
+                    || ffi::PyObject_TypeCheck(
+                        args.get_borrowed_item_unchecked(0).as_ptr(),
+                        (*descr).d_common.d_type,
+                    ) == 0
+                {
+                    return None;
+                }
+                ((*descr).d_method, false)
+            } else if ty == std::ptr::addr_of_mut!(ffi::PyCFunction_Type) {
+                let f = cb.cast::<ffi::PyCFunctionObject>();
+                if !args.is_empty() || (*f).m_self.is_null() {
+                    return None;
+                }
+                ((*f).m_ml, true)
+            } else {
+                return None;
+            };
+            if def.is_null() || (*def).ml_flags != ffi::METH_FASTCALL | ffi::METH_KEYWORDS {
+                return None;
+            }
+            let meth = (*def).ml_meth.PyCFunctionFastWithKeywords as *const ();
+            let read: fn(&Bound<'_, PyAny>) -> PyResult<()> = if meth == read_ready_raw as *const ()
+            {
+                read_ready
+            } else if meth == crate::datagram_fast::READ_READY_RAW as *const () {
+                crate::datagram_fast::datagram_read_ready
+            } else {
+                return None;
+            };
+            Some(NativeReader { read, bound })
+        }
+    }
+
+    /// The transport the watcher's callback names (`None`: not this reader's shape, which
+    /// cannot happen for a callback `of` accepted).
+    pub(crate) fn target<'py>(
+        &self,
+        func: &Bound<'py, PyAny>,
+        args: &crate::handles::Args,
+    ) -> Option<Bound<'py, PyAny>> {
+        let py = func.py();
+        if self.bound {
+            // SAFETY: `of` checked that `func` is a builtin method with a `__self__`, and a
+            // handle's callback never changes.
+            unsafe {
+                let f = func.as_ptr().cast::<ffi::PyCFunctionObject>();
+                Some(Bound::from_borrowed_ptr(py, (*f).m_self))
+            }
+        } else {
+            match args {
+                crate::handles::Args::One(tr) => Some(tr.bind(py).clone()),
+                _ => None,
+            }
+        }
+    }
+
+    /// The callback is a bound method (its only argument is its `__self__`).
+    pub(crate) fn is_bound(&self) -> bool {
+        self.bound
+    }
+
+    /// Reads for `target`. A panic becomes `PanicException`, as the method's own entry point
+    /// makes it.
+    #[inline(always)]
+    pub(crate) fn run(&self, target: &Bound<'_, PyAny>) -> PyResult<()> {
+        crate::event_loop::fastcall::catch_panic(|| (self.read)(target))
+    }
+}
+
 pub(crate) type Raw = unsafe extern "C" fn(
     *mut ffi::PyObject,
     *const *mut ffi::PyObject,
@@ -271,7 +414,7 @@ pub(crate) type Raw = unsafe extern "C" fn(
     *mut ffi::PyObject,
 ) -> *mut ffi::PyObject;
 
-const METHODS: [(&CStr, Raw, &CStr); 2] = [
+const METHODS: [(&CStr, Raw, &CStr); 3] = [
     (
         c"_read_ready",
         read_ready_raw,
@@ -282,9 +425,14 @@ const METHODS: [(&CStr, Raw, &CStr); 2] = [
         write_raw,
         c"write($self, data, /)\n--\n\nWrite data to the transport (sent at once when possible).",
     ),
+    (
+        c"is_closing",
+        is_closing_raw,
+        c"is_closing($self, /)\n--\n\nReturn True if the transport is closing or closed.",
+    ),
 ];
 
-/// Installs the native `_read_ready` and `write` on the given stream transport class.
+/// Installs the native `_read_ready`, `write` and `is_closing` on the given stream transport class.
 #[pyfunction]
 pub fn install_stream_fast_paths(cls: &Bound<'_, PyType>) -> PyResult<()> {
     // Descriptors of the class itself: a stray `self` gets TypeError from CPython's check,

@@ -217,10 +217,12 @@ impl LoopCore {
     pub(crate) fn create_future_impl(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let s = stdlib(py)?;
-        let running_here = slf.get().state.borrow_mut(py)?.thread_id == Some(current_thread_id());
+        let running_here = s.running_loop_lookup_is_cheap
+            && slf.get().state.borrow_mut(py)?.thread_id == Some(current_thread_id());
         if running_here {
             // Running in this thread, this loop is the thread's running loop: `Future()` finds
-            // it by itself, without the keyword argument's parsing.
+            // it by itself, without the keyword argument's parsing. (Before 3.12 that lookup
+            // costs a getpid() system call, far more than the parsing: see `Stdlib`.)
             // SAFETY: a live callable; NULL args with nargs 0 is a valid vectorcall.
             let r = unsafe {
                 ffi::PyObject_Vectorcall(

@@ -181,6 +181,19 @@ fn missing_error(method: &str, leading_names: &[&str], given: impl Fn(usize) -> 
     ))
 }
 
+/// Runs `body`, turning a Rust panic into `PanicException`, as PyO3's own trampolines do.
+#[inline(always)]
+pub(crate) fn catch_panic<T>(body: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "Rust panic in ferroloop".into());
+        Err(pyo3::panic::PanicException::new_err(msg))
+    })
+}
+
 /// Runs `body` with the GIL token, turning errors into a raised exception and panics into
 /// `PanicException`, as PyO3's own trampolines do.
 ///
@@ -195,17 +208,9 @@ pub(crate) fn trampoline(
 ) -> *mut ffi::PyObject {
     // SAFETY: CPython calls method implementations with the GIL held.
     let py = unsafe { Python::assume_attached() };
-    let err = match catch_unwind(AssertUnwindSafe(|| body(py))) {
-        Ok(Ok(obj)) => return obj.into_ptr(),
-        Ok(Err(err)) => err,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "Rust panic in ferroloop".into());
-            pyo3::panic::PanicException::new_err(msg)
-        }
+    let err = match catch_panic(|| body(py)) {
+        Ok(obj) => return obj.into_ptr(),
+        Err(err) => err,
     };
     // Attaching drains PyO3's deferred-decref pool (cheap: the thread holds the GIL). It may run
     // finalizers, which must not see our exception set yet.

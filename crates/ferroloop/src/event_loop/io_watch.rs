@@ -141,8 +141,19 @@ impl LoopCore {
         let fd: RawFd = fileobj_to_fd(fileobj)?.try_into().map_err(|_| {
             pyo3::exceptions::PyOverflowError::new_err("signed integer is greater than maximum")
         })?;
+        let native = if reader {
+            crate::transports::NativeReader::of(callback, args)
+        } else {
+            None
+        };
         let mut h = self.new_handle(py, callback, Args::from_tuple(args), None)?;
         h.one_shot = false;
+        // A watcher runs on every event for as long as it is registered: its context is shown
+        // to the collector from the start (one object per watched fd), so no run has to check
+        // whether the callback set a variable in it (see `Handle::call_in_context`).
+        h.retrack_context(py);
+        // Nor does it share the loop's empty context (see `Handle::call_in_empty_context`).
+        h.make_own_context(py)?;
         let handle = Py::new(py, h)?;
         let old = {
             let mut st = self.state.borrow_mut(py)?;
@@ -152,8 +163,10 @@ impl LoopCore {
             let old = slot.replace(handle.clone_ref(py));
             let old_fileobj = w.fileobj.replace(fileobj.clone().unbind());
             let old_edge = w.reader_edge;
+            let old_native = w.native_reader;
             if reader {
                 w.reader_edge = edge;
+                w.native_reader = native;
             }
             let r = self.register(fd, &w, existed);
             match r {
@@ -169,6 +182,7 @@ impl LoopCore {
                     let new = std::mem::replace(slot, old);
                     let new_fileobj = std::mem::replace(&mut w.fileobj, old_fileobj);
                     w.reader_edge = old_edge;
+                    w.native_reader = old_native;
                     if existed {
                         st.fds.insert(fd, w);
                     }
@@ -199,6 +213,7 @@ impl LoopCore {
         };
         let old = if reader {
             w.reader_edge = false;
+            w.native_reader = None;
             w.reader.take()
         } else {
             w.writer.take()

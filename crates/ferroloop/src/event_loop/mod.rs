@@ -123,6 +123,9 @@ pub(crate) struct FdWatch {
     /// The reader drains the fd on each event (a native stream transport), so the kernel may
     /// report readability edge-triggered while nothing else is watched (see `io_watch.rs`).
     pub reader_edge: bool,
+    /// The reader is a native transport's `_read_ready`: its events are queued as
+    /// `Ready::Reader` and run without the call through Python (see `run.rs`).
+    pub native_reader: Option<crate::transports::NativeReader>,
 }
 
 pub(crate) struct State {
@@ -153,12 +156,15 @@ pub(crate) enum Ready {
         args: crate::handles::Args,
         context: Py<PyAny>,
     },
+    /// A readiness event for a native transport reader (`FdWatch::native_reader`): the watcher's
+    /// handle, run in its place in the queue, skipped if cancelled by then, as any handle is.
+    Reader(Py<Handle>, crate::transports::NativeReader),
 }
 
 impl Ready {
     pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         match self {
-            Ready::Handle(h) => visit.call(h),
+            Ready::Handle(h) | Ready::Reader(h, _) => visit.call(h),
             Ready::TaskStep {
                 func,
                 args,
@@ -173,7 +179,7 @@ impl Ready {
 
     pub(crate) fn handle(&self) -> Option<&Py<Handle>> {
         match self {
-            Ready::Handle(h) => Some(h),
+            Ready::Handle(h) | Ready::Reader(h, _) => Some(h),
             Ready::TaskStep { .. } => None,
         }
     }

@@ -177,6 +177,8 @@ impl LoopCore {
                     if let Some(h) = &w.reader {
                         if h.get().is_cancelled() {
                             stale.push((fd, true));
+                        } else if let Some(n) = w.native_reader {
+                            st.ready.push_back(Ready::Reader(h.clone_ref(py), n));
                         } else {
                             st.ready.push_back(Ready::Handle(h.clone_ref(py)));
                         }
@@ -246,6 +248,18 @@ impl LoopCore {
                     context,
                 } => {
                     self.run_task_step(func, args, context, loop_obj)?;
+                    continue;
+                }
+                Ready::Reader(h, reader) => {
+                    // A watcher: never recycled. Debug mode times it as a handle.
+                    let h = h.into_bound(py);
+                    if !h.get().is_cancelled() {
+                        if debug {
+                            self.run_timed(&h, loop_obj)?;
+                        } else {
+                            Handle::run_native_reader(&h, reader, loop_obj)?;
+                        }
+                    }
                     continue;
                 }
             };
@@ -411,7 +425,9 @@ impl LoopCore {
             // loop.call_later(60, o.tick)`) is then collectable, as asyncio's is.
             for r in st.ready.iter() {
                 match r {
-                    Ready::Handle(h) => crate::handles::track(h.bind(py).as_any()),
+                    Ready::Handle(h) | Ready::Reader(h, _) => {
+                        crate::handles::track(h.bind(py).as_any())
+                    }
                     Ready::TaskStep { func, .. } => crate::handles::track(func.bind(py)),
                 }
             }
