@@ -197,6 +197,171 @@ def test_each_call_soon_gets_its_own_context_copy(loop):
     assert seen == ["default"]
 
 
+def _in_empty_context(fn, *args):
+    """Calls fn(*args) in a new, empty context (the case where ferroloop makes no copy)."""
+    return contextvars.Context().run(fn, *args)
+
+
+def test_callbacks_scheduled_from_an_empty_context_do_not_share_variables(loop):
+    seen = []
+    other = contextvars.ContextVar("other", default=0)
+
+    def writer(tag):
+        seen.append((tag, cvar.get(), other.get()))
+        cvar.set("written-by-" + tag)
+        other.set(other.get() + 1)
+
+    def schedule():
+        loop.call_soon(writer, "a")
+        loop.call_soon(writer, "b")
+        loop.call_later(0, writer, "timer")
+        loop.call_soon_threadsafe(writer, "threadsafe")
+        loop.call_soon(writer, "c")
+
+    _in_empty_context(schedule)
+    run_for(loop, 0.02)
+    assert sorted(seen) == sorted(
+        [("a", "default", 0), ("b", "default", 0), ("timer", "default", 0),
+         ("threadsafe", "default", 0), ("c", "default", 0)]
+    )
+    assert cvar.get() == "default"
+
+
+def test_set_and_reset_in_a_callback_from_an_empty_context(loop):
+    seen = []
+
+    def set_and_reset():
+        token = cvar.set("temporary")
+        cvar.reset(token)
+
+    def set_only():
+        cvar.set("kept")
+
+    def reader():
+        seen.append(cvar.get())
+
+    _in_empty_context(lambda: [loop.call_soon(f) for f in (set_and_reset, reader, set_only, reader)])
+    run_once(loop)
+    assert seen == ["default", "default"]
+
+
+def test_handle_context_from_an_empty_context(loop):
+    """The handle's context (asked for before, during and after the run) is the one its
+    callback runs in, and keeps what the callback set."""
+    ran_in = []
+    handles = {}
+
+    def cb(tag):
+        cvar.set("set-by-" + tag)
+        if tag == "during":
+            ran_in.append(handles[tag]._context)
+
+    def schedule():
+        for tag in ("before", "during", "after"):
+            handles[tag] = loop.call_soon(cb, tag)
+
+    _in_empty_context(schedule)
+    before = handles["before"]._context
+    assert isinstance(before, contextvars.Context) and len(before) == 0
+    before.run(cvar.set, "set-before-run")
+    run_once(loop)
+    assert handles["before"]._context is before
+    assert before[cvar] == "set-by-before"
+    assert ran_in == [handles["during"]._context]
+    assert ran_in[0][cvar] == "set-by-during"
+    assert handles["after"]._context[cvar] == "set-by-after"
+
+
+def test_handle_run_again_keeps_its_context(loop):
+    """A handle run again by hand sees what its first run set, as in asyncio (debug mode: only
+    there does ferroloop keep a one-shot handle's callback after it ran)."""
+    loop.set_debug(True)
+    seen = []
+
+    def cb():
+        seen.append(cvar.get())
+        cvar.set("set-by-run-%d" % len(seen))
+
+    h = _in_empty_context(loop.call_soon, cb)
+    run_once(loop)
+    h._run()
+    assert seen == ["default", "set-by-run-1"]
+    assert h._context[cvar] == "set-by-run-2"
+
+
+def test_nested_handle_run_from_an_empty_context(loop):
+    """A callback that runs a queued handle by hand: each runs in its own context (debug mode,
+    so that the queued handle can run a second time, as in asyncio)."""
+    loop.set_debug(True)
+    seen = []
+    handles = []
+
+    def inner_cb():
+        seen.append(("inner", cvar.get()))
+        cvar.set("inner")
+
+    def outer_cb():
+        cvar.set("outer")
+        handles[0]._run()
+        seen.append(("outer", cvar.get()))
+
+    def schedule():
+        loop.call_soon(outer_cb)
+        handles.append(loop.call_soon(inner_cb))
+
+    _in_empty_context(schedule)
+    run_once(loop)
+    assert seen == [("inner", "default"), ("outer", "outer"), ("inner", "inner")]
+
+
+def test_handle_run_from_its_own_callback_cannot_reenter_its_context(loop):
+    """A handle run by hand from inside its own callback: its context is already entered, so
+    the inner run fails (reported to the exception handler) as in asyncio (debug mode, where
+    ferroloop keeps a one-shot handle's callback)."""
+    loop.set_debug(True)
+    errors = []
+    loop.set_exception_handler(lambda lp, ctx: errors.append(ctx.get("exception")))
+    seen = []
+    handles = []
+
+    def cb():
+        seen.append(cvar.get())
+        cvar.set("outer")
+        if len(seen) == 1:
+            handles[0]._run()
+        seen.append(cvar.get())
+
+    handles.append(_in_empty_context(loop.call_soon, cb))
+    run_once(loop)
+    assert seen == ["default", "outer"]
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert handles[0]._context[cvar] == "outer"
+
+
+def test_reader_callback_keeps_its_context_across_events(loop):
+    """A watcher's context persists across its runs (it is one handle), as in asyncio."""
+    a, b = socket.socketpair()
+    seen = []
+    try:
+        def on_readable():
+            a.recv(1)
+            seen.append(cvar.get())
+            cvar.set("set-by-run-%d" % len(seen))
+            if len(seen) < 3:
+                b.send(b"x")
+            else:
+                loop.stop()
+
+        _in_empty_context(loop.add_reader, a.fileno(), on_readable)
+        b.send(b"x")
+        loop.run_forever()
+        loop.remove_reader(a.fileno())
+    finally:
+        a.close()
+        b.close()
+    assert seen == ["default", "set-by-run-1", "set-by-run-2"]
+
+
 def test_call_soon_threadsafe_runs_callback_in_given_context(loop):
     ctx = contextvars.Context()
     ctx.run(cvar.set, "threadsafe-ctx")

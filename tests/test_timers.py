@@ -471,3 +471,56 @@ def test_loop_dropped_unclosed_with_a_pending_task_step_is_collected(loop_impl):
             gc.collect()
     assert loop_ref() is None, "the unclosed loop was not collected"
     assert task_ref() is None
+
+
+def test_loop_stopped_with_a_queued_task_step_then_dropped_unclosed_is_collected(loop_impl):
+    """A task step queued while the loop ran (ferroloop hides it from the collector while it
+    waits) is shown to the collector again when run_forever returns: the unclosed loop, only
+    reachable through that step, is collected."""
+    import gc
+    import warnings
+    import weakref
+
+    async def forever():
+        while True:
+            await asyncio.sleep(0)
+
+    def make():
+        lp = loop_impl.new_event_loop()
+        task = lp.create_task(forever())
+        task.loop_ref = lp
+        lp.call_soon(lp.call_soon, lp.stop)  # a few steps run, then one stays queued
+        lp.run_forever()
+        assert not task.done()
+        return weakref.ref(lp), weakref.ref(task)
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        loop_ref, task_ref = make()
+        for _ in range(3):
+            gc.collect()
+    assert loop_ref() is None, "the unclosed loop was not collected"
+    assert task_ref() is None
+
+
+def test_task_step_callback_kept_elsewhere_is_tracked_after_it_ran(loop):
+    """A C Task wake-up callback that something else still references after the loop ran it
+    is visible to the garbage collector again (ferroloop hides queued task steps from it)."""
+    import gc
+
+    kept = []
+
+    async def waiter(fut):
+        await fut
+
+    async def main():
+        fut = loop.create_future()
+        task = loop.create_task(waiter(fut))
+        await asyncio.sleep(0)
+        kept.extend(cb for cb, _ctx in fut._callbacks)
+        fut.set_result(None)
+        await task
+
+    loop.run_until_complete(main())
+    assert kept
+    assert all(gc.is_tracked(cb) for cb in kept)

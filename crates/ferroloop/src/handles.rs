@@ -37,19 +37,22 @@ use crate::stdlib::{is_exit_exception, support};
 /// path that lets go of a handle's context calls `retrack_context` first, and `Drop` does too.
 /// Until a handle owns it, the `FreshContext` itself keeps that promise: dropped on an error
 /// path (debug mode's stack capture failing, say), it tracks the context again first.
+///
+/// Better still, when the caller's context is known to be empty (see `context.rs`), no copy is
+/// made at all: `ctx` is `None` and the handle runs in its loop's shared empty context.
 pub(crate) struct FreshContext {
-    ctx: Py<PyAny>,
+    ctx: Option<Py<PyAny>>,
     untracked: bool,
 }
 
 impl Drop for FreshContext {
     fn drop(&mut self) {
-        if self.untracked {
+        if let (true, Some(ctx)) = (self.untracked, &self.ctx) {
             // SAFETY: a FreshContext only lives in code that holds the GIL; `ctx` is a live
             // Context, tracked only if it is not tracked, which PyObject_GC_Track requires.
             unsafe {
-                if ffi::PyObject_GC_IsTracked(self.ctx.as_ptr()) == 0 {
-                    ffi::PyObject_GC_Track(self.ctx.as_ptr().cast());
+                if ffi::PyObject_GC_IsTracked(ctx.as_ptr()) == 0 {
+                    ffi::PyObject_GC_Track(ctx.as_ptr().cast());
                 }
             }
         }
@@ -59,16 +62,27 @@ impl Drop for FreshContext {
 impl FreshContext {
     pub(crate) fn given(ctx: Py<PyAny>) -> FreshContext {
         FreshContext {
-            ctx,
+            ctx: Some(ctx),
             untracked: false,
         }
     }
 
     /// Hands the context to a handle, which from then on keeps the invariant above.
-    fn into_parts(self) -> (Py<PyAny>, bool) {
-        let this = std::mem::ManuallyDrop::new(self);
-        // SAFETY: `this` is never dropped nor used again, so `ctx` is moved out exactly once.
-        (unsafe { std::ptr::read(&this.ctx) }, this.untracked)
+    fn into_parts(self) -> (Option<Py<PyAny>>, bool) {
+        let mut this = std::mem::ManuallyDrop::new(self);
+        (this.ctx.take(), this.untracked)
+    }
+
+    /// A copy of the caller's context, or none at all when that context is empty.
+    #[inline]
+    pub(crate) fn of_caller(py: Python<'_>) -> PyResult<FreshContext> {
+        if crate::context::current_is_empty(py) == Some(true) {
+            return Ok(FreshContext {
+                ctx: None,
+                untracked: false,
+            });
+        }
+        FreshContext::copy_current(py)
     }
 
     pub(crate) fn copy_current(py: Python<'_>) -> PyResult<FreshContext> {
@@ -85,7 +99,7 @@ impl FreshContext {
             }
         };
         Ok(FreshContext {
-            ctx: ctx.unbind(),
+            ctx: Some(ctx.unbind()),
             untracked,
         })
     }
@@ -190,8 +204,12 @@ pub struct Handle {
     pub(crate) cancelled: AtomicBool,
     /// False for `add_reader`/`add_writer` handles, which run once per readiness event.
     pub(crate) one_shot: bool,
-    /// `None` only while the handle sits in its loop's recycling pool (see `recycle`).
+    /// `None` while the handle sits in its loop's recycling pool (see `recycle`), or while
+    /// `ctx_empty` says it runs in the loop's shared empty context.
     pub(crate) context: GilCell<Option<Py<PyAny>>>,
+    /// The handle's context is an empty copy that was never made: it runs in the loop's shared
+    /// empty context (see `context.rs`), and makes its own when it needs one.
+    ctx_empty: AtomicBool,
     pub(crate) shared: Arc<Shared>,
     /// The context is our own, still-empty copy and is hidden from the garbage collector
     /// (see [`FreshContext`]); it is tracked again as soon as it holds a value or escapes.
@@ -217,7 +235,8 @@ impl Handle {
             cancelled: AtomicBool::new(false),
             one_shot: true,
             ctx_untracked: AtomicBool::new(untracked),
-            context: GilCell::new(Some(ctx)),
+            ctx_empty: AtomicBool::new(ctx.is_none()),
+            context: GilCell::new(ctx),
             shared,
             repr_cache: GilCell::new(None),
             source_traceback,
@@ -254,7 +273,9 @@ impl Handle {
             && this.source_traceback.is_none()
             // SAFETY: reading the reference count of a live object.
             && unsafe { ffi::Py_REFCNT(h.as_ptr()) } == 1
-            && h.get_type().is(h.py().get_type::<Handle>())
+            // SAFETY: reading the type of a live object.
+            && unsafe { ffi::Py_TYPE(h.as_ptr()) }
+                == <Handle as pyo3::PyTypeInfo>::type_object_raw(h.py())
     }
 
     /// Empties a recyclable handle; returns what it held, to be dropped outside any borrow.
@@ -265,7 +286,30 @@ impl Handle {
         let cb = self.callback.borrow_mut(py)?.take();
         self.retrack_context(py);
         let ctx = self.context.borrow_mut(py)?.take();
+        self.ctx_empty.store(false, Ordering::Relaxed);
         Ok((cb, ctx))
+    }
+
+    /// Gives a handle that would run in the shared empty context one of its own, now.
+    pub(crate) fn make_own_context(&self, py: Python<'_>) -> PyResult<()> {
+        if self.ctx_empty.swap(false, Ordering::Relaxed) {
+            *self.context.borrow_mut(py)? = Some(crate::event_loop::new_context(py)?);
+        }
+        Ok(())
+    }
+
+    /// The handle's context, for Python code that asks for it: a handle still running in the
+    /// shared empty context (or due to) gets a context of its own now, and keeps it.
+    fn own_context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        self.retrack_context(py);
+        let mut ctx = self.context.borrow_mut(py)?;
+        if self.ctx_empty.swap(false, Ordering::Relaxed) && ctx.is_none() {
+            // Not running: an empty context of its own, as the copy would have been.
+            *ctx = Some(crate::event_loop::new_context(py)?);
+        }
+        // Running in the shared one (`ctx` holds it for the run): from now on it is the
+        // handle's own, which `run` sees when the callback returns.
+        Ok(ctx.as_ref().map(|c| c.clone_ref(py)))
     }
 
     /// Gives a context we hid from the garbage collector back to it.
@@ -295,7 +339,8 @@ impl Handle {
     ) -> PyResult<()> {
         *self.callback.borrow_mut(py)? = Some(Callback { func, args });
         let (ctx, untracked) = context.into_parts();
-        *self.context.borrow_mut(py)? = Some(ctx);
+        self.ctx_empty.store(ctx.is_none(), Ordering::Relaxed);
+        *self.context.borrow_mut(py)? = ctx;
         self.ctx_untracked.store(untracked, Ordering::Relaxed);
         self.cancelled.store(false, Ordering::Relaxed);
         Ok(())
@@ -381,12 +426,15 @@ impl Handle {
     #[inline(always)]
     fn call_in_context(&self, py: Python<'_>, body: impl FnOnce() -> PyResult<()>) -> PyResult<()> {
         // A `Bound`, not a `Py`: its drop is a plain decref (see `run_native_reader`).
-        let Some(context) = self
+        let context = self
             .context
             .borrow_mut(py)?
             .as_ref()
-            .map(|c| c.bind(py).clone())
-        else {
+            .map(|c| c.bind(py).clone());
+        let Some(context) = context else {
+            if self.ctx_empty.load(Ordering::Relaxed) {
+                return self.call_in_empty_context(py, body);
+            }
             return Ok(());
         };
         // SAFETY: `context` is an owned reference kept alive for the whole block.
@@ -410,6 +458,49 @@ impl Handle {
                 r
             }
         }
+    }
+
+    /// `call_in_context` for a handle whose context is an empty copy never made: the callback
+    /// runs in the loop's shared empty context (see `context.rs`), put in `context` for the run
+    /// with `ctx_empty` still set, so that `own_context` can hand it out (and clear the flag)
+    /// if Python code asks for it meanwhile. A handle run again from its own callback (by hand,
+    /// in debug mode) finds that context there and fails to enter it again, as in asyncio.
+    fn call_in_empty_context(
+        &self,
+        py: Python<'_>,
+        body: impl FnOnce() -> PyResult<()>,
+    ) -> PyResult<()> {
+        let (context, shared) = self.shared.enter_empty_context(py)?;
+        *self.context.borrow_mut(py)? = Some(context.clone_ref(py));
+        // SAFETY: `context` is an owned reference kept alive for the whole block; Enter and Exit
+        // as in `call_in_context`.
+        let result = unsafe {
+            let ctx = context.as_ptr();
+            if ffi::PyContext_Enter(ctx) != 0 {
+                Err(PyErr::fetch(py))
+            } else {
+                let r = body();
+                if ffi::PyContext_Exit(ctx) != 0 && r.is_ok() {
+                    Err(PyErr::fetch(py))
+                } else {
+                    r
+                }
+            }
+        };
+        // The handle keeps the context if the callback set a variable in it or Python code
+        // asked for it; else it goes back to sharing.
+        // SAFETY: `context` is a live Context; its length cannot fail.
+        let set_var = unsafe { ffi::PyObject_Length(context.as_ptr()) } != 0;
+        let asked = !self.ctx_empty.load(Ordering::Relaxed);
+        let keep = set_var || asked;
+        if keep {
+            self.ctx_empty.store(false, Ordering::Relaxed);
+        } else {
+            let ours = self.context.borrow_mut(py)?.take();
+            drop(ours); // the loop (or `context`) still holds it
+        }
+        self.shared.leave_empty_context(py, shared, keep)?;
+        result
     }
 
     /// The end of `run`: SystemExit and KeyboardInterrupt propagate, any other exception goes
@@ -497,6 +588,18 @@ pub(crate) fn untrack<T>(obj: &Py<T>) {
     unsafe { ffi::PyObject_GC_UnTrack(obj.as_ptr().cast()) }
 }
 
+/// Hides a C Task step or wake-up callback from the garbage collector while it sits in the
+/// ready queue (see `push_task_step`).
+pub(crate) fn untrack_object(obj: &Bound<'_, PyAny>) {
+    // SAFETY: `obj` is a live object of a GC type (the C Task's step wrapper or a builtin
+    // method, both GC types whose dealloc untracks with the idempotent PyObject_GC_UnTrack).
+    unsafe {
+        if ffi::PyObject_IS_GC(obj.as_ptr()) != 0 {
+            ffi::PyObject_GC_UnTrack(obj.as_ptr().cast());
+        }
+    }
+}
+
 /// Lets the garbage collector see a handle again that [`untrack`] hid from it: needed as soon as
 /// the handle keeps its callback after running, since it may then close a reference cycle.
 pub(crate) fn track(obj: &Bound<'_, PyAny>) {
@@ -559,12 +662,7 @@ impl Handle {
     }
 
     fn get_context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        self.retrack_context(py);
-        Ok(self
-            .context
-            .borrow_mut(py)?
-            .as_ref()
-            .map(|c| c.clone_ref(py)))
+        self.own_context(py)
     }
 
     fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -599,12 +697,7 @@ impl Handle {
 
     #[getter]
     fn _context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        self.retrack_context(py);
-        Ok(self
-            .context
-            .borrow_mut(py)?
-            .as_ref()
-            .map(|c| c.clone_ref(py)))
+        self.own_context(py)
     }
 
     #[getter]
@@ -730,10 +823,23 @@ pub(crate) fn check_callback(
     callback: &Bound<'_, PyAny>,
     method: &str,
 ) -> PyResult<()> {
-    // C methods (the C Task's step and wakeup, Future.set_result ...) are the common case and can
-    // be neither coroutines nor coroutine functions.
+    // SAFETY: exact type checks on a live object pointer.
+    let tp = unsafe { ffi::Py_TYPE(callback.as_ptr()) };
+    // Plain Python functions (a `call_soon_threadsafe` from a thread, gather's done-callback)
+    // are the common case: only their code's flags matter.
+    if tp == std::ptr::addr_of_mut!(ffi::PyFunction_Type) {
+        if code_is_coroutine(py, callback)? {
+            return Err(PyTypeError::new_err(format!(
+                "coroutines cannot be used with {method}()"
+            )));
+        }
+        return Ok(());
+    }
+    // C methods (the C Task's step and wakeup, Future.set_result ...) are the other common case
+    // and can be neither coroutines nor coroutine functions.
     // SAFETY: type checks on a live object pointer.
-    let is_cfunc = unsafe { ffi::PyCFunction_Check(callback.as_ptr()) } != 0;
+    let is_cfunc = tp == std::ptr::addr_of_mut!(ffi::PyCFunction_Type)
+        || unsafe { ffi::PyCFunction_Check(callback.as_ptr()) } != 0;
     if is_cfunc {
         return Ok(());
     }

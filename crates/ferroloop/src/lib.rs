@@ -3,6 +3,7 @@
 //! The Python-visible surface is declared here, in one place. `python/ferroloop/_loop.py`
 //! subclasses `LoopCore` (adding `asyncio.AbstractEventLoop` membership and the cold glue).
 
+mod context;
 mod datagram_fast;
 mod errors;
 mod event_loop;

@@ -43,7 +43,7 @@ impl LoopCore {
     ) -> PyResult<FreshContext> {
         match context {
             Some(c) if !c.is_none() => Ok(FreshContext::given(c.clone().unbind())),
-            _ => FreshContext::copy_current(py),
+            _ => FreshContext::of_caller(py),
         }
     }
 
@@ -75,25 +75,6 @@ impl LoopCore {
         ))
     }
 
-    /// A handle for `call_soon`: a recycled one when the pool has one (never in debug mode).
-    fn make_handle(
-        &self,
-        py: Python<'_>,
-        callback: &Bound<'_, PyAny>,
-        args: Args,
-        context: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Py<Handle>> {
-        if !self.shared.debug() {
-            let reused = self.state.borrow_mut(py)?.pool.pop();
-            if let Some(h) = reused {
-                let ctx = Self::context_or_current(py, context)?;
-                h.get().refill(py, callback.clone().unbind(), args, ctx)?;
-                return Ok(h);
-            }
-        }
-        Py::new(py, self.new_handle(py, callback, args, context)?)
-    }
-
     pub(crate) fn push_ready(&self, py: Python<'_>, h: Py<Handle>) -> PyResult<()> {
         self.state
             .borrow_mut(py)?
@@ -103,6 +84,14 @@ impl LoopCore {
     }
 
     /// `call_soon` of a C Task step or wake-up (see `fastcall.rs`): queued without a Handle.
+    ///
+    /// The step wrapper (or wake-up method) is made by the C Task for this one call and
+    /// referenced by nothing but the ready queue: like a one-shot handle, it is hidden from the
+    /// garbage collector while it waits. With 100k tasks pending, these objects otherwise
+    /// survive into the oldest generation on every round and trigger full collections.
+    /// Only while the loop runs: `run_task_step` shows it to the collector again if anything
+    /// still holds it after it ran, and `run_forever` does for the ones still queued when it
+    /// returns, so a loop dropped unclosed with a queued step stays collectable.
     pub(crate) fn push_task_step(
         &self,
         py: Python<'_>,
@@ -110,15 +99,19 @@ impl LoopCore {
         args: Args,
         context: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        self.check_schedule(py, true)?;
-        self.state
-            .borrow_mut(py)?
-            .ready
-            .push_back(super::Ready::TaskStep {
-                func: callback.clone().unbind(),
-                args,
-                context: context.clone().unbind(),
-            });
+        let mut st = self.state.borrow_mut(py)?;
+        if st.closed {
+            return Err(crate::errors::closed_loop());
+        }
+        // (debug mode never comes here: its steps get a Handle)
+        if st.thread_id.is_some() {
+            crate::handles::untrack_object(callback);
+        }
+        st.ready.push_back(super::Ready::TaskStep {
+            func: callback.clone().unbind(),
+            args,
+            context: context.clone().unbind(),
+        });
         Ok(())
     }
 }
@@ -131,10 +124,48 @@ impl LoopCore {
         args: Args,
         context: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<Handle>> {
-        self.check_schedule(py, true)?;
-        check_callback(py, callback, "call_soon")?;
-        let h = self.make_handle(py, callback, args, context)?;
-        if !self.shared.debug() {
+        self.schedule_soon(py, callback, args, context, "call_soon", true)
+    }
+
+    /// `call_soon` and `call_soon_threadsafe`: a handle at the end of the ready queue, a
+    /// recycled one when the pool has one (never in debug mode).
+    #[inline(always)]
+    fn schedule_soon(
+        &self,
+        py: Python<'_>,
+        callback: &Bound<'_, PyAny>,
+        args: Args,
+        context: Option<&Bound<'_, PyAny>>,
+        method: &str,
+        thread_sensitive: bool,
+    ) -> PyResult<Py<Handle>> {
+        self.check_schedule(py, thread_sensitive)?;
+        check_callback(py, callback, method)?;
+        // Before the borrow below: a copy of the context may run the garbage collector.
+        let ctx = Self::context_or_current(py, context)?;
+        let debug = self.shared.debug();
+        if !debug {
+            let mut st = self.state.borrow_mut(py)?;
+            if let Some(h) = st.pool.pop() {
+                // Refilling a pooled handle replaces nothing (it is empty): no Python code
+                // runs under the borrow.
+                h.get().refill(py, callback.clone().unbind(), args, ctx)?;
+                untrack(&h);
+                st.ready.push_back(super::Ready::Handle(h.clone_ref(py)));
+                return Ok(h);
+            }
+        }
+        let h = Py::new(
+            py,
+            Handle::new(
+                callback.clone().unbind(),
+                args,
+                ctx,
+                self.shared.clone(),
+                self.source_traceback(py)?,
+            ),
+        )?;
+        if !debug {
             untrack(&h);
         }
         self.push_ready(py, h.clone_ref(py))?;
@@ -148,13 +179,7 @@ impl LoopCore {
         args: Args,
         context: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<Handle>> {
-        self.check_schedule(py, false)?;
-        check_callback(py, callback, "call_soon_threadsafe")?;
-        let h = self.make_handle(py, callback, args, context)?;
-        if !self.shared.debug() {
-            untrack(&h);
-        }
-        self.push_ready(py, h.clone_ref(py))?;
+        let h = self.schedule_soon(py, callback, args, context, "call_soon_threadsafe", false)?;
         self.shared.wake_if_sleeping();
         Ok(h)
     }

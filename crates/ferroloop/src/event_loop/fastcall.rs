@@ -53,17 +53,20 @@ unsafe fn parse<'py>(
         let nargs = ffi::PyVectorcall_NARGS(nargsf as usize) as usize;
         let mut context = None;
         if !kwnames.is_null() {
-            let names = Bound::from_borrowed_ptr(py, kwnames).cast_into::<PyTuple>()?;
             // Callers such as the C Task pass the interned "context": a pointer comparison.
             // CPython's C Task uses its own static "context" (not the interned one on 3.11);
             // the first such object seen is remembered (one reference kept for good).
             let interned = pyo3::intern!(py, "context").as_ptr();
             let other = OTHER_CONTEXT_NAME.load(Ordering::Relaxed);
-            for (i, name) in names.iter().enumerate() {
-                if name.as_ptr() == interned || name.as_ptr() == other {
+            // The vectorcall protocol passes the keyword names as an exact tuple of strings.
+            let nkw = ffi::PyTuple_GET_SIZE(kwnames) as usize;
+            for i in 0..nkw {
+                let name = ffi::PyTuple_GET_ITEM(kwnames, i as ffi::Py_ssize_t);
+                if name == interned || name == other {
                     context = Some(Bound::from_borrowed_ptr(py, *args.add(nargs + i)));
                     continue;
                 }
+                let names = Bound::from_borrowed_ptr(py, kwnames).cast_into::<PyTuple>()?;
                 return parse_keywords(py, method, n_leading, leading_names, args, nargs, &names);
             }
         }
@@ -227,7 +230,9 @@ macro_rules! entry {
             trampoline(|$py| {
                 // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
                 let slf = unsafe { Bound::from_borrowed_ptr($py, slf) };
-                let $loop = slf.cast::<LoopCore>()?.get();
+                // SAFETY: the method descriptor (see `install`) checked that `self` is a
+                // LoopCore or a subclass of it before calling us.
+                let $loop = unsafe { slf.cast_unchecked::<LoopCore>() }.get();
                 // SAFETY: as above.
                 let $call = unsafe { parse($py, $method, $n_leading, &[$($lead),*], args, nargsf, kwnames)? };
                 $body

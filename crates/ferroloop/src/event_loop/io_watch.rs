@@ -152,6 +152,8 @@ impl LoopCore {
         // to the collector from the start (one object per watched fd), so no run has to check
         // whether the callback set a variable in it (see `Handle::call_in_context`).
         h.retrack_context(py);
+        // Nor does it share the loop's empty context (see `Handle::call_in_empty_context`).
+        h.make_own_context(py)?;
         let handle = Py::new(py, h)?;
         let old = {
             let mut st = self.state.borrow_mut(py)?;

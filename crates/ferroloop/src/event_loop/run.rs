@@ -304,11 +304,18 @@ impl LoopCore {
                 }
             }
         };
+        // Untracked while queued (see `push_task_step`): if something besides us still holds
+        // it, the collector must see it again before we let go.
+        // SAFETY: reading the reference count of a live object we own a reference to.
+        if unsafe { ffi::Py_REFCNT(func.as_ptr()) } > 1 {
+            crate::handles::track(func.bind(py));
+        }
         match result {
             Ok(()) => Ok(()),
             Err(err) if crate::stdlib::is_exit_exception(py, &err) => Err(err),
             Err(err) => {
                 let fb = func.bind(py);
+                crate::handles::track(fb);
                 let args_tuple = args.to_tuple(py)?;
                 let handle = Py::new(py, self.new_handle(py, fb, args, Some(context.bind(py)))?)?;
                 crate::handles::report_callback_error(
@@ -416,8 +423,13 @@ impl LoopCore {
             // collector again (they are hidden from it for speed): a loop dropped unclosed with
             // a pending callback that refers back to it (`o.loop = loop; o.t =
             // loop.call_later(60, o.tick)`) is then collectable, as asyncio's is.
-            for h in st.ready.iter().filter_map(Ready::handle) {
-                crate::handles::track(h.bind(py).as_any());
+            for r in st.ready.iter() {
+                match r {
+                    Ready::Handle(h) | Ready::Reader(h, _) => {
+                        crate::handles::track(h.bind(py).as_any())
+                    }
+                    Ready::TaskStep { func, .. } => crate::handles::track(func.bind(py)),
+                }
             }
             for t in st.timers.iter() {
                 crate::handles::track(t.bind(py).as_any());
