@@ -17,6 +17,9 @@ test-python:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	$(PYTHON) -m pip install --quiet -r requirements-lint.txt
+	$(PYTHON) -m ruff check python tests bench examples
+	$(PYTHON) -m mypy.stubtest ferroloop._ferroloop
 
 conformance: install
 	$(PYTHON) -m tests.conformance.run

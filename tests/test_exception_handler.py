@@ -1,6 +1,5 @@
 """set/get_exception_handler, default_exception_handler, call_exception_handler."""
 
-import asyncio
 import gc
 import logging
 

@@ -601,7 +601,7 @@ def test_shutdown_asyncgens_finalises_an_unfinished_async_generator(loop):
     gen = agen()
 
     async def first():
-        return await gen.__anext__()
+        return await gen.__anext__()  # noqa: F821 (deleted after use)
 
     assert loop.run_until_complete(first()) == 1
     assert finalised == []
@@ -623,7 +623,7 @@ def test_shutdown_asyncgens_reports_errors_of_aclose_to_handler(loop):
     gen = agen()
 
     async def first():
-        return await gen.__anext__()
+        return await gen.__anext__()  # noqa: F821 (deleted after use)
 
     loop.run_until_complete(first())
     loop.run_until_complete(loop.shutdown_asyncgens())
@@ -914,7 +914,7 @@ def test_shutdown_asyncgens_finalises_several_generators(loop):
     gens = [make(i) for i in range(5)]
 
     async def start_all():
-        for g in gens:
+        for g in gens:  # noqa: F821 (deleted after use)
             await g.__anext__()
 
     loop.run_until_complete(start_all())

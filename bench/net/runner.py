@@ -760,7 +760,7 @@ def report(meta: Dict[str, Any], probes: Dict[str, Dict[str, Any]], servers: Lis
         L.append("")
 
     if idle_cases:
-        L.append(f"### Idle connections: server memory per connection (RSS delta ÷ connections)")
+        L.append("### Idle connections: server memory per connection (RSS delta ÷ connections)")
         L.append("")
         rows = []
         for c in idle_cases:

@@ -3,16 +3,36 @@
 from contextvars import Context
 from typing import Any, Callable, Optional
 
+from typing_extensions import disjoint_base, final
+
+__all__ = [
+    "LoopCore",
+    "Handle",
+    "TimerHandle",
+    "read_bytes",
+    "recvfrom_inet",
+    "install_stream_fast_paths",
+    "install_datagram_fast_paths",
+    "__version__",
+]
+
 __version__: str
 
+def read_bytes(fd: int, max_size: int = ...) -> bytes: ...
+def recvfrom_inet(fd: int, max_size: int = ...) -> tuple[bytes, Any]: ...
+def install_stream_fast_paths(cls: type) -> None: ...
+def install_datagram_fast_paths(cls: type) -> None: ...
+@disjoint_base
 class Handle:
     def cancel(self) -> None: ...
     def cancelled(self) -> bool: ...
     def get_context(self) -> Context: ...
 
+@final
 class TimerHandle(Handle):
     def when(self) -> float: ...
 
+@disjoint_base
 class LoopCore:
     def __new__(cls, *args: Any, **kwargs: Any) -> LoopCore: ...
     def time(self) -> float: ...

@@ -16,7 +16,7 @@ import threading
 import traceback
 import warnings
 import weakref
-from asyncio import coroutines, events, futures, tasks
+from asyncio import coroutines, futures, tasks
 
 from . import _ferroloop
 from ._net import NetworkMixin

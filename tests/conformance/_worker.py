@@ -500,7 +500,7 @@ def main(argv=None):
                     "excluded_by": e["pattern"] if e else None, "loops": None})
         sink.write({"event": "finished"})
         os._exit(0)
-    except BaseException as exc:
+    except BaseException:
         sink.write({"event": "test", "id": modname, "outcome": "error",
                     "message": "import failed: %s" % _message(sys.exc_info()),
                     "traceback": traceback.format_exc()[-MAX_TB:], "loops": None})

@@ -5,7 +5,6 @@ pokes a private attribute of it) as plumbing, not as the thing under test.
 They swap in the loop under test while keeping the test's assertions
 unchanged.  Every adaptation is listed in README.md; keep them few.
 """
-import asyncio
 
 _MISSING = object()
 
