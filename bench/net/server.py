@@ -147,7 +147,10 @@ async def start(loop, args):
         KEEP.append(srv)
         return srv.sockets[0].getsockname()
     if kind == "http":
-        import httptools
+        try:
+            import httptools
+        except ImportError:
+            raise Unsupported("httptools is not installed (pip install -r bench/requirements.txt)") from None
 
         srv = await loop.create_server(lambda: HttpProtocol(httptools), host, port, backlog=args.backlog)
         KEEP.append(srv)
