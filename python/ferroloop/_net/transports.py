@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import socket
+import _socket
 import warnings
 from asyncio import constants, futures, protocols, transports, trsock
 
@@ -32,13 +33,29 @@ if _IOV_MAX <= 0:  # pragma: no cover
     _IOV_MAX = 16
 
 
+_TCP_FAMILIES = (int(socket.AF_INET), int(getattr(socket, "AF_INET6", socket.AF_INET)))
+# The C socket's own fields, as ints: `socket.socket`'s family and type properties build an
+# enum member per call, and a transport asks for them on every connection.
+_raw_family = _socket.socket.family.__get__
+_raw_type = _socket.socket.type.__get__
+_raw_proto = _socket.socket.proto.__get__
+
+
+def sock_family(sock) -> int:
+    """`sock.family` as an int, without the enum conversion for a real socket."""
+    if isinstance(sock, _socket.socket):
+        return _raw_family(sock)
+    return sock.family
+
+
 def set_nodelay(sock) -> None:
-    if (
-        hasattr(socket, "TCP_NODELAY")
-        and sock.family in (socket.AF_INET, getattr(socket, "AF_INET6", None))
-        and sock.type == socket.SOCK_STREAM
-        and sock.proto == socket.IPPROTO_TCP
-    ):
+    if not hasattr(socket, "TCP_NODELAY"):
+        return
+    if isinstance(sock, _socket.socket):
+        family, stype, proto = _raw_family(sock), _raw_type(sock), _raw_proto(sock)
+    else:
+        family, stype, proto = sock.family, sock.type, sock.proto
+    if family in _TCP_FAMILIES and stype == socket.SOCK_STREAM and proto == socket.IPPROTO_TCP:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -58,7 +75,7 @@ _DEFAULT_LOW_WATER = _DEFAULT_HIGH_WATER // 4
 
 _NO_QUEUE = ()  # empty, falsy, iterable: what `_buffer` is until a write has to wait
 
-_EDGE_FAMILIES = (socket.AF_INET, getattr(socket, "AF_INET6", socket.AF_INET))
+_EDGE_FAMILIES = _TCP_FAMILIES
 
 
 class SocketTransportBase(transports.Transport):
@@ -381,7 +398,7 @@ class StreamTransport(SocketTransportBase):
         # sockets stay level-triggered: a read stops short at a message that carries fds.)
         if not self.is_reading():
             return
-        if self._sock.family in _EDGE_FAMILIES:
+        if sock_family(self._sock) in _EDGE_FAMILIES:
             self._loop._add_reader_edge(fd, callback, *args)
         else:
             self._loop._add_reader(fd, callback, *args)
