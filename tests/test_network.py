@@ -1314,6 +1314,52 @@ def test_protocol_factory_error_closes_the_socket_and_the_server_keeps_serving(l
             loop.set_exception_handler(None)
 
 
+def test_accept_out_of_fds_is_reported_and_the_server_serves_again(loop):
+    resource = pytest.importorskip("resource")
+
+    async def main():
+        made = []
+        reported = []
+
+        class Keep(asyncio.Protocol):
+            def connection_made(self, transport):
+                made.append(transport)
+
+        loop.set_exception_handler(
+            lambda lp, ctx: reported.append((ctx["message"], getattr(ctx.get("exception"), "errno", None)))
+        )
+        server = await loop.create_server(Keep, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        client = socket.socket()
+        try:
+            # The lowest free fd number as the limit: the accepted socket gets no fd.
+            probe = os.dup(0)
+            os.close(probe)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+            try:
+                client.connect(address)
+                while not reported:
+                    await asyncio.sleep(0.01)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert reported[0] == ("socket.accept() out of system resource", errno.EMFILE)
+            assert not made
+            # Accepting resumes after asyncio's ACCEPT_RETRY_DELAY (1 s).
+            while not made:
+                await asyncio.sleep(0.01)
+            assert made[0].get_extra_info("peername") == client.getsockname()
+            made[0].close()
+            await asyncio.sleep(0)
+        finally:
+            client.close()
+            loop.set_exception_handler(None)
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
 def _reset(sock):
     """Close a blocking socket with an RST (SO_LINGER 0): the peer's getpeername() then fails."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -513,6 +513,32 @@ extern "C" {
     ) -> *const libc::c_char;
 }
 
+thread_local! {
+    /// The host string of the last IPv4 peer accepted: clients mostly come from a few hosts
+    /// (a proxy, a load balancer), so most accepts skip formatting and interning it.
+    static LAST_INET_HOST: RefCell<Option<(u32, Py<PyString>)>> = const { RefCell::new(None) };
+}
+
+/// The interned "a.b.c.d" string of an IPv4 address.
+fn inet_host(py: Python<'_>, ip: u32) -> Bound<'_, PyString> {
+    let hit = LAST_INET_HOST.with(|last| {
+        let last = last.try_borrow().ok()?;
+        let (cached, host) = last.as_ref()?;
+        (*cached == ip).then(|| host.clone_ref(py))
+    });
+    if let Some(host) = hit {
+        return host.into_bound(py);
+    }
+    let host = PyString::intern(py, &Ipv4Addr::from(ip).to_string());
+    let old = LAST_INET_HOST.with(|last| {
+        last.try_borrow_mut()
+            .ok()
+            .and_then(|mut l| l.replace((ip, host.clone().unbind())))
+    });
+    drop(old); // outside the borrow (a str runs no code when freed)
+    host
+}
+
 /// An accepted peer's address as `socket.accept()` returns it for the inet families:
 /// `(host, port)` or `(host, port, flowinfo, scope_id)`; None for an empty or other address.
 fn peer_address(
@@ -526,11 +552,10 @@ fn peer_address(
             // SAFETY: the family and length say the storage holds a sockaddr_in.
             let sin: &libc::sockaddr_in =
                 unsafe { &*(addr as *const libc::sockaddr_storage).cast() };
-            let host = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).to_string();
             let t = PyTuple::new(
                 py,
                 [
-                    PyString::intern(py, &host).into_any(),
+                    inet_host(py, u32::from_be(sin.sin_addr.s_addr)).into_any(),
                     u16::from_be(sin.sin_port).into_pyobject(py)?.into_any(),
                 ],
             )?;
