@@ -416,9 +416,12 @@ class StreamTransport(SocketTransportBase):
         # A TCP socket's reader is watched edge-triggered: every read path below either drains
         # the socket or, when a read filled all the room it had, calls _rearm_reader. (Unix
         # sockets stay level-triggered: a read stops short at a message that carries fds.)
-        if not self.is_reading():
+        # (is_reading() and sock_family() in this frame: it runs once per connection.)
+        if self._paused or self._closing:
             return
-        if sock_family(self._sock) in _EDGE_FAMILIES:
+        sock = self._sock
+        family = _raw_family(sock) if type(sock) is socket.socket else sock_family(sock)
+        if family in _EDGE_FAMILIES:
             self._loop._add_reader_edge(fd, callback, *args)
         else:
             self._loop._add_reader(fd, callback, *args)
