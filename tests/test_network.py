@@ -20,6 +20,7 @@ import struct
 import tempfile
 import threading
 import time
+import warnings
 
 import sys
 
@@ -1145,6 +1146,216 @@ def test_server_wait_closed_waits_for_connections(loop):
             await waiter
         finally:
             client.close()
+
+    run(loop, main())
+
+
+def _ipv6_loopback_available():
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_accepted_socket_is_nonblocking_not_inheritable_nodelay_with_the_peer_address(loop, host):
+    if host == "::1" and not _ipv6_loopback_available():
+        pytest.skip("no IPv6 loopback")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    async def main():
+        made = []
+
+        class Keep(asyncio.Protocol):
+            def connection_made(self, transport):
+                made.append(transport)
+
+        server = await loop.create_server(Keep, host, 0)
+        listener = server.sockets[0]
+        address = listener.getsockname()
+        client = socket.create_connection(address[:2])
+        try:
+            while not made:
+                await asyncio.sleep(0.001)
+            transport = made[0]
+            sock = transport.get_extra_info("socket")
+            assert (sock.family, sock.type, sock.proto) == (family, socket.SOCK_STREAM, listener.proto)
+            assert os.get_blocking(sock.fileno()) is False
+            assert os.get_inheritable(sock.fileno()) is False
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            peer = transport.get_extra_info("peername")
+            assert peer == client.getsockname()
+            assert type(peer) is tuple and type(peer[0]) is str and type(peer[1]) is int
+            assert transport.get_extra_info("sockname") == client.getpeername()
+            transport.close()
+            await asyncio.sleep(0)
+        finally:
+            client.close()
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_accept_runs_factory_in_a_task_and_connection_made_in_the_next_iteration(loop):
+    # CPython's order: the accept creates a task; its first step (next iteration) calls the
+    # factory and makes the transport, which schedules connection_made for the iteration after;
+    # the task waits for the transport and finishes two iterations after the factory.
+    async def main():
+        ticks = [0]
+        events = []
+
+        def tick():
+            ticks[0] += 1
+            if not done.done():
+                loop.call_soon(tick)
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                events.append(("made", ticks[0], task.done()))
+
+            def data_received(self, data):
+                events.append(("data", ticks[0], task.done()))
+                self.transport.write(data)
+                done.set_result(None)
+
+        def factory():
+            nonlocal task
+            task = asyncio.current_task()
+            events.append(("factory", ticks[0], task in asyncio.all_tasks()))
+            return Proto()
+
+        task = None
+        done = loop.create_future()
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        loop.call_soon(tick)
+        client = loop.run_in_executor(None, blocking_client, address, b"x")
+        await done
+        assert await client == b"x"
+        (f, n_factory, listed), (m, n_made, done_at_made), (d, _, _) = events
+        assert (f, m, d) == ("factory", "made", "data")
+        assert listed and task is not None
+        assert n_made == n_factory + 1 and not done_at_made
+        await asyncio.sleep(0)
+        assert task.done() and task.exception() is None
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_protocol_factory_error_closes_the_socket_and_the_server_keeps_serving(loop, debug):
+    async def main():
+        calls = []
+        reported = []
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def eof_received(self):
+                return False
+
+        def factory():
+            calls.append(None)
+            if len(calls) == 1:
+                raise ZeroDivisionError("no protocol")
+            return Echo()
+
+        loop.set_debug(debug)
+        # Only what was reported: the exception's traceback would keep the socket alive.
+        loop.set_exception_handler(
+            lambda lp, ctx: reported.append((ctx["message"], type(ctx.get("exception"))))
+        )
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+
+        def refused():
+            with socket.create_connection(address, timeout=TIMEOUT) as s:
+                return s.recv(1)
+
+        before = fd_count()
+        closed = loop.run_in_executor(None, refused)
+        while not closed.done():
+            # CPython's loop in debug mode leaves the socket in a reference cycle.
+            await asyncio.sleep(0.01)
+            gc.collect()
+        assert closed.result() == b""
+        assert await loop.run_in_executor(None, blocking_client, address, b"still") == b"still"
+        await asyncio.sleep(0.01)
+        assert fd_count() <= before
+        errors = [message for message, exc_type in reported if exc_type is ZeroDivisionError]
+        if debug:
+            assert errors == ["Error on transport creation for incoming connection"]
+        else:
+            assert errors == []
+        server.close()
+        await server.wait_closed()
+
+    with warnings.catch_warnings():
+        if type(loop).__module__.startswith("asyncio"):
+            # CPython 3.11 to 3.13 leave the socket to be closed when it is collected (at once,
+            # by reference counting), with a ResourceWarning; ferroloop closes it itself.
+            warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            run(loop, main())
+        finally:
+            loop.set_debug(False)
+            loop.set_exception_handler(None)
+
+
+def test_accept_out_of_fds_is_reported_and_the_server_serves_again(loop):
+    resource = pytest.importorskip("resource")
+
+    async def main():
+        made = []
+        reported = []
+
+        class Keep(asyncio.Protocol):
+            def connection_made(self, transport):
+                made.append(transport)
+
+        loop.set_exception_handler(
+            lambda lp, ctx: reported.append((ctx["message"], getattr(ctx.get("exception"), "errno", None)))
+        )
+        server = await loop.create_server(Keep, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        client = socket.socket()
+        try:
+            # The lowest free fd number as the limit: the accepted socket gets no fd.
+            probe = os.dup(0)
+            os.close(probe)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+            try:
+                client.connect(address)
+                while not reported:
+                    await asyncio.sleep(0.01)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert reported[0] == ("socket.accept() out of system resource", errno.EMFILE)
+            assert not made
+            # Accepting resumes after asyncio's ACCEPT_RETRY_DELAY (1 s).
+            while not made:
+                await asyncio.sleep(0.01)
+            assert made[0].get_extra_info("peername") == client.getsockname()
+            made[0].close()
+            await asyncio.sleep(0)
+        finally:
+            client.close()
+            loop.set_exception_handler(None)
+        server.close()
+        await server.wait_closed()
 
     run(loop, main())
 

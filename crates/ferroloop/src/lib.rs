@@ -26,6 +26,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handles::TimerHandle>()?;
     m.add_function(wrap_pyfunction!(sock_io::read_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(sock_io::recvfrom_inet, m)?)?;
+    m.add_function(wrap_pyfunction!(sock_io::accept_inet, m)?)?;
     m.add_function(wrap_pyfunction!(transports::install_stream_fast_paths, m)?)?;
     m.add_function(wrap_pyfunction!(
         datagram_fast::install_datagram_fast_paths,

@@ -458,6 +458,148 @@ pub fn recvfrom_inet<'py>(
     recv_inet(py, fd, max_size).map_err(RecvError::into_pyerr)
 }
 
+// ---- accept ------------------------------------------------------------------------------------
+//
+// `socket.accept()` then `setblocking(False)` costs a Python method, an `accept4` without
+// SOCK_NONBLOCK, an `ioctl(FIONBIO)` and an exception object for the EAGAIN that ends every
+// batch. A server's accept loop calls [`accept_inet`] instead: one `accept4` that makes the
+// socket non-blocking and close-on-exec at once, and None when nothing is waiting.
+
+/// `accept4(fd, SOCK_NONBLOCK | SOCK_CLOEXEC)` on an AF_INET or AF_INET6 listening socket →
+/// `(fd, address)`, the address as `socket.accept()` formats it (its host string interned:
+/// connections from one host share it); None when no connection is waiting, the call was
+/// interrupted or the peer gave up first. Other errors raise `OSError` with their errno. The
+/// caller owns the fd returned.
+#[pyfunction]
+pub fn accept_inet(py: Python<'_>, fd: i32) -> PyResult<Option<(i32, Py<PyAny>)>> {
+    // SAFETY: an all-zero sockaddr_storage is a valid value.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: valid address out-pointers of the sizes given.
+    let conn = unsafe {
+        libc::accept4(
+            fd,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if conn < 0 {
+        let err = std::io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::EAGAIN | libc::EINTR | libc::ECONNABORTED) => Ok(None),
+            #[allow(unreachable_patterns)] // EWOULDBLOCK is EAGAIN on Linux
+            Some(libc::EWOULDBLOCK) => Ok(None),
+            _ => Err(os_error(err)),
+        };
+    }
+    match peer_address(py, &addr, len) {
+        Ok(a) => Ok(Some((conn, a))),
+        Err(e) => {
+            // SAFETY: `conn` is the fd accept4 just returned, owned by nobody else yet.
+            unsafe { libc::close(conn) };
+            Err(e)
+        }
+    }
+}
+
+extern "C" {
+    // POSIX (not in the libc crate for Linux).
+    fn inet_ntop(
+        af: libc::c_int,
+        src: *const libc::c_void,
+        dst: *mut libc::c_char,
+        size: libc::socklen_t,
+    ) -> *const libc::c_char;
+}
+
+thread_local! {
+    /// The host string of the last IPv4 peer accepted: clients mostly come from a few hosts
+    /// (a proxy, a load balancer), so most accepts skip formatting and interning it.
+    static LAST_INET_HOST: RefCell<Option<(u32, Py<PyString>)>> = const { RefCell::new(None) };
+}
+
+/// The interned "a.b.c.d" string of an IPv4 address.
+fn inet_host(py: Python<'_>, ip: u32) -> Bound<'_, PyString> {
+    let hit = LAST_INET_HOST.with(|last| {
+        let last = last.try_borrow().ok()?;
+        let (cached, host) = last.as_ref()?;
+        (*cached == ip).then(|| host.clone_ref(py))
+    });
+    if let Some(host) = hit {
+        return host.into_bound(py);
+    }
+    let host = PyString::intern(py, &Ipv4Addr::from(ip).to_string());
+    let old = LAST_INET_HOST.with(|last| {
+        last.try_borrow_mut()
+            .ok()
+            .and_then(|mut l| l.replace((ip, host.clone().unbind())))
+    });
+    drop(old); // outside the borrow (a str runs no code when freed)
+    host
+}
+
+/// An accepted peer's address as `socket.accept()` returns it for the inet families:
+/// `(host, port)` or `(host, port, flowinfo, scope_id)`; None for an empty or other address.
+fn peer_address(
+    py: Python<'_>,
+    addr: &libc::sockaddr_storage,
+    len: libc::socklen_t,
+) -> PyResult<Py<PyAny>> {
+    let len = len as usize;
+    match addr.ss_family as i32 {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family and length say the storage holds a sockaddr_in.
+            let sin: &libc::sockaddr_in =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast() };
+            let t = PyTuple::new(
+                py,
+                [
+                    inet_host(py, u32::from_be(sin.sin_addr.s_addr)).into_any(),
+                    u16::from_be(sin.sin_port).into_pyobject(py)?.into_any(),
+                ],
+            )?;
+            Ok(t.into_any().unbind())
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: the family and length say the storage holds a sockaddr_in6.
+            let sin6: &libc::sockaddr_in6 =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast() };
+            // inet_ntop, as the socket module formats it (Rust's Display differs for some
+            // IPv4-compatible addresses).
+            let mut buf = [0 as libc::c_char; 64];
+            // SAFETY: `sin6_addr` is a valid in6_addr and `buf` holds more than
+            // INET6_ADDRSTRLEN bytes.
+            let p = unsafe {
+                inet_ntop(
+                    libc::AF_INET6,
+                    (&sin6.sin6_addr as *const libc::in6_addr).cast(),
+                    buf.as_mut_ptr(),
+                    buf.len() as libc::socklen_t,
+                )
+            };
+            if p.is_null() {
+                return Err(os_error(std::io::Error::last_os_error()));
+            }
+            // SAFETY: inet_ntop succeeded, so `buf` holds a NUL-terminated ASCII string.
+            let host = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+            let t = PyTuple::new(
+                py,
+                [
+                    PyString::intern(py, &host).into_any(),
+                    u16::from_be(sin6.sin6_port).into_pyobject(py)?.into_any(),
+                    u32::from_be(sin6.sin6_flowinfo)
+                        .into_pyobject(py)?
+                        .into_any(),
+                    sin6.sin6_scope_id.into_pyobject(py)?.into_any(),
+                ],
+            )?;
+            Ok(t.into_any().unbind())
+        }
+        _ => Ok(py.None()),
+    }
+}
+
 // ---- address caches ----------------------------------------------------------------------------
 //
 // A UDP server answers the same few peers over and over: formatting "a.b.c.d" and building a

@@ -8,16 +8,25 @@ import itertools
 import logging
 import os
 import socket
+import _socket
 import stat
 import sys
 from asyncio import constants, events, exceptions, tasks, trsock
 
+from .._ferroloop import accept_inet as _accept_inet
 from .datagram import set_reuseport
 from .sock_ops import check_ssl_socket
 
 logger = logging.getLogger("asyncio")
 
 _HAS_IPV6 = hasattr(socket, "AF_INET6")
+_INET_FAMILIES = (int(socket.AF_INET), int(getattr(socket, "AF_INET6", socket.AF_INET)))
+_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+# The C socket's own fields, as ints: `socket.socket`'s family and type properties build an
+# enum member per call.
+_sock_family = _socket.socket.family.__get__
+_sock_type = _socket.socket.type.__get__
+_sock_proto = _socket.socket.proto.__get__
 # Python 3.12.1 made wait_closed() wait even when called after close().
 _WAIT_CLOSED_AFTER_CLOSE = sys.version_info >= (3, 12, 1)
 
@@ -225,13 +234,35 @@ class ServingMixin:
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
         ssl_shutdown_timeout=getattr(constants, "SSL_SHUTDOWN_TIMEOUT", None),
     ) -> None:
-        # Accept up to `backlog` pending connections per readiness event.
+        # Accept up to `backlog` pending connections per readiness event. A plain TCP listener
+        # is served natively: one accept4() makes the socket non-blocking and close-on-exec,
+        # the socket object is built with its family, type and proto given (no syscall to
+        # ask for them, none to change its blocking mode), and an empty backlog ends the batch
+        # without an exception. A socket subclass keeps its own accept().
+        native = type(sock) is socket.socket and _sock_family(sock) in _INET_FAMILIES
+        if native:
+            listen_fd = sock.fileno()
+            family = _sock_family(sock)
+            stype = _sock_type(sock) | _SOCK_NONBLOCK
+            proto = _sock_proto(sock)
         for _ in range(backlog):
             try:
-                conn, addr = sock.accept()
+                if native:
+                    accepted = _accept_inet(listen_fd)
+                    if accepted is None:
+                        return  # nothing more to accept (or the peer gave up first)
+                    fd, addr = accepted
+                    try:
+                        conn = socket.socket(family, stype, proto, fd)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                else:
+                    conn, addr = sock.accept()
+                    conn.setblocking(False)
+                    addr = _share_host(addr)
                 if self.get_debug():
                     logger.debug("%r got a new connection from %r: %r", server, addr, conn)
-                conn.setblocking(False)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return  # nothing more to accept (or the peer gave up first)
             except OSError as exc:
@@ -263,7 +294,7 @@ class ServingMixin:
                     self._accept_connection2(
                         protocol_factory,
                         conn,
-                        _share_host(addr),
+                        addr,
                         sslcontext,
                         server,
                         ssl_handshake_timeout,

@@ -13,7 +13,9 @@ import itertools
 import logging
 import os
 import socket
+import _socket
 import warnings
+from _weakref import ref as _weakref
 from asyncio import constants, futures, protocols, transports, trsock
 
 logger = logging.getLogger("asyncio")
@@ -32,13 +34,33 @@ if _IOV_MAX <= 0:  # pragma: no cover
     _IOV_MAX = 16
 
 
+_TCP_FAMILIES = (int(socket.AF_INET), int(getattr(socket, "AF_INET6", socket.AF_INET)))
+# The C socket's own fields, as ints: `socket.socket`'s family and type properties build an
+# enum member per call, and a transport asks for them on every connection.
+_raw_family = _socket.socket.family.__get__
+_raw_type = _socket.socket.type.__get__
+_raw_proto = _socket.socket.proto.__get__
+
+
+_IPPROTO_TCP = socket.IPPROTO_TCP
+_TCP_NODELAY = getattr(socket, "TCP_NODELAY", None)
+
+
+def sock_family(sock) -> int:
+    """`sock.family` as an int, without the enum conversion for a real socket."""
+    if isinstance(sock, _socket.socket):
+        return _raw_family(sock)
+    return sock.family
+
+
 def set_nodelay(sock) -> None:
-    if (
-        hasattr(socket, "TCP_NODELAY")
-        and sock.family in (socket.AF_INET, getattr(socket, "AF_INET6", None))
-        and sock.type == socket.SOCK_STREAM
-        and sock.proto == socket.IPPROTO_TCP
-    ):
+    if not hasattr(socket, "TCP_NODELAY"):
+        return
+    if isinstance(sock, _socket.socket):
+        family, stype, proto = _raw_family(sock), _raw_type(sock), _raw_proto(sock)
+    else:
+        family, stype, proto = sock.family, sock.type, sock.proto
+    if family in _TCP_FAMILIES and stype == socket.SOCK_STREAM and proto == socket.IPPROTO_TCP:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -58,7 +80,7 @@ _DEFAULT_LOW_WATER = _DEFAULT_HIGH_WATER // 4
 
 _NO_QUEUE = ()  # empty, falsy, iterable: what `_buffer` is until a write has to wait
 
-_EDGE_FAMILIES = (socket.AF_INET, getattr(socket, "AF_INET6", socket.AF_INET))
+_EDGE_FAMILIES = _TCP_FAMILIES
 
 
 class SocketTransportBase(transports.Transport):
@@ -111,7 +133,7 @@ class SocketTransportBase(transports.Transport):
             self._build_extra(sock, self._extra)
         self._loop = loop
         self._sock = sock
-        self._sock_fd = sock.fileno()
+        self._sock_fd = fd = sock.fileno()
         self._protocol = None
         self.set_protocol(protocol)
         self._server = server
@@ -122,12 +144,16 @@ class SocketTransportBase(transports.Transport):
         self._conn_lost = 0
         self._closing = False
         self._protocol_paused = False
-        self._high_water = 0
-        self._low_water = 0
-        self._set_write_buffer_limits()
+        # What _set_write_buffer_limits() sets (one call less per connection).
+        self._high_water = _DEFAULT_HIGH_WATER
+        self._low_water = _DEFAULT_LOW_WATER
         if server is not None:
             server._attach(self)
-        loop._transports[self._sock_fd] = self
+        # loop._transports[fd] = self, without the property and the table's __setitem__ frames.
+        table = loop.__dict__.get("_net_transports")
+        if table is None:
+            table = loop._transports
+        table._refs[fd] = _weakref(self)
 
     def __repr__(self) -> str:
         info = [self.__class__.__name__]
@@ -353,11 +379,21 @@ class StreamTransport(SocketTransportBase):
     _lazy_extra = True
 
     def __init__(self, loop, sock, protocol, waiter=None, extra=None, server=None, peername=None):
-        super().__init__(loop, sock, protocol, extra, server, peername)
+        SocketTransportBase.__init__(self, loop, sock, protocol, extra, server, peername)
         self._eof = False
         self._paused = False
         self._empty_waiter = None
-        set_nodelay(self._sock)
+        if type(sock) is socket.socket:
+            # set_nodelay() in this frame (it runs for every accepted connection).
+            if (
+                _raw_family(sock) in _TCP_FAMILIES
+                and _raw_type(sock) == socket.SOCK_STREAM
+                and _raw_proto(sock) == _IPPROTO_TCP
+                and _TCP_NODELAY is not None
+            ):
+                sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
+        else:
+            set_nodelay(sock)
         loop.call_soon(self._protocol.connection_made, self)
         # Only start reading once connection_made() has been called. The watcher calls the
         # class's _read_ready with the transport as its argument: no bound method per connection.
@@ -366,9 +402,10 @@ class StreamTransport(SocketTransportBase):
             loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
 
     def set_protocol(self, protocol) -> None:
-        # A flag, not a bound method per connection.
+        # A flag, not a bound method per connection. (The base class's set_protocol only
+        # stores the protocol: done here, without a super() call per connection.)
         self._buffered = isinstance(protocol, protocols.BufferedProtocol)
-        super().set_protocol(protocol)
+        self._protocol = protocol
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -379,9 +416,12 @@ class StreamTransport(SocketTransportBase):
         # A TCP socket's reader is watched edge-triggered: every read path below either drains
         # the socket or, when a read filled all the room it had, calls _rearm_reader. (Unix
         # sockets stay level-triggered: a read stops short at a message that carries fds.)
-        if not self.is_reading():
+        # (is_reading() and sock_family() in this frame: it runs once per connection.)
+        if self._paused or self._closing:
             return
-        if self._sock.family in _EDGE_FAMILIES:
+        sock = self._sock
+        family = _raw_family(sock) if type(sock) is socket.socket else sock_family(sock)
+        if family in _EDGE_FAMILIES:
             self._loop._add_reader_edge(fd, callback, *args)
         else:
             self._loop._add_reader(fd, callback, *args)
