@@ -84,6 +84,14 @@ impl StreamReads {
     }
 
     #[inline]
+    /// After a direct read of `n` bytes into room sized `size`: the next one is sized like the
+    /// larger of the two (halving after short reads), or goes through the loop buffer when that
+    /// is below [`DIRECT_MIN`].
+    fn after_direct_read(&self, fd: i32, size: usize, n: usize) {
+        let next = n.max(size / 2);
+        self.set_hint(fd, size, if next >= DIRECT_MIN { next } else { 0 });
+    }
+
     fn set_hint(&self, fd: i32, old: usize, size: usize) {
         if fd < 0 || size == old {
             return;
@@ -201,6 +209,31 @@ fn read_copied<'py>(
     })
 }
 
+/// One `readv` into `len` bytes at `dst`, then into the loop buffer `buf` for what does not fit
+/// (up to [`BUF_SIZE`] in all). The byte count, or `Err(())` with `errno` set.
+///
+/// # Safety
+/// `dst` must be valid and writable for `len` bytes.
+unsafe fn readv_spill(fd: i32, dst: *mut u8, len: usize, buf: &mut [u8]) -> Result<usize, ()> {
+    let iov = [
+        libc::iovec {
+            iov_base: dst.cast(),
+            iov_len: len,
+        },
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: BUF_SIZE.saturating_sub(len).min(buf.len()),
+        },
+    ];
+    // SAFETY: both regions are valid and writable for their lengths (the caller's and `buf`).
+    let r = unsafe { libc::readv(fd, iov.as_ptr(), 2) };
+    if r < 0 {
+        Err(())
+    } else {
+        Ok(r as usize)
+    }
+}
+
 /// Reads into `obj` (its whole size), with the loop buffer behind it for what does not fit,
 /// and makes `obj` exactly what was read.
 ///
@@ -222,28 +255,16 @@ unsafe fn read_direct<'py>(
         (*obj.cast::<ffi::PyBytesObject>()).ob_shash = -1
     };
     with_buf(|buf| {
-        let iov = [
-            libc::iovec {
-                // SAFETY: `obj` is a live bytes object of `cap` bytes.
-                iov_base: unsafe { ffi::PyBytes_AsString(obj) }.cast(),
-                iov_len: cap,
-            },
-            libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: BUF_SIZE.saturating_sub(cap).min(buf.len()),
-            },
-        ];
-        // SAFETY: both regions are valid and writable for their lengths.
-        let r = unsafe { libc::readv(fd, iov.as_ptr(), 2) };
-        if r < 0 {
+        // SAFETY: `obj` is a live bytes object of `cap` bytes.
+        let r = unsafe { readv_spill(fd, ffi::PyBytes_AsString(obj).cast(), cap, buf) };
+        let Ok(r) = r else {
             let err = std::io::Error::last_os_error();
             // SAFETY: we own the only reference to `obj`; keep it for the next read.
             recycle(unsafe { Bound::from_owned_ptr(py, obj).cast_into_unchecked() });
             return Err(ReadError::Os(err));
-        }
-        let n = r as usize;
-        let next = n.max(size / 2);
-        st.set_hint(fd, size, if next >= DIRECT_MIN { next } else { 0 });
+        };
+        let n = r;
+        st.after_direct_read(fd, size, n);
         if n != cap {
             // SAFETY: `obj` is a bytes object nobody else references, as _PyBytes_Resize
             // requires; on failure it has released it and set `obj` to NULL.
@@ -308,27 +329,16 @@ pub(crate) unsafe fn read_into_bytearray(
             unsafe { resize(py, ba, old + size)? };
             // SAFETY: the bytearray's storage holds `old + size` bytes.
             let tail = unsafe { ffi::PyByteArray_AsString(ba).cast::<u8>().add(old) };
-            let iov = [
-                libc::iovec {
-                    iov_base: tail.cast(),
-                    iov_len: size,
-                },
-                libc::iovec {
-                    iov_base: buf.as_mut_ptr().cast(),
-                    iov_len: BUF_SIZE.saturating_sub(size).min(buf.len()),
-                },
-            ];
-            // SAFETY: both regions are valid and writable for their lengths.
-            let r = unsafe { libc::readv(fd, iov.as_ptr(), 2) };
-            if r < 0 {
+            // SAFETY: `tail` has room for `size` bytes.
+            let r = unsafe { readv_spill(fd, tail, size, buf) };
+            let Ok(r) = r else {
                 let err = std::io::Error::last_os_error();
                 // SAFETY: shrinking back to the original contents.
                 unsafe { truncate(ba, old) };
                 return Err(ReadError::Os(err));
-            }
-            let n = r as usize;
-            let next = n.max(size / 2);
-            st.set_hint(fd, size, if next >= DIRECT_MIN { next } else { 0 });
+            };
+            let n = r;
+            st.after_direct_read(fd, size, n);
             if n <= size {
                 // SAFETY: shrinking to what was read.
                 unsafe { truncate(ba, old + n) };

@@ -184,14 +184,19 @@ fn missing_error(method: &str, leading_names: &[&str], given: impl Fn(usize) -> 
 /// Runs `body`, turning a Rust panic into `PanicException`, as PyO3's own trampolines do.
 #[inline(always)]
 pub(crate) fn catch_panic<T>(body: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
-    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| {
-        let msg = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "Rust panic in ferroloop".into());
-        Err(pyo3::panic::PanicException::new_err(msg))
-    })
+    catch_unwind(AssertUnwindSafe(body))
+        .unwrap_or_else(|payload| Err(panic_error(payload, "Rust panic in ferroloop")))
+}
+
+/// The `PanicException` for a caught panic: its message, or `default` when it has none.
+#[cold]
+pub(crate) fn panic_error(payload: Box<dyn std::any::Any + Send>, default: &str) -> PyErr {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| default.into());
+    pyo3::panic::PanicException::new_err(msg)
 }
 
 /// Runs `body` with the GIL token, turning errors into a raised exception and panics into

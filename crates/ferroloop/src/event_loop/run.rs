@@ -408,12 +408,10 @@ impl LoopCore {
             })
         }))
         .unwrap_or_else(|payload| {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "Rust panic in the event loop".into());
-            Err(pyo3::panic::PanicException::new_err(msg))
+            Err(super::fastcall::panic_error(
+                payload,
+                "Rust panic in the event loop",
+            ))
         });
         let surplus = {
             let mut st = this.state.borrow_mut(py)?;
