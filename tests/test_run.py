@@ -1011,3 +1011,70 @@ def test_pending_task_is_reported_destroyed_after_loop_close(loop):
     gc.collect()
     assert ref() is None, "pending task (and its sleep timer) leaked after close"
     assert [c["message"] for c in contexts] == ["Task was destroyed but it is pending!"]
+
+
+def test_closed_loop_is_freed_by_reference_counting(loop_impl):
+    # Futures and task steps were made through the loop before it was closed; once closed and
+    # unreferenced, nothing of it may be left for the garbage collector.
+    import weakref
+
+    lp = loop_impl.new_event_loop()
+
+    async def main():
+        fut = lp.create_future()
+        lp.call_soon(fut.set_result, 1)
+        await fut
+        await asyncio.sleep(0)
+
+    lp.run_until_complete(main())
+    lp.close()
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        ref = weakref.ref(lp)
+        del lp
+        assert ref() is None
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def test_create_future_is_bound_to_the_loop_running_or_not(loop):
+    outside = loop.create_future()
+    assert type(outside) is asyncio.Future and outside.get_loop() is loop
+
+    async def main():
+        inside = loop.create_future()
+        loop.call_soon(inside.set_result, "ok")
+        return inside.get_loop(), await inside
+
+    assert loop.run_until_complete(main()) == (loop, "ok")
+    outside.set_result(None)  # the loop is not running: no callback to schedule
+
+
+def test_loop_subclass_call_soon_override_sees_task_steps(loop_impl):
+    # C tasks and futures schedule their steps and callbacks with loop.call_soon: an override
+    # in a subclass sees them all.
+    seen = []
+
+    class Counting(loop_impl.loop_class):
+        def call_soon(self, callback, *args, context=None):
+            seen.append(callback)
+            return super().call_soon(callback, *args, context=context)
+
+    lp = Counting()
+    try:
+
+        async def main():
+            fut = lp.create_future()
+            lp.call_soon(fut.set_result, 7)
+            await asyncio.sleep(0)
+            return await fut
+
+        assert lp.run_until_complete(main()) == 7
+    finally:
+        lp.close()
+    # run_until_complete's task step, the explicit call, sleep(0)'s step, the future's wake-up
+    assert len(seen) >= 4, seen
+    assert seen.count(seen[1]) == 1

@@ -112,8 +112,9 @@ def case_key(c: Case) -> str:
 # ---------------------------------------------------------------------------
 
 
-def proc_cpu(pid: int) -> Tuple[float, float]:
-    """(schedstat seconds summed over live threads, (utime+stime) seconds from /proc/pid/stat).
+def proc_cpu(pid: int) -> Tuple[float, float, float]:
+    """(schedstat seconds summed over live threads, (utime+stime) seconds from /proc/pid/stat,
+    stime seconds from /proc/pid/stat).
 
     schedstat is nanosecond-exact but only covers live threads; stat covers the whole
     thread group (dead threads too) in clock ticks. The runner reports schedstat and
@@ -129,7 +130,7 @@ def proc_cpu(pid: int) -> Tuple[float, float]:
         st = f.read()
     fields = st[st.rindex(")") + 2:].split()
     ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return ns / 1e9, ticks / CLK_TCK
+    return ns / 1e9, ticks / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def machine_busy_s() -> float:
@@ -429,12 +430,12 @@ def measure_echo(case: Case, srv: Proc, addr: str, st: Settings) -> Dict[str, An
     cl = Proc(cmd, st.client_cpu)
     try:
         cl.expect(("WARM",), timeout=st.warmup + 30)
-        c0, s0 = proc_cpu(srv.pid)
+        c0, s0, k0 = proc_cpu(srv.pid)
         m0 = machine_busy_s()
         w0 = time.perf_counter()
         cl.send("go\n")
         _, res = cl.expect(("RESULT",), timeout=st.duration + 30)
-        c1, s1 = proc_cpu(srv.pid)
+        c1, s1, k1 = proc_cpu(srv.pid)
         m1 = machine_busy_s()
         w1 = time.perf_counter()
         cl.close_stdin()
@@ -451,6 +452,7 @@ def measure_echo(case: Case, srv: Proc, addr: str, st: Settings) -> Dict[str, An
         "mbps": res["bytes"] / res["elapsed"] / 1e6,
         "cpu_s": c1 - c0,
         "cpu_stat_s": s1 - s0,
+        "cpu_sys_stat_s": k1 - k0,
         "cpu_us_per_req": (c1 - c0) / n * 1e6,
         "cpu_util": (c1 - c0) / (w1 - w0),
         "client_util": res.get("client_cpu", float("nan")) / res["elapsed"],
@@ -490,11 +492,11 @@ def measure_wrk(case: Case, srv: Proc, addr: str, st: Settings) -> Dict[str, Any
     if not shutil.which("wrk"):
         raise Unsupported("wrk not installed (apt-get install wrk)")
     run_wrk(addr, st, 1)  # warm-up (wrk takes whole seconds)
-    c0, s0 = proc_cpu(srv.pid)
+    c0, s0, k0 = proc_cpu(srv.pid)
     m0 = machine_busy_s()
     w0 = time.perf_counter()
     res = run_wrk(addr, st, max(1, round(st.duration)))
-    c1, s1 = proc_cpu(srv.pid)
+    c1, s1, k1 = proc_cpu(srv.pid)
     m1 = machine_busy_s()
     w1 = time.perf_counter()
     n = res["requests"]
@@ -504,6 +506,7 @@ def measure_wrk(case: Case, srv: Proc, addr: str, st: Settings) -> Dict[str, Any
         "mbps": float("nan"),
         "cpu_s": c1 - c0,
         "cpu_stat_s": s1 - s0,
+        "cpu_sys_stat_s": k1 - k0,
         "cpu_us_per_req": (c1 - c0) / n * 1e6,
         "cpu_util": (c1 - c0) / (w1 - w0),
         "background": max(0.0, (m1 - m0) - (c1 - c0) - res["client_util"] * res["elapsed"]) / (w1 - w0),
@@ -531,11 +534,11 @@ def measure_idle(case: Case, srv: Proc, addr: str, st: Settings) -> Dict[str, An
     cl.kill()
     time.sleep(0.3)
     rss0 = proc_rss_kib(srv.pid)
-    c0, s0 = proc_cpu(srv.pid)
+    c0, s0, k0 = proc_cpu(srv.pid)
     cl, info = hold(st.idle_conns, True)
     try:
         time.sleep(0.3)
-        c1, s1 = proc_cpu(srv.pid)
+        c1, s1, k1 = proc_cpu(srv.pid)
         rss1 = proc_rss_kib(srv.pid)
         if not srv.alive():
             raise ChildFailed("server died while holding the connections")
@@ -551,6 +554,7 @@ def measure_idle(case: Case, srv: Proc, addr: str, st: Settings) -> Dict[str, An
         "mbps": float("nan"),
         "cpu_s": c1 - c0,
         "cpu_stat_s": s1 - s0,
+        "cpu_sys_stat_s": k1 - k0,
         "cpu_us_per_req": (c1 - c0) / n * 1e6,  # server CPU per accepted connection
         "cpu_util": float("nan"),
         "client_util": float("nan"),
@@ -650,6 +654,9 @@ def aggregate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         "background": max((s.get("background", 0.0) for s in samples), default=float("nan")),
         "lost": sum(s.get("lost", 0) for s in samples),
         "cpu_stat_vs_sched": med([s["cpu_stat_s"] / s["cpu_s"] for s in samples if s["cpu_s"] > 0]),
+        # the kernel's share of the server's CPU (stat ticks; the rest is user space)
+        "sys_share": med([s["cpu_sys_stat_s"] / s["cpu_stat_s"] for s in samples
+                          if s.get("cpu_stat_s", 0) > 0 and "cpu_sys_stat_s" in s]),
     }
     if "kib_per_conn" in samples[0]:
         a["kib_per_conn"] = med([s["kib_per_conn"] for s in samples])

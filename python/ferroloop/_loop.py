@@ -35,6 +35,13 @@ def _stop_loop_of(fut) -> None:
     futures._get_loop(fut).stop()
 
 
+# Before 3.12, C asyncio schedules every task step and future callback with
+# `getattr(loop, "call_soon")(...)`, which builds a bound method per call; 3.12+ calls the
+# method without binding it.
+_BIND_CALL_SOON = sys.version_info < (3, 12)
+_core_call_soon = _ferroloop.LoopCore.call_soon
+
+
 class Loop(_ferroloop.LoopCore, NetworkMixin, UnixMixin, asyncio.AbstractEventLoop):
     """ferroloop's event loop: an `asyncio.AbstractEventLoop` with a Rust core."""
 
@@ -49,6 +56,12 @@ class Loop(_ferroloop.LoopCore, NetworkMixin, UnixMixin, asyncio.AbstractEventLo
         self._coroutine_origin_tracking_saved_depth = None
         self._unix_init()
         self.set_debug(coroutines._is_debug_mode())
+        if _BIND_CALL_SOON and type(self).call_soon is _core_call_soon:
+            # One bound method, found in the instance dict by C asyncio's lookup, instead of a
+            # new one per task step. It refers to the loop: close() removes it, so a closed
+            # loop is freed as soon as it is unreferenced (an unclosed one, like asyncio's own
+            # loop, by the garbage collector).
+            self.__dict__["call_soon"] = self.call_soon
 
     def __repr__(self) -> str:
         return (
@@ -112,6 +125,9 @@ class Loop(_ferroloop.LoopCore, NetworkMixin, UnixMixin, asyncio.AbstractEventLo
         self._unix_close()
         self._net_close()
         self._close_native()
+        bound = self.__dict__.get("call_soon")
+        if type(bound) is type(self.is_closed) and bound.__self__ is self:
+            del self.__dict__["call_soon"]
         executor = self._default_executor
         if executor is not None:
             self._default_executor = None

@@ -28,6 +28,9 @@ pub struct Stdlib {
     /// `Future()` without `loop=` does) compares the pid saved with the loop to `getpid()`, a
     /// system call per future on glibc, which caches no pid.
     pub running_loop_lookup_is_cheap: bool,
+    /// `asyncio.Future` is the C type (a static type before 3.12), whose `tp_new` and
+    /// `tp_init` can be called directly.
+    pub future_is_static_c_type: bool,
 }
 
 static STDLIB: PyOnceLock<Stdlib> = PyOnceLock::new();
@@ -56,6 +59,19 @@ fn load(py: Python<'_>) -> PyResult<Stdlib> {
         task_accepts_context: py.version_info() >= (3, 11),
         method_type: py.import("types")?.getattr("MethodType")?.unbind(),
         running_loop_lookup_is_cheap: py.version_info() >= (3, 12),
+        future_is_static_c_type: {
+            let tp = asyncio
+                .getattr("Future")?
+                .as_ptr()
+                .cast::<ffi::PyTypeObject>();
+            // SAFETY: `asyncio.Future` is a type object (checked first), alive in the module.
+            unsafe {
+                ffi::PyType_Check(tp.cast()) != 0
+                    && ffi::PyType_GetFlags(tp) & ffi::Py_TPFLAGS_HEAPTYPE == 0
+                    && (*tp).tp_new.is_some()
+                    && (*tp).tp_init.is_some()
+            }
+        },
     })
 }
 

@@ -6,11 +6,12 @@ use std::sync::atomic::Ordering;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
 use pyo3::{ffi, intern};
 
 use super::{current_thread_id, monotonic, LoopCore};
 use crate::handles::{check_callback, untrack, Args, FreshContext, Handle, TimerHandle};
-use crate::stdlib::{call_kw, stdlib, support};
+use crate::stdlib::{call_kw, stdlib, support, Stdlib};
 
 /// asyncio's `_check_thread`: a non-thread-safe call from a thread other than the running loop's.
 pub(crate) fn check_thread(loop_thread: Option<u64>) -> PyResult<()> {
@@ -235,6 +236,28 @@ impl LoopCore {
             // SAFETY: a new reference or NULL with an exception set.
             return unsafe { Bound::from_owned_ptr_or_err(py, r) }.map(Bound::unbind);
         }
+        if s.future_is_static_c_type {
+            let kwargs = {
+                let mut st = slf.get().state.borrow_mut(py)?;
+                if st.closed {
+                    None
+                } else {
+                    Some(
+                        st.future_kwargs
+                            .get_or_insert_with(|| {
+                                let d = PyDict::new(py);
+                                // A new dict and a str key: cannot fail but for memory.
+                                let _ = d.set_item(intern!(py, "loop"), slf);
+                                d.unbind()
+                            })
+                            .clone_ref(py),
+                    )
+                }
+            };
+            if let Some(kwargs) = kwargs {
+                return new_future(py, s, kwargs.bind(py));
+            }
+        }
         Ok(call_kw(
             py,
             s.future_type.bind(py),
@@ -388,4 +411,26 @@ fn extract_seconds(v: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
                 .unwrap_or_default()
         ))
     })
+}
+
+/// `asyncio.Future(**kwargs)` for the C future type before 3.12: its `tp_new` and `tp_init`
+/// called directly with the loop's keyword dict. Calling the type instead turns the keyword
+/// into a fresh dict on every call (the type has no vectorcall before 3.12), about a quarter
+/// of the cost of a future.
+fn new_future(py: Python<'_>, s: &Stdlib, kwargs: &Bound<'_, PyDict>) -> PyResult<Py<PyAny>> {
+    let tp = s.future_type.as_ptr().cast::<ffi::PyTypeObject>();
+    let args = PyTuple::empty(py);
+    // SAFETY: `future_is_static_c_type` checked that `tp` is a static type with both slots;
+    // `args` is a tuple and `kwargs` a dict of str keys, as the slots expect (`tp_init` only
+    // reads it). `tp_new` returns a new reference or NULL with an exception set; `tp_init`
+    // returns 0, or -1 with an exception set.
+    unsafe {
+        let new = (*tp).tp_new.unwrap_unchecked();
+        let init = (*tp).tp_init.unwrap_unchecked();
+        let obj = Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), std::ptr::null_mut()))?;
+        if init(obj.as_ptr(), args.as_ptr(), kwargs.as_ptr()) < 0 {
+            return Err(PyErr::fetch(py));
+        }
+        Ok(obj.unbind())
+    }
 }
