@@ -518,3 +518,34 @@ def test_is_closing_follows_close(loop):
         await c.close()
 
     run(loop, main())
+
+
+def test_transport_methods_given_wrong_arguments_raise_type_error(loop):
+    """The native `_read_ready`, `write` and `is_closing` take arguments as Python methods do:
+    a wrong call raises TypeError (and does nothing), `write(data=...)` works."""
+
+    async def main():
+        c = await Conn.open()
+        tr = c.writer.transport
+        for call in (
+            lambda: tr._read_ready(1),
+            lambda: tr._read_ready(x=1),
+            lambda: tr.write(),
+            lambda: tr.write(b"a", b"b"),
+            lambda: tr.write(b"a", bogus=1),
+            lambda: tr.is_closing(1),
+            lambda: tr.is_closing(x=1),
+        ):
+            with pytest.raises(TypeError):
+                call()
+        tr.write(data=b"kw")
+        tr.write(b"!")
+        got = b""
+        while len(got) < 3:
+            got += c.peer.recv(10)
+        assert got == b"kw!"
+        c.send_chunks([b"reply"])
+        assert await c.reader.read() == b"reply"
+        await c.close()
+
+    run(loop, main())
