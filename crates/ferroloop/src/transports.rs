@@ -284,6 +284,7 @@ pub(crate) unsafe fn takes(n: usize, nargsf: ffi::Py_ssize_t, kwnames: *mut ffi:
 /// # Safety
 /// `args`/`nargsf`/`kwnames` must be the caller's valid vectorcall triple.
 #[cold]
+#[inline(never)]
 pub(crate) unsafe fn forward(
     obj: &Bound<'_, PyAny>,
     name: &Bound<'_, pyo3::types::PyString>,
@@ -324,16 +325,17 @@ unsafe extern "C" fn write_raw(
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     trampoline(|py| {
-        // SAFETY: CPython passes a live `self`.
-        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
-        // SAFETY: CPython passes a valid vectorcall triple.
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple, borrowed for the
+        // call.
+        let tr = unsafe { Borrowed::from_ptr(py, slf) };
+        // SAFETY: as above.
         if unsafe { !takes(1, nargsf, kwnames) } {
             // `write(data=...)`, or a wrong call: the Python method parses it.
             // SAFETY: as above.
             return unsafe { forward(&tr, intern!(py, "_write_py"), args, nargsf, kwnames) };
         }
         // SAFETY: one positional argument, so args[0] is a live borrowed reference.
-        let data = unsafe { Bound::from_borrowed_ptr(py, *args) };
+        let data = unsafe { Borrowed::from_ptr(py, *args) };
         write(&tr, &data).map(|()| py.None())
     })
 }
