@@ -15,6 +15,10 @@
 //! replaced on the class or shadowed on the instance, no reader or a dead one, a reader at EOF
 //! (where `feed_data` asserts, or under `-O` extends anyway: Python decides), a `_buffer` that
 //! is not a bytearray or that a memoryview holds (it cannot be resized).
+//!
+//! The checks on the two classes (their functions are streams.py's) only change when a class
+//! does, so they are cached per type version tag ([`ClassCheck`]); those on the instances
+//! (nothing shadows a function, the reader and its state) run on every read.
 
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
