@@ -552,3 +552,37 @@ def test_connected_endpoint_sendto_without_address(loop, family, tmp_path):
         run(loop, main())
     finally:
         peer.close()
+
+
+def test_transport_methods_given_wrong_arguments_raise_type_error(loop):
+    """The native `_read_ready` and `sendto` take arguments as the Python methods do: a wrong
+    call raises TypeError (and does nothing), keywords are accepted where Python accepts them."""
+    peer = udp_peer()
+
+    async def main():
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop), local_addr=("127.0.0.1", 0)
+        )
+        for call in (
+            lambda: transport._read_ready(1),
+            lambda: transport._read_ready(x=1),
+            lambda: transport.sendto(b"a", None, 1),
+            lambda: transport.sendto(),
+            lambda: transport.sendto(b"a", bogus=1),
+        ):
+            with pytest.raises(TypeError):
+                call()
+        transport.sendto(data=b"kw", addr=peer.getsockname())
+        transport.sendto(b"kw2", addr=peer.getsockname())
+        assert peer.recvfrom(100)[0] == b"kw"
+        assert peer.recvfrom(100)[0] == b"kw2"
+        peer.sendto(b"back", transport.get_extra_info("sockname"))
+        await proto.wait(1)
+        assert proto.received == [(b"back", peer.getsockname())]
+        transport.close()
+        await proto.lost
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()

@@ -469,6 +469,135 @@ def test_data_for_a_reader_that_is_gone_is_dropped(loop):
     run(loop, main())
 
 
+# ---- the stdlib classes changed while connections exist ------------------------------------
+
+
+def _patched(cls, name, make):
+    """Replace `cls.name` with `make(original)`; returns a function that puts it back."""
+    original = cls.__dict__[name]
+    setattr(cls, name, make(original))
+
+    def restore():
+        setattr(cls, name, original)
+
+    return restore
+
+
+@pytest.mark.parametrize(
+    "cls, name",
+    [
+        (asyncio.StreamReader, "feed_data"),
+        (asyncio.StreamReader, "_wakeup_waiter"),
+        (asyncio.StreamReaderProtocol, "data_received"),
+    ],
+)
+def test_a_stream_method_replaced_on_the_class_is_called_then_restored(loop, cls, name):
+    """A connection fed while the stdlib class is intact, then with one of the functions
+    data_received goes through replaced on the class (the replacement is called for each
+    chunk), then with it put back: every byte arrives, in order."""
+    calls = []
+
+    def make(original):
+        def spy(self, *args):
+            calls.append(args)
+            return original(self, *args)
+
+        return spy
+
+    async def main():
+        c = await Conn.open()
+        c.peer.sendall(b"before")
+        assert await c.reader.readexactly(6) == b"before"
+        restore = _patched(cls, name, make)
+        try:
+            c.peer.sendall(b"during")
+            assert await c.reader.readexactly(6) == b"during"
+            assert calls, f"{cls.__name__}.{name} replaced on the class was not called"
+        finally:
+            restore()
+        n = len(calls)
+        c.peer.sendall(b"after")
+        assert await c.reader.readexactly(5) == b"after"
+        assert len(calls) == n
+        await c.close()
+
+    run(loop, main())
+
+
+def test_a_stream_reader_property_replaced_on_the_class_is_used_then_restored(loop):
+    """`StreamReaderProtocol._stream_reader` replaced on the class by a property naming another
+    reader: the data goes to that reader; put back, to the connection's own."""
+
+    async def main():
+        other = asyncio.StreamReader()
+        c = await Conn.open()
+        c.peer.sendall(b"mine")
+        assert await c.reader.readexactly(4) == b"mine"
+        restore = _patched(
+            asyncio.StreamReaderProtocol, "_stream_reader", lambda _: property(lambda self: other)
+        )
+        try:
+            c.peer.sendall(b"theirs")
+            assert await asyncio.wait_for(other.readexactly(6), TIMEOUT) == b"theirs"
+        finally:
+            restore()
+        c.peer.sendall(b"mine again")
+        assert await c.reader.readexactly(10) == b"mine again"
+        await c.close()
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("cls", [asyncio.StreamReader, asyncio.StreamReaderProtocol])
+def test_an_unrelated_class_attribute_set_between_reads_changes_nothing(loop, cls):
+    async def main():
+        c = await Conn.open()
+        c.peer.sendall(b"one")
+        assert await c.reader.readexactly(3) == b"one"
+        cls._ferroloop_test_marker = 1
+        try:
+            c.peer.sendall(b"two")
+            assert await c.reader.readexactly(3) == b"two"
+        finally:
+            del cls._ferroloop_test_marker
+        c.peer.sendall(b"three")
+        assert await c.reader.readexactly(5) == b"three"
+        await c.close()
+
+    run(loop, main())
+
+
+def test_data_received_replaced_on_the_class_of_another_connection_is_called(loop):
+    """Two connections, one fed before the change: after `data_received` is replaced on the
+    class, both call the replacement."""
+    seen = []
+
+    def make(original):
+        def spy(self, data):
+            seen.append(bytes(data))
+            return original(self, data)
+
+        return spy
+
+    async def main():
+        a, b = await Conn.open(), await Conn.open()
+        a.peer.sendall(b"a1")
+        assert await a.reader.readexactly(2) == b"a1"
+        restore = _patched(asyncio.StreamReaderProtocol, "data_received", make)
+        try:
+            a.peer.sendall(b"a2")
+            b.peer.sendall(b"b1")
+            assert await a.reader.readexactly(2) == b"a2"
+            assert await b.reader.readexactly(2) == b"b1"
+        finally:
+            restore()
+        assert sorted(seen) == [b"a2", b"b1"]
+        await a.close()
+        await b.close()
+
+    run(loop, main())
+
+
 # ---- the writer side of an echo -------------------------------------------------------------
 
 
@@ -515,6 +644,37 @@ def test_is_closing_follows_close(loop):
         assert c.writer.transport.is_closing() is True
         with pytest.raises(TypeError):
             c.writer.transport.is_closing(1)
+        await c.close()
+
+    run(loop, main())
+
+
+def test_transport_methods_given_wrong_arguments_raise_type_error(loop):
+    """The native `_read_ready`, `write` and `is_closing` take arguments as Python methods do:
+    a wrong call raises TypeError (and does nothing), `write(data=...)` works."""
+
+    async def main():
+        c = await Conn.open()
+        tr = c.writer.transport
+        for call in (
+            lambda: tr._read_ready(1),
+            lambda: tr._read_ready(x=1),
+            lambda: tr.write(),
+            lambda: tr.write(b"a", b"b"),
+            lambda: tr.write(b"a", bogus=1),
+            lambda: tr.is_closing(1),
+            lambda: tr.is_closing(x=1),
+        ):
+            with pytest.raises(TypeError):
+                call()
+        tr.write(data=b"kw")
+        tr.write(b"!")
+        got = b""
+        while len(got) < 3:
+            got += c.peer.recv(10)
+        assert got == b"kw!"
+        c.send_chunks([b"reply"])
+        assert await c.reader.read() == b"reply"
         await c.close()
 
     run(loop, main())

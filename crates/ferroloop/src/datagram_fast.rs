@@ -14,7 +14,7 @@ use pyo3::{ffi, intern};
 use crate::event_loop::fastcall::trampoline;
 use crate::event_loop::LoopCore;
 use crate::sock_io::RecvError;
-use crate::transports::{fatal, install, Raw};
+use crate::transports::{fatal, forward, install, takes, Raw};
 
 /// Byte offsets of the transport's `__slots__` fields in an instance of the exact class the fast
 /// paths were installed on, so that the per-datagram reads are loads instead of generic
@@ -260,13 +260,18 @@ fn datagram_sendto(
 
 unsafe extern "C" fn datagram_read_ready_raw(
     slf: *mut ffi::PyObject,
-    _args: *const *mut ffi::PyObject,
-    _nargsf: ffi::Py_ssize_t,
-    _kwnames: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     trampoline(|py| {
         // SAFETY: CPython passes a live `self`.
         let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        if unsafe { !takes(0, nargsf, kwnames) } {
+            // SAFETY: as above.
+            return unsafe { forward(&tr, intern!(py, "_read_ready_py"), args, nargsf, kwnames) };
+        }
         datagram_read_ready(&tr).map(|()| py.None())
     })
 }
@@ -285,13 +290,11 @@ unsafe extern "C" fn datagram_sendto_raw(
                 ffi::PyVectorcall_NARGS(nargsf as usize),
             )
         };
-        if !kwnames.is_null() || !(1..=2).contains(&nargs) {
+        // SAFETY: as above.
+        if unsafe { !takes(nargs as usize, nargsf, kwnames) } || !(1..=2).contains(&nargs) {
             // Keyword or unusual calls: the Python method parses them.
-            let m = tr.getattr(intern!(py, "_sendto_py"))?;
-            // SAFETY: forwarding the caller's valid vectorcall triple unchanged.
-            let r = unsafe { ffi::PyObject_Vectorcall(m.as_ptr(), args, nargsf as usize, kwnames) };
-            // SAFETY: a new reference or NULL with an exception set.
-            return unsafe { Bound::from_owned_ptr_or_err(py, r) }.map(Bound::unbind);
+            // SAFETY: as above.
+            return unsafe { forward(&tr, intern!(py, "_sendto_py"), args, nargsf, kwnames) };
         }
         // SAFETY: nargs >= 1, so args[0] (and args[1] when nargs == 2) are live references.
         let data = unsafe { Bound::from_borrowed_ptr(py, *args) };

@@ -48,7 +48,7 @@ static TAG_ALONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 /// # Safety
 /// `ty` must be a live type object.
 #[inline(always)]
-unsafe fn version_tag(py: Python<'_>, ty: *mut ffi::PyTypeObject) -> c_uint {
+pub(crate) unsafe fn version_tag(py: Python<'_>, ty: *mut ffi::PyTypeObject) -> c_uint {
     // SAFETY: `ty` is live per the caller; the flags and the tag are plain fields.
     let (flags, tag) = unsafe { ((*ty).tp_flags, (*ty).tp_version_tag) };
     if tag == 0 || flags & ffi::Py_TPFLAGS_VALID_VERSION_TAG != 0 {

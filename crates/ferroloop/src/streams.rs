@@ -15,18 +15,21 @@
 //! replaced on the class or shadowed on the instance, no reader or a dead one, a reader at EOF
 //! (where `feed_data` asserts, or under `-O` extends anyway: Python decides), a `_buffer` that
 //! is not a bytearray or that a memoryview holds (it cannot be resized).
+//!
+//! The checks on the two classes (their functions are streams.py's) only change when a class
+//! does, so they are cached per type version tag ([`ClassCheck`]); those on the instances
+//! (nothing shadows a function, the reader and its state) run on every read.
 
 use std::os::raw::c_int;
-
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use pyo3::exceptions::PyNotImplementedError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyByteArray, PyFunction, PyInt, PyType};
+use pyo3::types::{PyByteArray, PyFunction, PyInt, PyString, PyType};
 use pyo3::{ffi, intern};
 
-use crate::slots::truthy;
+use crate::slots::{truthy, version_tag};
 use crate::sock_io::ReadError;
 
 extern "C" {
@@ -111,19 +114,68 @@ fn load(py: Python<'_>) -> PyResult<Option<Streams>> {
     }))
 }
 
-/// `type(obj).name` is `expected` (no code runs: a lookup in the class's MRO).
-fn class_attr_is(obj: &Bound<'_, PyAny>, name: &Bound<'_, PyAny>, expected: &Py<PyAny>) -> bool {
-    // SAFETY: live type and str objects; the result is borrowed and only compared.
-    let found = unsafe { _PyType_Lookup(ffi::Py_TYPE(obj.as_ptr()), name.as_ptr()) };
-    found == expected.as_ptr()
+/// The class-level half of the checks, cached per version tag (see `slots.rs` on tags):
+/// `type(obj).name` is streams.py's function for each of a class's names. A class modified
+/// since (`StreamReader.feed_data = ...`, even put back later) has a new tag and is checked
+/// again; a type without a tag is checked every time.
+struct ClassCheck {
+    /// The tag the checks last passed for (0: never).
+    passed: AtomicU32,
 }
 
-/// `obj.name` is the class's function `expected`, unshadowed by the instance. Only called once
-/// [`class_attr_is`] holds, so the lookup runs no code (a function is no data descriptor).
-fn method_is(obj: &Bound<'_, PyAny>, name: &Bound<'_, PyAny>, expected: &Py<PyAny>) -> bool {
-    if !class_attr_is(obj, name, expected) {
-        return false;
+impl ClassCheck {
+    const fn new() -> Self {
+        ClassCheck {
+            passed: AtomicU32::new(0),
+        }
     }
+
+    /// Whether `type(name)` is the expected object for each `(name, expected)` of `ty` (a live
+    /// type): one load and compare once they passed for its current tag.
+    #[inline(always)]
+    fn holds<'py, const N: usize>(
+        &self,
+        py: Python<'py>,
+        ty: *mut ffi::PyTypeObject,
+        checks: impl FnOnce() -> [(&'py Bound<'py, PyString>, *mut ffi::PyObject); N],
+    ) -> bool {
+        // SAFETY: a live type, per the caller.
+        let tag = unsafe { version_tag(py, ty) };
+        if tag != 0 && self.passed.load(Ordering::Relaxed) == tag {
+            return true;
+        }
+        self.check(py, ty, &checks())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn check(
+        &self,
+        py: Python<'_>,
+        ty: *mut ffi::PyTypeObject,
+        checks: &[(&Bound<'_, PyString>, *mut ffi::PyObject)],
+    ) -> bool {
+        // SAFETY: a live type; `_PyType_Lookup` returns a borrowed reference (only compared)
+        // or NULL, and runs no code.
+        let ok = checks
+            .iter()
+            .all(|(name, f)| unsafe { _PyType_Lookup(ty, name.as_ptr()) } == *f);
+        // The lookups gave the type a tag if it had none; 0 caches nothing.
+        // SAFETY: as above.
+        let tag = unsafe { version_tag(py, ty) };
+        self.passed
+            .store(if ok { tag } else { 0 }, Ordering::Relaxed);
+        ok
+    }
+}
+
+static PROTOCOL_CLASS: ClassCheck = ClassCheck::new();
+static READER_CLASS: ClassCheck = ClassCheck::new();
+
+/// `obj.name` is the class's function `expected`, unshadowed by the instance. Only called once
+/// the class's `name` is known to be `expected`, so the lookup runs no code (a function is no
+/// data descriptor).
+fn not_shadowed(obj: &Bound<'_, PyAny>, name: &Bound<'_, PyString>, expected: &Py<PyAny>) -> bool {
     let mut found = std::ptr::null_mut();
     // SAFETY: live object and str; `found` receives a new reference or NULL.
     let unbound = unsafe { _PyObject_GetMethod(obj.as_ptr(), name.as_ptr(), &mut found) };
@@ -135,6 +187,66 @@ fn method_is(obj: &Bound<'_, PyAny>, name: &Bound<'_, PyAny>, expected: &Py<PyAn
     // SAFETY: the new reference `_PyObject_GetMethod` returned.
     unsafe { ffi::Py_DECREF(found) };
     same
+}
+
+/// `obj.name` (a new reference), or None with the exception cleared.
+#[inline(always)]
+fn getattr_opt<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+) -> Option<Bound<'py, PyAny>> {
+    getattr(obj, name).ok()
+}
+
+/// `obj.name` through `PyObject_GetAttr`.
+#[inline(always)]
+fn getattr<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: live object and str; a new reference or NULL with an exception set.
+    unsafe {
+        Bound::from_owned_ptr_or_err(obj.py(), ffi::PyObject_GetAttr(obj.as_ptr(), name.as_ptr()))
+    }
+}
+
+/// `obj.name(arg)` with an interned name (no argument tuple).
+fn call_method1<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+    arg: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = obj.py();
+    let args = [obj.as_ptr(), arg.as_ptr()];
+    // SAFETY: live objects; `args` holds `self` then the argument, as the call requires.
+    unsafe {
+        let r = ffi::PyObject_VectorcallMethod(
+            name.as_ptr(),
+            args.as_ptr(),
+            2 | ffi::PY_VECTORCALL_ARGUMENTS_OFFSET,
+            std::ptr::null_mut(),
+        );
+        Bound::from_owned_ptr_or_err(py, r)
+    }
+}
+
+/// `obj.name()` with an interned name.
+fn call_method0<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = obj.py();
+    let args = [obj.as_ptr()];
+    // SAFETY: live objects; `args` holds `self`.
+    unsafe {
+        let r = ffi::PyObject_VectorcallMethod(
+            name.as_ptr(),
+            args.as_ptr(),
+            1 | ffi::PY_VECTORCALL_ARGUMENTS_OFFSET,
+            std::ptr::null_mut(),
+        );
+        Bound::from_owned_ptr_or_err(py, r)
+    }
 }
 
 /// A `StreamReader` that the transport may feed directly, and its buffer.
@@ -175,13 +287,20 @@ impl<'py> Feed<'py> {
 
     fn checked(protocol: &Bound<'py, PyAny>, st: &Streams) -> Option<Feed<'py>> {
         let py = protocol.py();
-        if !class_attr_is(protocol, intern!(py, "_stream_reader"), &st.stream_reader)
-            || !method_is(protocol, intern!(py, "data_received"), &st.data_received)
-        {
+        // SAFETY: a live object's type (`of` checked it is `StreamReaderProtocol`).
+        let ty = unsafe { ffi::Py_TYPE(protocol.as_ptr()) };
+        let class_ok = PROTOCOL_CLASS.holds(py, ty, || {
+            [
+                (intern!(py, "_stream_reader"), st.stream_reader.as_ptr()),
+                (intern!(py, "data_received"), st.data_received.as_ptr()),
+            ]
+        });
+        // `_stream_reader` is a property, which the instance cannot shadow.
+        if !class_ok || !not_shadowed(protocol, intern!(py, "data_received"), &st.data_received) {
             return None;
         }
         // `self._stream_reader`: the weakref's referent.
-        let wr = protocol.getattr(intern!(py, "_stream_reader_wr")).ok()?;
+        let wr = getattr_opt(protocol, intern!(py, "_stream_reader_wr"))?;
         // SAFETY: a live object.
         if unsafe { ffi::PyWeakref_CheckRefExact(wr.as_ptr()) } == 0 {
             return None;
@@ -195,16 +314,23 @@ impl<'py> Feed<'py> {
         // SAFETY: the new reference just returned.
         let reader = unsafe { Bound::from_owned_ptr(py, obj) };
         // SAFETY: a live object's type.
-        if unsafe { ffi::Py_TYPE(reader.as_ptr()) } != st.reader_type.as_ptr().cast()
-            || !method_is(&reader, intern!(py, "feed_data"), &st.feed_data)
-            || !method_is(&reader, intern!(py, "_wakeup_waiter"), &st.wakeup_waiter)
+        let ty = unsafe { ffi::Py_TYPE(reader.as_ptr()) };
+        if ty != st.reader_type.as_ptr().cast()
+            || !READER_CLASS.holds(py, ty, || {
+                [
+                    (intern!(py, "feed_data"), st.feed_data.as_ptr()),
+                    (intern!(py, "_wakeup_waiter"), st.wakeup_waiter.as_ptr()),
+                ]
+            })
+            || !not_shadowed(&reader, intern!(py, "feed_data"), &st.feed_data)
+            || !not_shadowed(&reader, intern!(py, "_wakeup_waiter"), &st.wakeup_waiter)
         {
             return None;
         }
-        if truthy(&reader.getattr(intern!(py, "_eof")).ok()?).ok()? {
+        if truthy(&getattr_opt(&reader, intern!(py, "_eof"))?).ok()? {
             return None;
         }
-        let buffer = reader.getattr(intern!(py, "_buffer")).ok()?;
+        let buffer = getattr_opt(&reader, intern!(py, "_buffer"))?;
         if !buffer.is_exact_instance_of::<PyByteArray>() {
             return None;
         }
@@ -229,21 +355,26 @@ impl<'py> Feed<'py> {
         let py = self.reader.py();
         let reader = &self.reader;
         // _wakeup_waiter()
-        let waiter = reader.getattr(intern!(py, "_waiter"))?;
+        let waiter = getattr(reader, intern!(py, "_waiter"))?;
         if !waiter.is_none() {
             reader.setattr(intern!(py, "_waiter"), py.None())?;
-            if !waiter.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
-                waiter.call_method1(intern!(py, "set_result"), (py.None(),))?;
+            if !truthy(&call_method0(&waiter, intern!(py, "cancelled"))?)? {
+                call_method1(
+                    &waiter,
+                    intern!(py, "set_result"),
+                    &py.None().into_bound(py),
+                )?;
             }
         }
         // if self._transport is not None and not self._paused and
         //         len(self._buffer) > 2 * self._limit: ...
-        let transport = reader.getattr(intern!(py, "_transport"))?;
-        if transport.is_none() || truthy(&reader.getattr(intern!(py, "_paused"))?)? {
+        let transport = getattr(reader, intern!(py, "_transport"))?;
+        if transport.is_none() || truthy(&getattr(reader, intern!(py, "_paused"))?)? {
             return Ok(());
         }
-        let size = reader.getattr(intern!(py, "_buffer"))?.len()?;
-        let limit = reader.getattr(intern!(py, "_limit"))?;
+        // Read again: waking the waiter may have run code.
+        let size = getattr(reader, intern!(py, "_buffer"))?.len()?;
+        let limit = getattr(reader, intern!(py, "_limit"))?;
         let over = match limit
             .cast::<PyInt>()
             .ok()
@@ -260,7 +391,7 @@ impl<'py> Feed<'py> {
                 .gt(2i32.into_pyobject(py)?.mul(&limit)?)?,
         };
         if over {
-            match transport.call_method0(intern!(py, "pause_reading")) {
+            match call_method0(&transport, intern!(py, "pause_reading")) {
                 // The transport cannot pause: forget it, and buffer everything.
                 Err(e) if e.is_instance_of::<PyNotImplementedError>(py) => {
                     reader.setattr(intern!(py, "_transport"), py.None())?

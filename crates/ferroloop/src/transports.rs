@@ -73,12 +73,8 @@ fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
         Ok(d) => d,
         Err(e) => return read_error(tr, e),
     };
-    if data.as_bytes().is_empty() {
-        tr.call_method0(intern!(py, "_read_ready__on_eof"))?;
+    if !after_read(tr, fd, data.as_bytes().len())? {
         return Ok(());
-    }
-    if data.as_bytes().len() == crate::sock_io::MAX_READ {
-        rearm(tr, fd)?;
     }
     let r = protocol.call_method1(intern!(py, "data_received"), (&data,));
     crate::sock_io::recycle(data);
@@ -86,6 +82,21 @@ fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
         Ok(_) => Ok(()),
         Err(e) => fatal(tr, e, "Fatal error: protocol.data_received() call failed."),
     }
+}
+
+/// What both stream read paths do once `n` bytes were read, before delivering them: at EOF
+/// (`n == 0`) run `_read_ready__on_eof` and return false (nothing to deliver); after a read
+/// that filled all its room, have the reader reported again ([`rearm`]).
+#[inline(always)]
+fn after_read(tr: &Bound<'_, PyAny>, fd: i32, n: usize) -> PyResult<bool> {
+    if n == 0 {
+        tr.call_method0(intern!(tr.py(), "_read_ready__on_eof"))?;
+        return Ok(false);
+    }
+    if n == crate::sock_io::MAX_READ {
+        rearm(tr, fd)?;
+    }
+    Ok(true)
 }
 
 /// A failed read: nothing to do on EAGAIN/EINTR (wait for the next readiness event), else the
@@ -112,12 +123,8 @@ fn read_ready_stream_reader(tr: &Bound<'_, PyAny>, fd: i32, feed: Feed<'_>) -> P
         Ok(n) => n,
         Err(e) => return read_error(tr, e),
     };
-    if n == 0 {
-        tr.call_method0(intern!(tr.py(), "_read_ready__on_eof"))?;
+    if !after_read(tr, fd, n)? {
         return Ok(());
-    }
-    if n == crate::sock_io::MAX_READ {
-        rearm(tr, fd)?;
     }
     match feed.fed() {
         Ok(()) => Ok(()),
@@ -258,15 +265,55 @@ fn write(tr: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
     Ok(())
 }
 
+/// The call passes exactly `n` positional arguments after `self` and no keyword.
+///
+/// # Safety
+/// `nargsf`/`kwnames` must come from a valid vectorcall argument triple.
+#[inline(always)]
+pub(crate) unsafe fn takes(n: usize, nargsf: ffi::Py_ssize_t, kwnames: *mut ffi::PyObject) -> bool {
+    // SAFETY: per the caller; `kwnames` is NULL or a tuple.
+    unsafe {
+        ffi::PyVectorcall_NARGS(nargsf as usize) as usize == n
+            && (kwnames.is_null() || ffi::PyTuple_GET_SIZE(kwnames) == 0)
+    }
+}
+
+/// `obj.name(...)` with a native entry point's arguments passed on unchanged: the Python
+/// method parses a call the native one does not take (a wrong call gets Python's TypeError).
+///
+/// # Safety
+/// `args`/`nargsf`/`kwnames` must be the caller's valid vectorcall triple.
+#[cold]
+#[inline(never)]
+pub(crate) unsafe fn forward(
+    obj: &Bound<'_, PyAny>,
+    name: &Bound<'_, pyo3::types::PyString>,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<Py<PyAny>> {
+    let py = obj.py();
+    let m = obj.getattr(name)?;
+    // SAFETY: forwarding the caller's valid vectorcall triple unchanged.
+    let r = unsafe { ffi::PyObject_Vectorcall(m.as_ptr(), args, nargsf as usize, kwnames) };
+    // SAFETY: a new reference or NULL with an exception set.
+    unsafe { Bound::from_owned_ptr_or_err(py, r) }.map(Bound::unbind)
+}
+
 unsafe extern "C" fn read_ready_raw(
     slf: *mut ffi::PyObject,
-    _args: *const *mut ffi::PyObject,
-    _nargsf: ffi::Py_ssize_t,
-    _kwnames: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     trampoline(|py| {
         // SAFETY: CPython passes a live `self`.
         let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        if unsafe { !takes(0, nargsf, kwnames) } {
+            // SAFETY: as above.
+            return unsafe { forward(&tr, intern!(py, "_read_ready_py"), args, nargsf, kwnames) };
+        }
         read_ready(&tr).map(|()| py.None())
     })
 }
@@ -278,20 +325,17 @@ unsafe extern "C" fn write_raw(
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     trampoline(|py| {
-        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
-        let (tr, nargs) = unsafe {
-            (
-                Bound::from_borrowed_ptr(py, slf),
-                ffi::PyVectorcall_NARGS(nargsf as usize),
-            )
-        };
-        if nargs != 1 || !kwnames.is_null() {
-            return Err(pyo3::exceptions::PyTypeError::new_err(
-                "write() takes exactly one positional argument (data)",
-            ));
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple, borrowed for the
+        // call.
+        let tr = unsafe { Borrowed::from_ptr(py, slf) };
+        // SAFETY: as above.
+        if unsafe { !takes(1, nargsf, kwnames) } {
+            // `write(data=...)`, or a wrong call: the Python method parses it.
+            // SAFETY: as above.
+            return unsafe { forward(&tr, intern!(py, "_write_py"), args, nargsf, kwnames) };
         }
-        // SAFETY: nargs == 1, so args[0] is a live borrowed reference.
-        let data = unsafe { Bound::from_borrowed_ptr(py, *args) };
+        // SAFETY: one positional argument, so args[0] is a live borrowed reference.
+        let data = unsafe { Borrowed::from_ptr(py, *args) };
         write(&tr, &data).map(|()| py.None())
     })
 }
@@ -303,9 +347,8 @@ unsafe extern "C" fn is_closing_raw(
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     trampoline(|py| {
-        // SAFETY: a valid vectorcall argument count.
-        let nargs = unsafe { ffi::PyVectorcall_NARGS(nargsf as usize) };
-        if nargs != 0 || !kwnames.is_null() {
+        // SAFETY: CPython passes a valid vectorcall triple.
+        if unsafe { !takes(0, nargsf, kwnames) } {
             return Err(PyTypeError::new_err("is_closing() takes no arguments"));
         }
         // SAFETY: CPython passes a live `self`.
