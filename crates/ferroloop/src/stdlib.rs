@@ -28,9 +28,10 @@ pub struct Stdlib {
     /// `Future()` without `loop=` does) compares the pid saved with the loop to `getpid()`, a
     /// system call per future on glibc, which caches no pid.
     pub running_loop_lookup_is_cheap: bool,
-    /// `asyncio.Future` is the C type (a static type before 3.12), whose `tp_new` and
-    /// `tp_init` can be called directly.
+    /// `asyncio.Future` / `asyncio.Task` are the C types (static types before 3.12), whose
+    /// `tp_new` and `tp_init` can be called directly (see `callbacks::new_static`).
     pub future_is_static_c_type: bool,
+    pub task_is_static_c_type: bool,
 }
 
 static STDLIB: PyOnceLock<Stdlib> = PyOnceLock::new();
@@ -59,20 +60,22 @@ fn load(py: Python<'_>) -> PyResult<Stdlib> {
         task_accepts_context: py.version_info() >= (3, 11),
         method_type: py.import("types")?.getattr("MethodType")?.unbind(),
         running_loop_lookup_is_cheap: py.version_info() >= (3, 12),
-        future_is_static_c_type: {
-            let tp = asyncio
-                .getattr("Future")?
-                .as_ptr()
-                .cast::<ffi::PyTypeObject>();
-            // SAFETY: `asyncio.Future` is a type object (checked first), alive in the module.
-            unsafe {
-                ffi::PyType_Check(tp.cast()) != 0
-                    && ffi::PyType_GetFlags(tp) & ffi::Py_TPFLAGS_HEAPTYPE == 0
-                    && (*tp).tp_new.is_some()
-                    && (*tp).tp_init.is_some()
-            }
-        },
+        future_is_static_c_type: is_static_c_type(&asyncio.getattr("Future")?),
+        task_is_static_c_type: is_static_c_type(&asyncio.getattr("Task")?),
     })
+}
+
+/// `obj` is a static (non-heap) type with `tp_new` and `tp_init`: a C type whose slots can be
+/// called directly.
+fn is_static_c_type(obj: &Bound<'_, PyAny>) -> bool {
+    let tp = obj.as_ptr().cast::<ffi::PyTypeObject>();
+    // SAFETY: `obj` is live; its type fields are read only once it is known to be a type.
+    unsafe {
+        ffi::PyType_Check(obj.as_ptr()) != 0
+            && ffi::PyType_GetFlags(tp) & ffi::Py_TPFLAGS_HEAPTYPE == 0
+            && (*tp).tp_new.is_some()
+            && (*tp).tp_init.is_some()
+    }
 }
 
 impl Stdlib {

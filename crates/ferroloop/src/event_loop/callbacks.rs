@@ -11,7 +11,7 @@ use pyo3::{ffi, intern};
 
 use super::{current_thread_id, monotonic, LoopCore};
 use crate::handles::{check_callback, untrack, Args, FreshContext, Handle, TimerHandle};
-use crate::stdlib::{call_kw, stdlib, support, Stdlib};
+use crate::stdlib::{call_kw, stdlib, support};
 
 /// asyncio's `_check_thread`: a non-thread-safe call from a thread other than the running loop's.
 pub(crate) fn check_thread(loop_thread: Option<u64>) -> PyResult<()> {
@@ -237,25 +237,9 @@ impl LoopCore {
             return unsafe { Bound::from_owned_ptr_or_err(py, r) }.map(Bound::unbind);
         }
         if s.future_is_static_c_type {
-            let kwargs = {
-                let mut st = slf.get().state.borrow_mut(py)?;
-                if st.closed {
-                    None
-                } else {
-                    Some(
-                        st.future_kwargs
-                            .get_or_insert_with(|| {
-                                let d = PyDict::new(py);
-                                // A new dict and a str key: cannot fail but for memory.
-                                let _ = d.set_item(intern!(py, "loop"), slf);
-                                d.unbind()
-                            })
-                            .clone_ref(py),
-                    )
-                }
-            };
-            if let Some(kwargs) = kwargs {
-                return new_future(py, s, kwargs.bind(py));
+            if let Some(kwargs) = Self::loop_kwargs(slf)? {
+                let args = PyTuple::empty(py);
+                return new_static(py, s.future_type.bind(py), &args, kwargs.bind(py));
             }
         }
         Ok(call_kw(
@@ -266,6 +250,22 @@ impl LoopCore {
             &[slf.as_any()],
         )?
         .unbind())
+    }
+
+    /// The loop's `{"loop": self}` (made on first use, dropped by `close`), or None once
+    /// closed (the caller then builds the keywords itself).
+    fn loop_kwargs(slf: &Bound<'_, Self>) -> PyResult<Option<Py<PyDict>>> {
+        let py = slf.py();
+        let mut st = slf.get().state.borrow_mut(py)?;
+        if st.closed {
+            return Ok(None);
+        }
+        if st.loop_kwargs.is_none() {
+            let d = PyDict::new(py);
+            d.set_item(intern!(py, "loop"), slf)?;
+            st.loop_kwargs = Some(d.unbind());
+        }
+        Ok(st.loop_kwargs.as_ref().map(|d| d.clone_ref(py)))
     }
 
     pub(crate) fn create_task_impl(
@@ -291,7 +291,15 @@ impl LoopCore {
             None => {
                 let task_type = s.task_type.bind(py);
                 let name_arg = name.unwrap_or(&none);
-                if name.is_none() && context.is_none() {
+                let kwargs = match name.is_none() && context.is_none() && s.task_is_static_c_type {
+                    true => Self::loop_kwargs(slf)?,
+                    false => None,
+                };
+                if let Some(kwargs) = kwargs {
+                    // The common case before 3.12: `Task(coro, loop=self)` by its slots.
+                    let args = PyTuple::new(py, [coro])?;
+                    new_static(py, task_type, &args, kwargs.bind(py))?.into_bound(py)
+                } else if name.is_none() && context.is_none() {
                     // The common case: one keyword for the C Task to parse, not three.
                     call_kw(py, task_type, &[coro], s.kw_loop.bind(py), &[slf.as_any()])?
                 } else if s.task_accepts_context {
@@ -413,16 +421,20 @@ fn extract_seconds(v: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
     })
 }
 
-/// `asyncio.Future(**kwargs)` for the C future type before 3.12: its `tp_new` and `tp_init`
-/// called directly with the loop's keyword dict. Calling the type instead turns the keyword
-/// into a fresh dict on every call (the type has no vectorcall before 3.12), about a quarter
-/// of the cost of a future.
-fn new_future(py: Python<'_>, s: &Stdlib, kwargs: &Bound<'_, PyDict>) -> PyResult<Py<PyAny>> {
-    let tp = s.future_type.as_ptr().cast::<ffi::PyTypeObject>();
-    let args = PyTuple::empty(py);
-    // SAFETY: `future_is_static_c_type` checked that `tp` is a static type with both slots;
+/// `tp(*args, **kwargs)` for a C type of asyncio's before 3.12 (`Future`, `Task`): its
+/// `tp_new` and `tp_init` called directly with the loop's keyword dict. Calling the type
+/// instead turns the keyword into a fresh dict on every call (these types have no vectorcall
+/// before 3.12), about a quarter of the cost of a future.
+fn new_static(
+    py: Python<'_>,
+    tp: &Bound<'_, PyAny>,
+    args: &Bound<'_, PyTuple>,
+    kwargs: &Bound<'_, PyDict>,
+) -> PyResult<Py<PyAny>> {
+    let tp = tp.as_ptr().cast::<ffi::PyTypeObject>();
+    // SAFETY: `Stdlib::*_is_static_c_type` checked that `tp` is a static type with both slots;
     // `args` is a tuple and `kwargs` a dict of str keys, as the slots expect (`tp_init` only
-    // reads it). `tp_new` returns a new reference or NULL with an exception set; `tp_init`
+    // reads them). `tp_new` returns a new reference or NULL with an exception set; `tp_init`
     // returns 0, or -1 with an exception set.
     unsafe {
         let new = (*tp).tp_new.unwrap_unchecked();

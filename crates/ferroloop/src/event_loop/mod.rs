@@ -144,10 +144,11 @@ pub(crate) struct State {
     pub pool: Vec<Py<Handle>>,
     /// When the loop first went to sleep with more than the idle pool size (see run.rs).
     pub pool_surplus_since: Option<f64>,
-    /// `{"loop": self}`, the keyword arguments of `Future.__init__` before 3.12 (see
-    /// `callbacks::new_future`): made by the first `create_future`, dropped by `close`. It and
-    /// the loop refer to each other; the collector sees that through `__traverse__`.
-    pub future_kwargs: Option<Py<pyo3::types::PyDict>>,
+    /// `{"loop": self}`, the keyword arguments of `Future.__init__` and `Task.__init__` before
+    /// 3.12 (see `callbacks::new_static`): made by the first `create_future`/`create_task`,
+    /// dropped by `close`. It and the loop refer to each other; the collector sees that
+    /// through `__traverse__`.
+    pub loop_kwargs: Option<Py<pyo3::types::PyDict>>,
 }
 
 /// An entry of the ready queue.
@@ -297,7 +298,7 @@ impl LoopCore {
                 current_handle: None,
                 pool: Vec::new(),
                 pool_surplus_since: None,
-                future_kwargs: None,
+                loop_kwargs: None,
             }),
             shared: Arc::new(Shared {
                 debug: AtomicBool::new(false),
@@ -414,7 +415,7 @@ impl LoopCore {
             let timers: Vec<_> = st.timers.drain().collect();
             let fds = std::mem::take(&mut st.fds);
             st.pool.clear();
-            drop(st.future_kwargs.take());
+            drop(st.loop_kwargs.take());
             (ready, timers, fds)
         };
         for t in &timers {
@@ -557,7 +558,7 @@ impl LoopCore {
             if let Some(f) = &st.task_factory {
                 visit.call(f)?;
             }
-            if let Some(d) = &st.future_kwargs {
+            if let Some(d) = &st.loop_kwargs {
                 visit.call(d)?;
             }
         }
