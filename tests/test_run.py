@@ -1021,8 +1021,9 @@ def test_closed_loop_is_freed_by_reference_counting(loop_impl):
     lp = loop_impl.new_event_loop()
 
     async def main():
-        fut = lp.create_future()
-        lp.call_soon(fut.set_result, 1)
+        running = asyncio.get_running_loop()
+        fut = running.create_future()
+        running.call_soon(fut.set_result, 1)
         await fut
         await asyncio.sleep(0)
 
