@@ -19,6 +19,7 @@ import warnings
 from asyncio import constants, futures, protocols, transports
 
 from .._ferroloop import read_bytes as _read_bytes
+from .._net.flow_control import DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER, WriteFlowControl
 from .._net.transports import as_bytes_like
 
 logger = logging.getLogger("asyncio")
@@ -217,7 +218,7 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
         self._schedule_connection_lost(exc)
 
 
-class WritePipeTransport(_PipeTransportBase, transports.WriteTransport):
+class WritePipeTransport(_PipeTransportBase, WriteFlowControl, transports.WriteTransport):
     """The write end of a pipe, FIFO, pty or socket, with asyncio's write flow control."""
 
     def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _subprocess=False):
@@ -238,8 +239,8 @@ class WritePipeTransport(_PipeTransportBase, transports.WriteTransport):
         self._writing = False
         self._watching_peer = False
         self._protocol_paused = False
-        self._high_water = 64 * 1024  # as _set_write_buffer_limits() sets them
-        self._low_water = 16 * 1024
+        self._high_water = DEFAULT_HIGH_WATER  # as _set_write_buffer_limits() sets them
+        self._low_water = DEFAULT_LOW_WATER
         self._register(loop, pipe, protocol)
         if _subprocess:
             loop._add_reader(fileno, self._read_ready)
@@ -396,62 +397,10 @@ class WritePipeTransport(_PipeTransportBase, transports.WriteTransport):
         self._unwatch_peer()
         self._schedule_connection_lost(exc)
 
-    # ---- flow control -------------------------------------------------------------------
+    # ---- flow control (the rest is WriteFlowControl's) ----------------------------------
 
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
-
-    def get_write_buffer_limits(self):
-        return (self._low_water, self._high_water)
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        self._set_write_buffer_limits(high=high, low=low)
-        self._maybe_pause_protocol()
-
-    def _set_write_buffer_limits(self, high=None, low=None) -> None:
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water = high
-        self._low_water = low
-
-    def _maybe_pause_protocol(self) -> None:
-        if len(self._buffer) <= self._high_water or self._protocol_paused:
-            return
-        self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._loop.call_exception_handler(
-                {
-                    "message": "protocol.pause_writing() failed",
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
-
-    def _maybe_resume_protocol(self) -> None:
-        if self._protocol_paused and len(self._buffer) <= self._low_water:
-            self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._loop.call_exception_handler(
-                    {
-                        "message": "protocol.resume_writing() failed",
-                        "exception": exc,
-                        "transport": self,
-                        "protocol": self._protocol,
-                    }
-                )
 
 
 class PipesMixin:
