@@ -51,6 +51,23 @@ class _PipeTransportBase:
             table = loop._transports
         table[self._fileno] = self
 
+    def _adopt(self, pipe, extra, check_file: bool, refusal: str):
+        """Record the pipe (in `extra` too) and its fd; with `check_file`, refuse anything but
+        a FIFO, socket or character device with ValueError(refusal). Returns the fd and, when
+        checked, whether it is a FIFO or a socket."""
+        # (transports.BaseTransport.__init__, without the call)
+        if extra is None:
+            extra = {}
+        self._extra = extra
+        extra["pipe"] = pipe
+        self._fileno = fileno = pipe.fileno()
+        if not check_file:
+            return fileno, False, False
+        is_fifo, is_socket, is_char = _file_type(fileno)
+        if not (is_fifo or is_socket or is_char):
+            raise ValueError(refusal)
+        return fileno, is_fifo, is_socket
+
     def set_protocol(self, protocol) -> None:
         self._protocol = protocol
 
@@ -60,9 +77,18 @@ class _PipeTransportBase:
     def is_closing(self) -> bool:
         return self._closing
 
-    def _state_for_repr(self, watching: bool) -> str:
+    def __repr__(self) -> str:
+        info = [type(self).__name__]
         if self._pipe is None:
-            return "closed"
+            info.append("closed")
+        elif self._closing:
+            info.append("closing")
+        info.append(f"fd={self._fileno}")
+        if self._pipe is not None:
+            self._repr_state(info)
+        return "<{}>".format(" ".join(info))
+
+    def _state_for_repr(self, watching: bool) -> str:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             return "polling" if watching else "idle"
@@ -106,17 +132,9 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
         # _subprocess: a subprocess transport's own pipe (a pipe, so no fstat) and pipe
         # protocol, whose connection_made only records the transport: called at once, and
         # reading starts at once (the subprocess transport orders its protocol's callbacks).
-        # (transports.BaseTransport.__init__, without the call)
-        if extra is None:
-            extra = {}
-        self._extra = extra
-        extra["pipe"] = pipe
-        fileno = pipe.fileno()
-        if not _subprocess:
-            is_fifo, is_socket, is_char = _file_type(fileno)
-            if not (is_fifo or is_socket or is_char):
-                raise ValueError("Pipe transport is for pipes/sockets only.")
-        self._fileno = fileno
+        fileno, _, _ = self._adopt(
+            pipe, extra, not _subprocess, "Pipe transport is for pipes/sockets only."
+        )
         self._paused = False
         self._watching = False
         self._register(loop, pipe, protocol)
@@ -131,16 +149,8 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
         if waiter is not None:
             loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
 
-    def __repr__(self) -> str:
-        info = [type(self).__name__]
-        if self._pipe is None:
-            info.append("closed")
-        elif self._closing:
-            info.append("closing")
-        info.append(f"fd={self._fileno}")
-        if self._pipe is not None:
-            info.append(self._state_for_repr(self._watching))
-        return "<{}>".format(" ".join(info))
+    def _repr_state(self, info) -> None:
+        info.append(self._state_for_repr(self._watching))
 
     def is_reading(self) -> bool:
         return not self._paused and not self._closing
@@ -223,17 +233,12 @@ class WritePipeTransport(_PipeTransportBase, WriteFlowControl, transports.WriteT
 
     def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _subprocess=False):
         # _subprocess: as for ReadPipeTransport; the reader is watched at once.
-        # (transports.BaseTransport.__init__, without the call)
-        if extra is None:
-            extra = {}
-        self._extra = extra
-        extra["pipe"] = pipe
-        fileno = pipe.fileno()
-        if not _subprocess:
-            is_fifo, is_socket, is_char = _file_type(fileno)
-            if not (is_fifo or is_socket or is_char):
-                raise ValueError("Pipe transport is only for pipes, sockets and character devices")
-        self._fileno = fileno
+        fileno, is_fifo, is_socket = self._adopt(
+            pipe,
+            extra,
+            not _subprocess,
+            "Pipe transport is only for pipes, sockets and character devices",
+        )
         self._buffer = bytearray()
         self._conn_lost = 0
         self._writing = False
@@ -255,19 +260,11 @@ class WritePipeTransport(_PipeTransportBase, WriteFlowControl, transports.WriteT
         if waiter is not None:
             loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
 
-    def __repr__(self) -> str:
-        info = [type(self).__name__]
-        if self._pipe is None:
-            info.append("closed")
-        elif self._closing:
-            info.append("closing")
-        info.append(f"fd={self._fileno}")
-        if self._pipe is not None:
-            state = self._state_for_repr(self._writing)
-            info.append(state)
-            if state != "open":
-                info.append(f"bufsize={self.get_write_buffer_size()}")
-        return "<{}>".format(" ".join(info))
+    def _repr_state(self, info) -> None:
+        state = self._state_for_repr(self._writing)
+        info.append(state)
+        if state != "open":
+            info.append(f"bufsize={self.get_write_buffer_size()}")
 
     # ---- peer watching ------------------------------------------------------------------
 
