@@ -76,6 +76,23 @@ def as_bytes_like(data):
     return data
 
 
+def report_fatal_error(transport, exc, message, routine: bool) -> None:
+    """Report a transport's fatal error as asyncio does: a routine one (a connection reset, a
+    broken pipe...) is only logged, in debug mode; any other goes to the exception handler."""
+    if routine:
+        if transport._loop.get_debug():
+            logger.debug("%r: %s", transport, message, exc_info=True)
+    else:
+        transport._loop.call_exception_handler(
+            {
+                "message": message,
+                "exception": exc,
+                "transport": transport,
+                "protocol": transport._protocol,
+            }
+        )
+
+
 _NO_QUEUE = ()  # empty, falsy, iterable: what `_buffer` is until a write has to wait
 
 _EDGE_FAMILIES = _TCP_FAMILIES
@@ -246,19 +263,8 @@ class SocketTransportBase(WriteFlowControl, transports.Transport):
             table.discard(self._sock_fd, self)
 
     def _fatal_error(self, exc, message="Fatal error on transport") -> None:
-        if isinstance(exc, OSError):
-            # Connection resets, broken pipes...: routine; only logged in debug mode.
-            if self._loop.get_debug():
-                logger.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._loop.call_exception_handler(
-                {
-                    "message": message,
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
+        # Connection resets, broken pipes...: routine.
+        report_fatal_error(self, exc, message, routine=isinstance(exc, OSError))
         self._force_close(exc)
 
     def _force_close(self, exc) -> None:

@@ -20,7 +20,7 @@ from asyncio import constants, futures, protocols, transports
 
 from .._ferroloop import read_bytes as _read_bytes
 from .._net.flow_control import DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER, WriteFlowControl
-from .._net.transports import as_bytes_like
+from .._net.transports import as_bytes_like, report_fatal_error
 
 logger = logging.getLogger("asyncio")
 
@@ -207,19 +207,9 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
             self._close(None)
 
     def _fatal_error(self, exc, message="Fatal error on pipe transport") -> None:
-        if isinstance(exc, OSError) and exc.errno == errno.EIO:
-            # A pty whose other side closed: routine, only logged in debug mode.
-            if self._loop.get_debug():
-                logger.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._loop.call_exception_handler(
-                {
-                    "message": message,
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
+        # EIO: a pty whose other side closed, routine.
+        routine = isinstance(exc, OSError) and exc.errno == errno.EIO
+        report_fatal_error(self, exc, message, routine)
         self._close(exc)
 
     def _close(self, exc) -> None:
@@ -372,19 +362,8 @@ class WritePipeTransport(_PipeTransportBase, WriteFlowControl, transports.WriteT
             self._close(None)
 
     def _fatal_error(self, exc, message="Fatal error on pipe transport") -> None:
-        if isinstance(exc, OSError):
-            # Broken pipes are routine: only logged in debug mode.
-            if self._loop.get_debug():
-                logger.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._loop.call_exception_handler(
-                {
-                    "message": message,
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
+        # Broken pipes are routine.
+        report_fatal_error(self, exc, message, routine=isinstance(exc, OSError))
         self._close(exc)
 
     def _close(self, exc=None) -> None:
