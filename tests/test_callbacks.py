@@ -10,18 +10,9 @@ import time
 
 import pytest
 
+from conftest import run_for, run_once
+
 cvar = contextvars.ContextVar("cvar", default="default")
-
-
-def run_once(loop):
-    """Run exactly one more loop iteration (CPython's stop() semantics)."""
-    loop.call_soon(loop.stop)
-    loop.run_forever()
-
-
-def run_for(loop, seconds):
-    loop.call_later(seconds, loop.stop)
-    loop.run_forever()
 
 
 # -- ordering ---------------------------------------------------------------

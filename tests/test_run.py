@@ -9,14 +9,9 @@ import time
 
 import pytest
 
-from conftest import requires_py311
+from conftest import requires_py311, run_once
 
 cvar = contextvars.ContextVar("run_cvar", default="default")
-
-
-def run_once(loop):
-    loop.call_soon(loop.stop)
-    loop.run_forever()
 
 
 # -- run_until_complete -----------------------------------------------------

@@ -10,21 +10,13 @@ import sys
 
 import pytest
 
+from conftest import run_for, run_once
+
 cvar = contextvars.ContextVar("timer_cvar", default="default")
 
 # CPython treats a timer as due when ``when <= time() + clock_resolution``,
 # so a timer may legitimately be observed up to one clock tick "early".
 CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
-
-
-def run_once(loop):
-    loop.call_soon(loop.stop)
-    loop.run_forever()
-
-
-def run_for(loop, seconds):
-    loop.call_later(seconds, loop.stop)
-    loop.run_forever()
 
 
 # -- ordering ---------------------------------------------------------------
