@@ -30,12 +30,12 @@ from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_worker.py")
-RESULTS_DIR = os.path.join(HERE, "results")
 
 sys.path.insert(0, HERE)
 import loops as loops_mod  # noqa: E402
 from _worker import MARKER  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
+from _common import parse_list, save_results, table  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -161,13 +161,6 @@ def fmt_ops(n: int) -> str:
     if n >= 1000 and n % 1000 == 0:
         return f"{n // 1000}k"
     return str(n)
-
-
-def table(header: List[str], rows: List[List[str]], align: List[str]) -> str:
-    seps = {"l": "---", "r": "---:"}
-    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(seps[a] for a in align) + " |"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def report(
@@ -326,16 +319,6 @@ def report(
 # ---------------------------------------------------------------------------
 
 
-def parse_list(value: Optional[str], known: List[str], what: str) -> List[str]:
-    if not value:
-        return list(known)
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [n for n in names if n not in known]
-    if bad:
-        raise SystemExit(f"unknown {what}: {', '.join(bad)} (known: {', '.join(known)})")
-    return names
-
-
 def machine_info() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -492,11 +475,6 @@ def main(argv=None) -> int:
     print(md)
 
     if not args.no_save:
-        path = args.output
-        if not path:
-            os.makedirs(RESULTS_DIR, exist_ok=True)
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            path = os.path.join(RESULTS_DIR, f"{stamp}-{meta['mode']}.json")
         doc = {
             "meta": meta,
             "loops": {ln: probes[ln] for ln in loop_names},
@@ -525,8 +503,7 @@ def main(argv=None) -> int:
             },
             "markdown": md,
         }
-        with open(path, "w") as f:
-            json.dump(doc, f, indent=1)
+        path = save_results(doc, args.output, meta["mode"])
         log(f"saved {os.path.relpath(path)}")
     log(f"total wall time {wall:.0f} s")
     return 1 if errors else 0

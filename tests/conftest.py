@@ -139,6 +139,18 @@ def _assert_no_fd_leak(before: int, what: str) -> None:
     )
 
 
+def run_once(loop):
+    """Run exactly one more loop iteration (CPython's stop() semantics)."""
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+
+
+def run_for(loop, seconds):
+    """Run the loop for `seconds` (until a timer stops it)."""
+    loop.call_later(seconds, loop.stop)
+    loop.run_forever()
+
+
 @pytest.fixture(params=LOOP_PARAMS)
 def loop_impl(request) -> LoopImpl:
     """The implementation under test (``asyncio`` or ``ferroloop``)."""

@@ -13,17 +13,7 @@ import sys
 
 import pytest
 
-from conftest import requires_py311
-
-
-def run_once(loop):
-    loop.call_soon(loop.stop)
-    loop.run_forever()
-
-
-def run_for(loop, seconds):
-    loop.call_later(seconds, loop.stop)
-    loop.run_forever()
+from conftest import requires_py311, run_for, run_once
 
 
 async def coro_fn():

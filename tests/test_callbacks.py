@@ -1,6 +1,7 @@
 """call_soon / call_soon_threadsafe / Handle / stop() / callback errors."""
 
 import asyncio
+import contextlib
 import contextvars
 import socket
 import sys
@@ -9,18 +10,9 @@ import time
 
 import pytest
 
+from conftest import run_for, run_once
+
 cvar = contextvars.ContextVar("cvar", default="default")
-
-
-def run_once(loop):
-    """Run exactly one more loop iteration (CPython's stop() semantics)."""
-    loop.call_soon(loop.stop)
-    loop.run_forever()
-
-
-def run_for(loop, seconds):
-    loop.call_later(seconds, loop.stop)
-    loop.run_forever()
 
 
 # -- ordering ---------------------------------------------------------------
@@ -539,10 +531,9 @@ def test_stop_inside_callback_finishes_the_current_iteration(loop):
     assert order == ["a", "b", "a2"]
 
 
-def test_stop_request_is_consumed_by_one_run_forever(loop):
-    loop.stop()
-    loop.run_forever()
-    # a second run_forever must not stop immediately due to the old request
+def _assert_run_forever_runs_until_its_own_stop(loop):
+    """run_forever() runs a callback that reschedules itself until that callback stops the
+    loop, on its third run (no earlier stop request cuts it short)."""
     ticks = []
 
     def tick():
@@ -555,6 +546,13 @@ def test_stop_request_is_consumed_by_one_run_forever(loop):
     loop.call_soon(tick)
     loop.run_forever()
     assert len(ticks) == 3
+
+
+def test_stop_request_is_consumed_by_one_run_forever(loop):
+    loop.stop()
+    loop.run_forever()
+    # a second run_forever must not stop immediately due to the old request
+    _assert_run_forever_runs_until_its_own_stop(loop)
 
 
 def test_stop_called_twice_stops_only_once(loop):
@@ -744,7 +742,10 @@ def test_loops_run_concurrently_in_separate_threads(loop_factory):
         asyncio.get_running_loop()
 
 
-def test_loop_running_in_thread_is_driven_by_call_soon_threadsafe(loop):
+@contextlib.contextmanager
+def _running_in_a_thread(loop):
+    """Run `loop` forever in a new thread; yields the thread once the loop runs, stops the loop
+    (call_soon_threadsafe) and joins the thread afterwards."""
     ready = threading.Event()
 
     def serve():
@@ -755,6 +756,14 @@ def test_loop_running_in_thread_is_driven_by_call_soon_threadsafe(loop):
     t.start()
     try:
         assert ready.wait(5)
+        yield t
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+
+
+def test_loop_running_in_thread_is_driven_by_call_soon_threadsafe(loop):
+    with _running_in_a_thread(loop) as t:
 
         async def work(x):
             await asyncio.sleep(0.001)
@@ -763,32 +772,17 @@ def test_loop_running_in_thread_is_driven_by_call_soon_threadsafe(loop):
         for i in range(20):
             fut = asyncio.run_coroutine_threadsafe(work(i), loop)
             assert fut.result(5) == (i * 2, True)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
     assert not t.is_alive()
 
 
 def test_call_soon_from_another_thread_raises_in_debug_mode(loop):
     loop.set_debug(True)
-    ready = threading.Event()
     errors = []
-
-    def serve():
-        loop.call_soon(ready.set)
-        loop.run_forever()
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
-        assert ready.wait(5)
+    with _running_in_a_thread(loop):
         try:
             loop.call_soon(lambda: None)
         except RuntimeError as e:
             errors.append(e)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
     assert len(errors) == 1
     assert "thread" in str(errors[0])
 
@@ -843,18 +837,7 @@ def test_stop_request_does_not_survive_a_keyboard_interrupt(loop):
     with pytest.raises(KeyboardInterrupt):
         loop.run_forever()
     # run_forever resets the stop request when it exits, however it exits
-    ticks = []
-
-    def tick():
-        ticks.append(1)
-        if len(ticks) == 3:
-            loop.stop()
-        else:
-            loop.call_soon(tick)
-
-    loop.call_soon(tick)
-    loop.run_forever()
-    assert len(ticks) == 3
+    _assert_run_forever_runs_until_its_own_stop(loop)
 
 
 def test_exception_in_call_soon_threadsafe_callback_goes_to_handler(loop):

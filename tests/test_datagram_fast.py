@@ -23,10 +23,50 @@ def run(loop, coro, timeout=TIMEOUT):
 
 
 def udp_peer(family=socket.AF_INET, host="127.0.0.1"):
+    """A blocking datagram socket bound to `host` (a free port), or to the path `host` for
+    AF_UNIX."""
     s = socket.socket(family, socket.SOCK_DGRAM)
-    s.bind((host, 0))
+    try:
+        s.bind(host if family == socket.AF_UNIX else (host, 0))
+    except BaseException:
+        s.close()
+        raise
     s.settimeout(TIMEOUT)
     return s
+
+
+@pytest.fixture
+def peers(loop):
+    """Makes peer sockets (udp_peer's arguments) and closes them after the test, before the
+    loop fixture counts its fds."""
+    made = []
+
+    def make(*args):
+        made.append(udp_peer(*args))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.close()
+
+
+async def open_endpoint(loop, on_datagram=None, **kw):
+    """A datagram endpoint with a Recorder, bound to 127.0.0.1 unless `kw` says otherwise:
+    (transport, protocol, the endpoint's own address)."""
+    if not kw:
+        kw = {"local_addr": ("127.0.0.1", 0)}
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: Recorder(loop, on_datagram), **kw
+    )
+    return transport, proto, transport.get_extra_info("sockname")
+
+
+async def close_endpoint(transport, proto):
+    """Close the transport; return the exception connection_lost() was called with."""
+    transport.close()
+    return await proto.lost
 
 
 class Recorder(asyncio.DatagramProtocol):
@@ -69,46 +109,35 @@ class Recorder(asyncio.DatagramProtocol):
         await fut
 
 
-def test_burst_is_delivered_in_order(loop):
+def test_burst_is_delivered_in_order(loop, peers):
     """A burst queued before the loop looks (more than one batch): every datagram, in order,
     with its sender's address."""
-    peers = [udp_peer() for _ in range(3)]
+    senders = [peers() for _ in range(3)]
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop), local_addr=("127.0.0.1", 0)
-        )
-        dest = transport.get_extra_info("sockname")
+        transport, proto, dest = await open_endpoint(loop)
         expected = []
         for i in range(150):  # all queued in the kernel before the loop polls again
-            p = peers[i % 3]
+            p = senders[i % 3]
             payload = b"%d" % i
             p.sendto(payload, dest)
             expected.append((payload, p.getsockname()))
         await proto.wait(len(expected))
         assert proto.received == expected
-        transport.close()
-        await proto.lost
+        await close_endpoint(transport, proto)
 
-    try:
-        run(loop, main())
-    finally:
-        for p in peers:
-            p.close()
+    run(loop, main())
 
 
 @pytest.mark.parametrize("how", ["close", "abort"])
-def test_close_in_datagram_received_stops_delivery(loop, how):
-    peer = udp_peer()
+def test_close_in_datagram_received_stops_delivery(loop, peers, how):
+    peer = peers()
 
     def on_datagram(proto, data, addr):
         getattr(proto.transport, how)()
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop, on_datagram), local_addr=("127.0.0.1", 0)
-        )
-        dest = transport.get_extra_info("sockname")
+        transport, proto, dest = await open_endpoint(loop, on_datagram)
         for i in range(10):
             peer.sendto(b"%d" % i, dest)
         assert await proto.lost is None
@@ -116,28 +145,19 @@ def test_close_in_datagram_received_stops_delivery(loop, how):
         assert proto.received == [(b"0", peer.getsockname())]
         assert transport.is_closing()
 
-    try:
-        run(loop, main())
-    finally:
-        peer.close()
+    run(loop, main())
 
 
-def test_stop_in_datagram_received_ends_delivery_for_this_run(loop):
+def test_stop_in_datagram_received_ends_delivery_for_this_run(loop, peers):
     """asyncio receives one datagram per readiness event, so loop.stop() called from
     datagram_received leaves the datagrams still queued for the next run of the loop."""
-    peer = udp_peer()
+    peer = peers()
 
     def on_datagram(proto, data, addr):
         loop.stop()
 
-    transport, proto = run(
-        loop,
-        loop.create_datagram_endpoint(
-            lambda: Recorder(loop, on_datagram), local_addr=("127.0.0.1", 0)
-        ),
-    )
+    transport, proto, dest = run(loop, open_endpoint(loop, on_datagram))
     try:
-        dest = transport.get_extra_info("sockname")
         for i in range(5):
             peer.sendto(b"%d" % i, dest)
         loop.run_forever()
@@ -145,26 +165,23 @@ def test_stop_in_datagram_received_ends_delivery_for_this_run(loop):
         loop.run_forever()
         assert [d for d, _ in proto.received] == [b"0", b"1"]
     finally:
+        # closed outside the loop: the datagrams still queued must not reach on_datagram
         transport.close()
         run(loop, proto.lost)
-        peer.close()
 
 
 @requires_py311  # datagram transports gained pause_reading() in CPython 3.11
-def test_pause_reading_in_datagram_received_holds_the_rest_until_resume(loop):
+def test_pause_reading_in_datagram_received_holds_the_rest_until_resume(loop, peers):
     """asyncio's datagram transports have pause_reading/resume_reading/is_reading (from its
     selector transport base); pausing inside datagram_received delivers nothing more."""
-    peer = udp_peer()
+    peer = peers()
 
     def on_datagram(proto, data, addr):
         proto.transport.pause_reading()
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop, on_datagram), local_addr=("127.0.0.1", 0)
-        )
+        transport, proto, dest = await open_endpoint(loop, on_datagram)
         assert transport.is_reading()
-        dest = transport.get_extra_info("sockname")
         for i in range(5):
             peer.sendto(b"%d" % i, dest)
         await proto.wait(1)
@@ -181,16 +198,13 @@ def test_pause_reading_in_datagram_received_holds_the_rest_until_resume(loop):
         transport.resume_reading()  # closing: no-op
         await proto.lost
 
-    try:
-        run(loop, main())
-    finally:
-        peer.close()
+    run(loop, main())
 
 
-def test_exception_in_datagram_received_goes_to_handler(loop):
+def test_exception_in_datagram_received_goes_to_handler(loop, peers):
     """A raising datagram_received is reported to the exception handler; the datagrams after
     it are still delivered, in order."""
-    peer = udp_peer()
+    peer = peers()
     reported = []
 
     def on_datagram(proto, data, addr):
@@ -199,10 +213,7 @@ def test_exception_in_datagram_received_goes_to_handler(loop):
 
     async def main():
         loop.set_exception_handler(lambda lp, ctx: reported.append(ctx.get("exception")))
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop, on_datagram), local_addr=("127.0.0.1", 0)
-        )
-        dest = transport.get_extra_info("sockname")
+        transport, proto, dest = await open_endpoint(loop, on_datagram)
         sent = [b"a", b"boom", b"b", b"boom", b"c"]
         for d in sent:
             peer.sendto(d, dest)
@@ -210,17 +221,13 @@ def test_exception_in_datagram_received_goes_to_handler(loop):
         assert [d for d, _ in proto.received] == sent
         assert len(reported) == 2 and all(isinstance(e, ZeroDivisionError) for e in reported)
         assert not transport.is_closing()
-        transport.close()
-        await proto.lost
+        await close_endpoint(transport, proto)
 
-    try:
-        run(loop, main())
-    finally:
-        peer.close()
+    run(loop, main())
 
 
-def test_callbacks_scheduled_per_datagram_all_run_in_order(loop):
-    peer = udp_peer()
+def test_callbacks_scheduled_per_datagram_all_run_in_order(loop, peers):
+    peer = peers()
     order = []
 
     def on_datagram(proto, data, addr):
@@ -228,10 +235,7 @@ def test_callbacks_scheduled_per_datagram_all_run_in_order(loop):
         loop.call_soon(order.append, ("cb", data))
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop, on_datagram), local_addr=("127.0.0.1", 0)
-        )
-        dest = transport.get_extra_info("sockname")
+        transport, proto, dest = await open_endpoint(loop, on_datagram)
         for i in range(50):
             peer.sendto(b"%d" % i, dest)
         await proto.wait(50)
@@ -242,52 +246,40 @@ def test_callbacks_scheduled_per_datagram_all_run_in_order(loop):
         # a callback never runs before the datagram that scheduled it
         for i in range(50):
             assert order.index(("dgram", b"%d" % i)) < order.index(("cb", b"%d" % i))
-        transport.close()
-        await proto.lost
+        await close_endpoint(transport, proto)
 
-    try:
-        run(loop, main())
-    finally:
-        peer.close()
+    run(loop, main())
 
 
-def test_echo_to_many_peers(loop):
+def test_echo_to_many_peers(loop, peers):
     """More peers than any address cache has slots: every reply reaches its own sender."""
-    peers = [udp_peer() for _ in range(150)]
+    senders = [peers() for _ in range(150)]
 
     def echo(proto, data, addr):
         proto.transport.sendto(data + b"!", addr)
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop, echo), local_addr=("127.0.0.1", 0)
-        )
-        dest = transport.get_extra_info("sockname")
+        transport, proto, dest = await open_endpoint(loop, echo)
         for rnd in range(2):
-            for i, p in enumerate(peers):
+            for i, p in enumerate(senders):
                 p.sendto(b"%d-%d" % (rnd, i), dest)
-            await proto.wait(len(peers) * (rnd + 1))
-            for i, p in enumerate(peers):
+            await proto.wait(len(senders) * (rnd + 1))
+            for i, p in enumerate(senders):
                 data, addr = await loop.run_in_executor(None, p.recvfrom, 100)
                 assert (data, addr) == (b"%d-%d!" % (rnd, i), dest)
-        assert {a for _, a in proto.received} == {p.getsockname() for p in peers}
+        assert {a for _, a in proto.received} == {p.getsockname() for p in senders}
         for data, addr in proto.received:
             assert type(addr) is tuple and type(addr[0]) is str and type(addr[1]) is int
-            assert addr == peers[int(data.split(b"-")[1])].getsockname()
-        transport.close()
-        await proto.lost
+            assert addr == senders[int(data.split(b"-")[1])].getsockname()
+        await close_endpoint(transport, proto)
 
-    try:
-        run(loop, main())
-    finally:
-        for p in peers:
-            p.close()
+    run(loop, main())
 
 
-def test_sendto_address_objects(loop):
+def test_sendto_address_objects(loop, peers):
     """Fresh tuples, reused tuples, subclasses and host names: each datagram goes where its
     own address says."""
-    a, b = udp_peer(), udp_peer()
+    a, b = peers(), peers()
 
     class Host(str):
         pass
@@ -296,9 +288,7 @@ def test_sendto_address_objects(loop):
         pass
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop), local_addr=("127.0.0.1", 0)
-        )
+        transport, proto, _ = await open_endpoint(loop)
         pa, pb = a.getsockname()[1], b.getsockname()[1]
         expect = {pa: [], pb: []}
         reused = {pa: ("127.0.0.1", pa), pb: ("127.0.0.1", pb)}
@@ -325,14 +315,9 @@ def test_sendto_address_objects(loop):
                 data, _ = await loop.run_in_executor(None, sock.recvfrom, 100)
                 got.append(data)
             assert got == expect[port]
-        transport.close()
-        await proto.lost
+        await close_endpoint(transport, proto)
 
-    try:
-        run(loop, main())
-    finally:
-        a.close()
-        b.close()
+    run(loop, main())
 
 
 @pytest.mark.parametrize("addr", ["127.0.0.1", ("127.0.0.1",), ("127.0.0.1", "x")])
@@ -343,9 +328,7 @@ def test_sendto_bad_address_is_fatal_as_in_asyncio(loop, addr):
 
     async def main():
         loop.set_exception_handler(lambda lp, ctx: reported.append(ctx))
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop), local_addr=("127.0.0.1", 0)
-        )
+        transport, proto, _ = await open_endpoint(loop)
         transport.sendto(b"x", addr)
         assert transport.is_closing()
         exc = await proto.lost
@@ -355,27 +338,22 @@ def test_sendto_bad_address_is_fatal_as_in_asyncio(loop, addr):
     run(loop, main())
 
 
-def test_connected_sock_sends_to_its_peer(loop):
+def test_connected_sock_sends_to_its_peer(loop, peers):
     """An endpoint made from an already connected socket sends with send(): the address
     passed to sendto is not used (asyncio's behaviour)."""
-    a, b = udp_peer(), udp_peer()
+    a, b = peers(), peers()
 
     async def main():
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
         sock.connect(a.getsockname())
-        transport, proto = await loop.create_datagram_endpoint(lambda: Recorder(loop), sock=sock)
+        transport, proto, _ = await open_endpoint(loop, sock=sock)
         transport.sendto(b"hello", b.getsockname())
         data, addr = await loop.run_in_executor(None, a.recvfrom, 100)
         assert (data, addr) == (b"hello", sock.getsockname())
-        transport.close()
-        await proto.lost
+        await close_endpoint(transport, proto)
 
-    try:
-        run(loop, main())
-    finally:
-        a.close()
-        b.close()
+    run(loop, main())
 
 
 def test_icmp_error_goes_to_error_received(loop):
@@ -386,32 +364,26 @@ def test_icmp_error_goes_to_error_received(loop):
         closed = s.getsockname()
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop), remote_addr=closed
-        )
+        transport, proto, _ = await open_endpoint(loop, remote_addr=closed)
         transport.sendto(b"anyone?")
         exc = await proto.error
         assert isinstance(exc, ConnectionRefusedError)
         assert not transport.is_closing()
-        transport.close()
-        assert await proto.lost is None
+        assert await close_endpoint(transport, proto) is None
 
     run(loop, main())
 
 
-def test_ipv6_echo(loop):
+def test_ipv6_echo(loop, peers):
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
     try:
-        peer = udp_peer(socket.AF_INET6, "::1")
+        peer = peers(socket.AF_INET6, "::1")
     except OSError:
         pytest.skip("no ::1")
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop), local_addr=("::1", 0)
-        )
-        dest = transport.get_extra_info("sockname")
+        transport, proto, dest = await open_endpoint(loop, local_addr=("::1", 0))
         for i in range(40):
             peer.sendto(b"%d" % i, dest)
         await proto.wait(40)
@@ -420,28 +392,22 @@ def test_ipv6_echo(loop):
         transport.sendto(b"back", proto.received[0][1])
         data, addr = await loop.run_in_executor(None, peer.recvfrom, 100)
         assert data == b"back" and addr[:2] == dest[:2]
-        transport.close()
-        await proto.lost
+        await close_endpoint(transport, proto)
 
-    try:
-        run(loop, main())
-    finally:
-        peer.close()
+    run(loop, main())
 
 
-def test_unix_datagram_echo(loop, tmp_path):
+def test_unix_datagram_echo(loop, peers, tmp_path):
     server_path = str(tmp_path / "srv.sock")
     peer_path = str(tmp_path / "peer.sock")
-    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    peer.bind(peer_path)
-    peer.settimeout(TIMEOUT)
+    peer = peers(socket.AF_UNIX, peer_path)
 
     def echo(proto, data, addr):
         proto.transport.sendto(data.upper(), addr)
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop, echo), local_addr=server_path, family=socket.AF_UNIX
+        transport, proto, _ = await open_endpoint(
+            loop, echo, local_addr=server_path, family=socket.AF_UNIX
         )
         # a Unix datagram queue holds few datagrams (net.unix.max_dgram_qlen, often 10)
         for rnd in range(5):
@@ -454,16 +420,12 @@ def test_unix_datagram_echo(loop, tmp_path):
         assert proto.received == [
             (b"u%d-%d" % (rnd, i), peer_path) for rnd in range(5) for i in range(5)
         ]
-        transport.close()
-        await proto.lost
+        await close_endpoint(transport, proto)
 
-    try:
-        run(loop, main())
-    finally:
-        peer.close()
+    run(loop, main())
 
 
-def test_transport_subclass_and_stray_self(loop, loop_impl):
+def test_transport_subclass_and_stray_self(loop, loop_impl, peers):
     """ferroloop only: the native methods read a transport's slots directly only for the exact
     class; a subclass instance takes the generic attribute path, anything else gets the
     AttributeError a Python method would raise (never a crash)."""
@@ -475,17 +437,14 @@ def test_transport_subclass_and_stray_self(loop, loop_impl):
         pass
 
     loop._make_datagram_transport = lambda *a, **kw: Sub(loop, *a, **kw)
-    peer = udp_peer()
+    peer = peers()
 
     def echo(proto, data, addr):
         proto.transport.sendto(data * 2, addr)
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop, echo), local_addr=("127.0.0.1", 0)
-        )
+        transport, proto, dest = await open_endpoint(loop, echo)
         assert type(transport) is Sub
-        dest = transport.get_extra_info("sockname")
         for i in range(40):
             peer.sendto(b"%d" % i, dest)
         await proto.wait(40)
@@ -496,33 +455,27 @@ def test_transport_subclass_and_stray_self(loop, loop_impl):
             DatagramTransport.sendto(object(), b"x", dest)
         with pytest.raises(AttributeError):
             DatagramTransport._read_ready(object())
-        transport.close()
-        await proto.lost
+        await close_endpoint(transport, proto)
 
-    try:
-        run(loop, main())
-    finally:
-        peer.close()
+    run(loop, main())
 
 
 @pytest.mark.parametrize("family", ["inet", "unix"])
-def test_connected_endpoint_sendto_without_address(loop, family, tmp_path):
+def test_connected_endpoint_sendto_without_address(loop, peers, family, tmp_path):
     """A connected endpoint: sendto(data) and sendto(data, its own address) both reach the
     peer, in order; an empty datagram is not sent (3.11); another address is a ValueError."""
     if family == "inet":
-        peer = udp_peer()
+        peer = peers()
         peer_addr = peer.getsockname()
         kw = {"remote_addr": peer_addr}
     else:
         peer_addr = str(tmp_path / "peer.sock")
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        peer.bind(peer_addr)
-        peer.settimeout(TIMEOUT)
+        peer = peers(socket.AF_UNIX, peer_addr)
         kw = {"remote_addr": peer_addr, "local_addr": str(tmp_path / "me.sock"),
               "family": socket.AF_UNIX}
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(lambda: Recorder(loop), **kw)
+        transport, proto, _ = await open_endpoint(loop, **kw)
         assert transport.get_extra_info("peername") == peer_addr
         sent = []
         for i in range(8):  # a Unix datagram queue may hold as few as 10
@@ -545,24 +498,18 @@ def test_connected_endpoint_sendto_without_address(loop, family, tmp_path):
         peer.setblocking(False)
         with pytest.raises(BlockingIOError):
             peer.recvfrom(100)  # nothing more: the empty datagram was not sent
-        transport.close()
-        await proto.lost
+        await close_endpoint(transport, proto)
 
-    try:
-        run(loop, main())
-    finally:
-        peer.close()
+    run(loop, main())
 
 
-def test_transport_methods_given_wrong_arguments_raise_type_error(loop):
+def test_transport_methods_given_wrong_arguments_raise_type_error(loop, peers):
     """The native `_read_ready` and `sendto` take arguments as the Python methods do: a wrong
     call raises TypeError (and does nothing), keywords are accepted where Python accepts them."""
-    peer = udp_peer()
+    peer = peers()
 
     async def main():
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: Recorder(loop), local_addr=("127.0.0.1", 0)
-        )
+        transport, proto, dest = await open_endpoint(loop)
         for call in (
             lambda: transport._read_ready(1),
             lambda: transport._read_ready(x=1),
@@ -576,13 +523,9 @@ def test_transport_methods_given_wrong_arguments_raise_type_error(loop):
         transport.sendto(b"kw2", addr=peer.getsockname())
         assert peer.recvfrom(100)[0] == b"kw"
         assert peer.recvfrom(100)[0] == b"kw2"
-        peer.sendto(b"back", transport.get_extra_info("sockname"))
+        peer.sendto(b"back", dest)
         await proto.wait(1)
         assert proto.received == [(b"back", peer.getsockname())]
-        transport.close()
-        await proto.lost
+        await close_endpoint(transport, proto)
 
-    try:
-        run(loop, main())
-    finally:
-        peer.close()
+    run(loop, main())

@@ -5,10 +5,7 @@ import logging
 
 import pytest
 
-
-def run_once(loop):
-    loop.call_soon(loop.stop)
-    loop.run_forever()
+from conftest import run_once
 
 
 def asyncio_records(caplog, level=logging.ERROR):

@@ -7,15 +7,7 @@ import socket
 
 import pytest
 
-
-def run_once(loop):
-    loop.call_soon(loop.stop)
-    loop.run_forever()
-
-
-def run_for(loop, seconds):
-    loop.call_later(seconds, loop.stop)
-    loop.run_forever()
+from conftest import run_for, run_once
 
 
 def closed_fd_number():

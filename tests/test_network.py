@@ -201,19 +201,26 @@ def test_tcp_client_echo_protocol(loop):
         run(loop, main(peer))
 
 
+def _send_each_after_ack(messages):
+    """A ThreadPeer handler: sends each message and waits for its one-byte b"k" ack, then
+    half-closes and expects EOF back."""
+
+    def handler(conn):
+        for m in messages:
+            conn.sendall(m)
+            assert conn.recv(1) == b"k"
+        conn.shutdown(socket.SHUT_WR)
+        assert conn.recv(1) == b""
+
+    return handler
+
+
 def test_big_and_small_messages_arrive_intact_in_order(loop):
     # Reads of 16 KiB and more switch the transport to reading straight into a new bytes
     # object sized by the previous reads; smaller messages, a message bigger than that size
     # and one bigger than a whole read (256 KiB) must all arrive intact and in order.
     sizes = [200_000, 10, 300_000, 50_000, 1, 100_000, 20_000, 5, 70_000, 1_000_000, 3]
     messages = [os.urandom(n) for n in sizes]
-
-    def send_each_after_ack(conn):
-        for m in messages:
-            conn.sendall(m)
-            assert conn.recv(1) == b"k"
-        conn.shutdown(socket.SHUT_WR)
-        assert conn.recv(1) == b""
 
     class Acker(Recorder):
         def __init__(self, loop):
@@ -238,7 +245,7 @@ def test_big_and_small_messages_arrive_intact_in_order(loop):
         transport.close()
         await proto.lost
 
-    with ThreadPeer(send_each_after_ack) as peer:
+    with ThreadPeer(_send_each_after_ack(messages)) as peer:
         run(loop, main(peer))
 
 
@@ -247,13 +254,6 @@ def test_data_received_objects_stay_intact_whatever_the_protocol_keeps(loop):
     # memoryview of it, a dict key) keeps its contents and its hash while later messages of
     # the same size arrive, and what it drops after hashing does not lend its hash to them.
     messages = [bytes([i]) * 1000 + os.urandom(24) for i in range(40)]
-
-    def send_each_after_ack(conn):
-        for m in messages:
-            conn.sendall(m)
-            assert conn.recv(1) == b"k"
-        conn.shutdown(socket.SHUT_WR)
-        assert conn.recv(1) == b""
 
     class Keeper(Recorder):
         def __init__(self, loop):
@@ -295,7 +295,7 @@ def test_data_received_objects_stay_intact_whatever_the_protocol_keeps(loop):
         transport.close()
         await proto.lost
 
-    with ThreadPeer(send_each_after_ack) as peer:
+    with ThreadPeer(_send_each_after_ack(messages)) as peer:
         run(loop, main(peer))
 
 
@@ -498,8 +498,11 @@ def test_pause_and_resume_reading(loop):
 # dispatches its native transports' readers without a Handle call; these pin the semantics).
 
 
-def _two_connected_transports(loop, family, path=None):
-    """A server on `family` with two accepted connections; returns (server, protocols, clients)."""
+@contextlib.contextmanager
+def _two_connected_transports(loop, family):
+    """A server on `family` ("tcp" or "unix") with two accepted connections: yields
+    (protocols, clients); closes the clients, the transports and the server afterwards."""
+    fam = socket.AF_INET if family == "tcp" else socket.AF_UNIX
     protos = []
 
     class Proto(asyncio.Protocol):
@@ -516,95 +519,80 @@ def _two_connected_transports(loop, family, path=None):
             if self.on_data is not None:
                 self.on_data(self)
 
-    async def start():
-        if family == socket.AF_UNIX:
-            return await loop.create_unix_server(Proto, path)
-        return await loop.create_server(Proto, "127.0.0.1", 0)
+    with tempfile.TemporaryDirectory() as d:
 
-    server = run(loop, start())
-    clients = []
-    for _ in range(2):
-        c = socket.socket(family, socket.SOCK_STREAM)
-        c.settimeout(TIMEOUT)
-        c.connect(server.sockets[0].getsockname())
-        clients.append(c)
+        async def start():
+            if fam == socket.AF_UNIX:
+                return await loop.create_unix_server(Proto, os.path.join(d, "s"))
+            return await loop.create_server(Proto, "127.0.0.1", 0)
 
-    async def accepted():
-        while len(protos) < 2 or not all(hasattr(p, "transport") for p in protos):
-            await asyncio.sleep(0.001)
+        server = run(loop, start())
+        clients = []
+        for _ in range(2):
+            c = socket.socket(fam, socket.SOCK_STREAM)
+            c.settimeout(TIMEOUT)
+            c.connect(server.sockets[0].getsockname())
+            clients.append(c)
 
-    run(loop, accepted())
-    return server, protos, clients
+        async def accepted():
+            while len(protos) < 2 or not all(hasattr(p, "transport") for p in protos):
+                await asyncio.sleep(0.001)
+
+        run(loop, accepted())
+        try:
+            yield protos, clients
+        finally:
+            for c in clients:
+                c.close()
+            for p in protos:
+                p.transport.close()
+            server.close()
+            run(loop, server.wait_closed())
+
+
+def _first_reader_acts_on_the_other(loop, protos, clients, act):
+    """Make both sockets readable before the loop polls again (one poll reports both); the
+    first data_received() calls act(the other transport). Checks that the other reader did
+    not run, and returns its protocol."""
+    first = []
+
+    def act_on_the_other(p):
+        first.append(p)
+        for q in protos:
+            if q is not p:
+                act(q.transport)
+
+    for p in protos:
+        p.on_data = act_on_the_other
+    for c in clients:
+        c.sendall(b"x")
+    time.sleep(0.05)
+    run(loop, asyncio.sleep(0.05))
+    assert len(first) == 1
+    (other,) = [q for q in protos if q is not first[0]]
+    assert other.data == b""
+    return other
 
 
 @pytest.mark.parametrize("family", ["tcp", "unix"])
 def test_reader_paused_by_an_earlier_callback_of_the_same_iteration_does_not_run(loop, family):
-    fam = socket.AF_INET if family == "tcp" else socket.AF_UNIX
-    with tempfile.TemporaryDirectory() as d:
-        server, protos, clients = _two_connected_transports(loop, fam, os.path.join(d, "s"))
-        try:
-            first = []
-
-            def pause_the_other(p):
-                first.append(p)
-                for q in protos:
-                    if q is not p:
-                        q.transport.pause_reading()
-
-            for p in protos:
-                p.on_data = pause_the_other
-            # Both sockets are readable before the loop polls again: one poll reports both.
-            for c in clients:
-                c.sendall(b"x")
-            time.sleep(0.05)
-            run(loop, asyncio.sleep(0.05))
-            assert len(first) == 1
-            (other,) = [q for q in protos if q is not first[0]]
-            assert other.data == b""
-            for p in protos:
-                p.on_data = None
-            other.transport.resume_reading()
-            run(loop, asyncio.sleep(0.05))
-            assert other.data == b"x"
-        finally:
-            for c in clients:
-                c.close()
-            for p in protos:
-                p.transport.close()
-            server.close()
-            run(loop, server.wait_closed())
+    with _two_connected_transports(loop, family) as (protos, clients):
+        other = _first_reader_acts_on_the_other(
+            loop, protos, clients, lambda transport: transport.pause_reading()
+        )
+        for p in protos:
+            p.on_data = None
+        other.transport.resume_reading()
+        run(loop, asyncio.sleep(0.05))
+        assert other.data == b"x"
 
 
 @pytest.mark.parametrize("family", ["tcp", "unix"])
 def test_reader_closed_by_an_earlier_callback_of_the_same_iteration_does_not_run(loop, family):
-    fam = socket.AF_INET if family == "tcp" else socket.AF_UNIX
-    with tempfile.TemporaryDirectory() as d:
-        server, protos, clients = _two_connected_transports(loop, fam, os.path.join(d, "s"))
-        try:
-            first = []
-
-            def close_the_other(p):
-                first.append(p)
-                for q in protos:
-                    if q is not p:
-                        q.transport.close()
-
-            for p in protos:
-                p.on_data = close_the_other
-            for c in clients:
-                c.sendall(b"x")
-            time.sleep(0.05)
-            run(loop, asyncio.sleep(0.05))
-            assert len(first) == 1
-            (other,) = [q for q in protos if q is not first[0]]
-            assert other.data == b""
-        finally:
-            for c in clients:
-                c.close()
-            for p in protos:
-                p.transport.close()
-            server.close()
-            run(loop, server.wait_closed())
+    with _two_connected_transports(loop, family) as (protos, clients):
+        _first_reader_acts_on_the_other(
+            loop, protos, clients, lambda transport: transport.close()
+        )
 
 
 def test_data_received_runs_in_one_context_for_the_whole_connection(loop):

@@ -9,14 +9,9 @@ import time
 
 import pytest
 
-from conftest import requires_py311
+from conftest import requires_py311, run_once
 
 cvar = contextvars.ContextVar("run_cvar", default="default")
-
-
-def run_once(loop):
-    loop.call_soon(loop.stop)
-    loop.run_forever()
 
 
 # -- run_until_complete -----------------------------------------------------
@@ -164,32 +159,32 @@ def test_asyncio_sleep_waits_at_least_the_delay(loop):
 # -- re-entrancy ------------------------------------------------------------
 
 
-def test_run_until_complete_while_running_raises_runtime_error(loop):
+def _runtime_errors_in_a_callback(loop, call):
+    """Run call() in a callback of `loop` (run once); the messages of the RuntimeErrors it
+    raised."""
     errors = []
 
     def cb():
-        fut = loop.create_future()
         try:
-            loop.run_until_complete(fut)
+            call()
         except RuntimeError as e:
             errors.append(str(e))
 
     loop.call_soon(cb)
     run_once(loop)
-    assert errors == ["This event loop is already running"]
+    return errors
+
+
+def test_run_until_complete_while_running_raises_runtime_error(loop):
+    def call():
+        fut = loop.create_future()
+        loop.run_until_complete(fut)
+
+    assert _runtime_errors_in_a_callback(loop, call) == ["This event loop is already running"]
 
 
 def test_run_forever_while_running_raises_runtime_error(loop):
-    errors = []
-
-    def cb():
-        try:
-            loop.run_forever()
-        except RuntimeError as e:
-            errors.append(str(e))
-
-    loop.call_soon(cb)
-    run_once(loop)
+    errors = _runtime_errors_in_a_callback(loop, loop.run_forever)
     assert errors == ["This event loop is already running"]
     assert loop.is_running() is False
 
@@ -277,16 +272,7 @@ def test_loops_can_run_one_after_another_in_the_same_thread(loop_factory):
 
 
 def test_close_while_running_raises_runtime_error(loop):
-    errors = []
-
-    def cb():
-        try:
-            loop.close()
-        except RuntimeError as e:
-            errors.append(str(e))
-
-    loop.call_soon(cb)
-    run_once(loop)
+    errors = _runtime_errors_in_a_callback(loop, loop.close)
     assert errors == ["Cannot close a running event loop"]
     assert loop.is_closed() is False
 
@@ -588,17 +574,19 @@ def test_event_loop_policy_creates_loops_of_the_implementation(loop_impl):
 # -- async generators -------------------------------------------------------
 
 
+async def _agen_recording_its_finaliser(finalised):
+    """Yields 1 and 2; its finally clause appends the loop it runs on to `finalised`."""
+    try:
+        yield 1
+        yield 2
+    finally:
+        finalised.append(asyncio.get_running_loop())
+
+
 def test_shutdown_asyncgens_finalises_an_unfinished_async_generator(loop):
     finalised = []
 
-    async def agen():
-        try:
-            yield 1
-            yield 2
-        finally:
-            finalised.append(asyncio.get_running_loop())
-
-    gen = agen()
+    gen = _agen_recording_its_finaliser(finalised)
 
     async def first():
         return await gen.__anext__()  # noqa: F821 (deleted after use)
@@ -636,15 +624,8 @@ def test_shutdown_asyncgens_reports_errors_of_aclose_to_handler(loop):
 def test_garbage_collected_async_generator_is_finalised_by_the_loop(loop):
     finalised = []
 
-    async def agen():
-        try:
-            yield 1
-            yield 2
-        finally:
-            finalised.append(asyncio.get_running_loop())
-
     async def main():
-        gen = agen()
+        gen = _agen_recording_its_finaliser(finalised)
         assert await gen.__anext__() == 1
         del gen
         gc.collect()

@@ -10,21 +10,13 @@ import sys
 
 import pytest
 
+from conftest import run_for, run_once
+
 cvar = contextvars.ContextVar("timer_cvar", default="default")
 
 # CPython treats a timer as due when ``when <= time() + clock_resolution``,
 # so a timer may legitimately be observed up to one clock tick "early".
 CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
-
-
-def run_once(loop):
-    loop.call_soon(loop.stop)
-    loop.run_forever()
-
-
-def run_for(loop, seconds):
-    loop.call_later(seconds, loop.stop)
-    loop.run_forever()
 
 
 # -- ordering ---------------------------------------------------------------
@@ -448,11 +440,24 @@ def test_loop_dropped_unclosed_with_a_timer_cycle_is_collected(loop_impl):
     assert len(os.listdir("/proc/self/fd")) <= fds_before
 
 
+def _assert_unclosed_loop_and_task_are_collected(make):
+    """make() drops an unclosed loop with a task and returns weak references to both: both are
+    collected (the loop's ResourceWarning is recorded, not raised)."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        loop_ref, task_ref = make()
+        for _ in range(3):
+            gc.collect()
+    assert loop_ref() is None, "the unclosed loop was not collected"
+    assert task_ref() is None
+
+
 def test_loop_dropped_unclosed_with_a_pending_task_step_is_collected(loop_impl):
     """The same with a task whose first step is still queued when the loop is dropped (a C Task
     step, which ferroloop queues without a Handle)."""
-    import gc
-    import warnings
     import weakref
 
     async def forever():
@@ -464,21 +469,13 @@ def test_loop_dropped_unclosed_with_a_pending_task_step_is_collected(loop_impl):
         task.loop_ref = lp  # the task is reachable only from the loop's queue
         return weakref.ref(lp), weakref.ref(task)
 
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        loop_ref, task_ref = make()
-        for _ in range(3):
-            gc.collect()
-    assert loop_ref() is None, "the unclosed loop was not collected"
-    assert task_ref() is None
+    _assert_unclosed_loop_and_task_are_collected(make)
 
 
 def test_loop_stopped_with_a_queued_task_step_then_dropped_unclosed_is_collected(loop_impl):
     """A task step queued while the loop ran (ferroloop hides it from the collector while it
     waits) is shown to the collector again when run_forever returns: the unclosed loop, only
     reachable through that step, is collected."""
-    import gc
-    import warnings
     import weakref
 
     async def forever():
@@ -494,13 +491,7 @@ def test_loop_stopped_with_a_queued_task_step_then_dropped_unclosed_is_collected
         assert not task.done()
         return weakref.ref(lp), weakref.ref(task)
 
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        loop_ref, task_ref = make()
-        for _ in range(3):
-            gc.collect()
-    assert loop_ref() is None, "the unclosed loop was not collected"
-    assert task_ref() is None
+    _assert_unclosed_loop_and_task_are_collected(make)
 
 
 def test_task_step_callback_kept_elsewhere_is_tracked_after_it_ran(loop):

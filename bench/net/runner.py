@@ -44,10 +44,10 @@ TARGET = os.path.join(CRATE, "target")
 LOADGEN = os.path.join(TARGET, "release", "loadgen")
 NATIVE = os.path.join(TARGET, "release", "native_server")
 SERVER_PY = os.path.join(HERE, "server.py")
-RESULTS_DIR = os.path.join(BENCH, "results")
 
 sys.path.insert(0, BENCH)
 import loops as loops_mod  # noqa: E402
+from _common import parse_list, save_results, table  # noqa: E402
 
 PY_LOOPS = list(loops_mod.LOOPS)  # asyncio, uvloop, rloop, ferroloop
 SERVERS = PY_LOOPS + ["native"]
@@ -633,13 +633,6 @@ def fmt_rate(x: float) -> str:
     return f"{x:.0f}"
 
 
-def table(header: List[str], rows: List[List[str]], align: List[str]) -> str:
-    seps = {"l": "---", "r": "---:"}
-    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(seps[a] for a in align) + " |"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def aggregate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     cpu = [s["cpu_us_per_req"] for s in samples]
     a = {
@@ -880,16 +873,6 @@ def report(meta: Dict[str, Any], probes: Dict[str, Dict[str, Any]], servers: Lis
 # ---------------------------------------------------------------------------
 
 
-def parse_list(value: Optional[str], known: List[str], what: str) -> List[str]:
-    if not value:
-        return list(known)
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [n for n in names if n not in known]
-    if bad:
-        raise SystemExit(f"unknown {what}: {', '.join(bad)} (known: {', '.join(known)})")
-    return names
-
-
 def select_cases(value: Optional[str]) -> List[Case]:
     if not value:
         return list(CASES)
@@ -1081,11 +1064,6 @@ def main(argv=None) -> int:
     print(md)
 
     if not args.no_save:
-        path = args.output
-        if not path:
-            os.makedirs(RESULTS_DIR, exist_ok=True)
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            path = os.path.join(RESULTS_DIR, f"{stamp}-net-{meta['mode']}.json")
         doc = {
             "meta": meta,
             "loops": {s: probes.get(s, {"name": "native"}) for s in servers},
@@ -1100,8 +1078,7 @@ def main(argv=None) -> int:
             },
             "markdown": md,
         }
-        with open(path, "w") as f:
-            json.dump(doc, f, indent=1)
+        path = save_results(doc, args.output, "net-" + meta["mode"])
         log(f"saved {os.path.relpath(path)}")
     log(f"total wall time {wall:.0f} s")
     return 1 if fails else 0

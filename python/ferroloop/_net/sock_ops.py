@@ -12,6 +12,7 @@ import functools
 import os
 import socket
 import weakref
+from operator import methodcaller
 
 from asyncio import exceptions
 
@@ -146,13 +147,13 @@ class SockOpsMixin:
         if handle is None or not handle.cancelled():
             self._remove_writer(fd)
 
-    def _sock_retry(self, fut, sock, method, *args) -> None:
-        # The reactor says the socket is ready: call sock.<method>(*args) again and settle
-        # `fut`. The method is looked up on every attempt, as asyncio does.
+    def _sock_retry(self, fut, call, *args) -> None:
+        # The reactor says the socket is ready: try call(*args) again and settle `fut` with
+        # its result or its exception; a call that would still block waits for the next event.
         if fut.done():
             return
         try:
-            result = getattr(sock, method)(*args)
+            result = call(*args)
         except (BlockingIOError, InterruptedError):
             return
         except (SystemExit, KeyboardInterrupt):
@@ -161,6 +162,8 @@ class SockOpsMixin:
             fut.set_exception(exc)
         else:
             fut.set_result(result)
+        finally:
+            fut = None  # break the exception <-> frame cycle
 
     async def _sock_read_op(self, sock, method, *args):
         self._check_sock(sock)
@@ -169,7 +172,8 @@ class SockOpsMixin:
         except (BlockingIOError, InterruptedError):
             pass
         fut = self.create_future()
-        self._wait_readable(fut, sock, self._sock_retry, fut, sock, method, *args)
+        # methodcaller looks the method up on every attempt, as asyncio does.
+        self._wait_readable(fut, sock, self._sock_retry, fut, methodcaller(method, *args), sock)
         return await fut
 
     # ---- receiving ----------------------------------------------------------------------
@@ -229,7 +233,9 @@ class SockOpsMixin:
         except (BlockingIOError, InterruptedError):
             pass
         fut = self.create_future()
-        self._wait_writable(fut, sock, self._sock_retry, fut, sock, "sendto", data, address)
+        self._wait_writable(
+            fut, sock, self._sock_retry, fut, methodcaller("sendto", data, address), sock
+        )
         return await fut
 
     # ---- connecting and accepting -------------------------------------------------------
@@ -245,7 +251,7 @@ class SockOpsMixin:
         try:
             sock.connect(address)
         except (BlockingIOError, InterruptedError):
-            self._wait_writable(fut, sock, self._sock_connect_ready, fut, sock, address)
+            self._wait_writable(fut, sock, self._sock_retry, fut, _connect_outcome, sock, address)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -257,24 +263,6 @@ class SockOpsMixin:
         finally:
             fut = None  # break the exception <-> frame cycle
 
-    def _sock_connect_ready(self, fut, sock, address) -> None:
-        if fut.done():
-            return
-        try:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err != 0:
-                raise OSError(err, f"Connect call failed {address}")
-        except (BlockingIOError, InterruptedError):
-            return
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(None)
-        finally:
-            fut = None
-
     async def sock_accept(self, sock):
         self._check_sock(sock)
         try:
@@ -282,22 +270,8 @@ class SockOpsMixin:
         except (BlockingIOError, InterruptedError):
             pass
         fut = self.create_future()
-        self._wait_readable(fut, sock, self._sock_accept_ready, fut, sock)
+        self._wait_readable(fut, sock, self._sock_retry, fut, self._accept_nonblocking, sock)
         return await fut
-
-    def _sock_accept_ready(self, fut, sock) -> None:
-        if fut.done():
-            return
-        try:
-            result = self._accept_nonblocking(sock)
-        except (BlockingIOError, InterruptedError):
-            return
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
 
     @staticmethod
     def _accept_nonblocking(sock):
@@ -422,6 +396,13 @@ class _SendfileState:
         self._done = True
         if self.total > 0:
             os.lseek(self.fileno, self.offset + self.total, os.SEEK_SET)
+
+
+def _connect_outcome(sock, address) -> None:
+    """Raise the error of a non-blocking connect() that has finished (None when it succeeded)."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err != 0:
+        raise OSError(err, f"Connect call failed {address}")
 
 
 def check_sendfile_params(sock, file, offset, count) -> None:

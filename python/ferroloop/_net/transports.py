@@ -26,6 +26,7 @@ MAX_READ = 256 * 1024  # bytes per recv()
 # mmap/mremap/munmap a 256 KiB object per read).
 from .._ferroloop import read_bytes as _read_bytes  # noqa: E402
 from .. import _ferroloop as _ferroloop_native  # noqa: E402
+from .flow_control import DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER, WriteFlowControl  # noqa: E402
 try:
     _IOV_MAX = os.sysconf("SC_IOV_MAX")
 except (AttributeError, OSError, ValueError):  # pragma: no cover
@@ -75,15 +76,29 @@ def as_bytes_like(data):
     return data
 
 
-_DEFAULT_HIGH_WATER = 64 * 1024
-_DEFAULT_LOW_WATER = _DEFAULT_HIGH_WATER // 4
+def report_fatal_error(transport, exc, message, routine: bool) -> None:
+    """Report a transport's fatal error as asyncio does: a routine one (a connection reset, a
+    broken pipe...) is only logged, in debug mode; any other goes to the exception handler."""
+    if routine:
+        if transport._loop.get_debug():
+            logger.debug("%r: %s", transport, message, exc_info=True)
+    else:
+        transport._loop.call_exception_handler(
+            {
+                "message": message,
+                "exception": exc,
+                "transport": transport,
+                "protocol": transport._protocol,
+            }
+        )
+
 
 _NO_QUEUE = ()  # empty, falsy, iterable: what `_buffer` is until a write has to wait
 
 _EDGE_FAMILIES = _TCP_FAMILIES
 
 
-class SocketTransportBase(transports.Transport):
+class SocketTransportBase(WriteFlowControl, transports.Transport):
     """What every socket transport has: the socket, the protocol, closing, fatal errors,
     write-side flow control and the connection_lost epilogue."""
 
@@ -145,8 +160,8 @@ class SocketTransportBase(transports.Transport):
         self._closing = False
         self._protocol_paused = False
         # What _set_write_buffer_limits() sets (one call less per connection).
-        self._high_water = _DEFAULT_HIGH_WATER
-        self._low_water = _DEFAULT_LOW_WATER
+        self._high_water = DEFAULT_HIGH_WATER
+        self._low_water = DEFAULT_LOW_WATER
         if server is not None:
             server._attach(self)
         # loop._transports[fd] = self, without the property and the table's __setitem__ frames.
@@ -248,19 +263,8 @@ class SocketTransportBase(transports.Transport):
             table.discard(self._sock_fd, self)
 
     def _fatal_error(self, exc, message="Fatal error on transport") -> None:
-        if isinstance(exc, OSError):
-            # Connection resets, broken pipes...: routine; only logged in debug mode.
-            if self._loop.get_debug():
-                logger.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._loop.call_exception_handler(
-                {
-                    "message": message,
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
+        # Connection resets, broken pipes...: routine.
+        report_fatal_error(self, exc, message, routine=isinstance(exc, OSError))
         self._force_close(exc)
 
     def _force_close(self, exc) -> None:
@@ -293,68 +297,10 @@ class SocketTransportBase(transports.Transport):
                 server._detach(self)
                 self._server = None
 
-    # ---- write-side flow control --------------------------------------------------------
+    # ---- write-side flow control (the rest is WriteFlowControl's) -----------------------
 
     def get_write_buffer_size(self) -> int:
         return self._buffer_size
-
-    def get_write_buffer_limits(self):
-        return (self._low_water, self._high_water)
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        self._set_write_buffer_limits(high=high, low=low)
-        self._maybe_pause_protocol()
-
-    def _set_write_buffer_limits(self, high=None, low=None) -> None:
-        if high is None and low is None:
-            # The shared default ints: 16384 is no cached small int, and each transport
-            # computing its own would hold 32 bytes more.
-            self._high_water = _DEFAULT_HIGH_WATER
-            self._low_water = _DEFAULT_LOW_WATER
-            return
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water = high
-        self._low_water = low
-
-    def _maybe_pause_protocol(self) -> None:
-        if self.get_write_buffer_size() <= self._high_water or self._protocol_paused:
-            return
-        self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._loop.call_exception_handler(
-                {
-                    "message": "protocol.pause_writing() failed",
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
-
-    def _maybe_resume_protocol(self) -> None:
-        if self._protocol_paused and self.get_write_buffer_size() <= self._low_water:
-            self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._loop.call_exception_handler(
-                    {
-                        "message": "protocol.resume_writing() failed",
-                        "exception": exc,
-                        "transport": self,
-                        "protocol": self._protocol,
-                    }
-                )
 
     def _queue(self):
         """The write queue, created on first use."""

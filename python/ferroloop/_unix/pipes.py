@@ -19,7 +19,8 @@ import warnings
 from asyncio import constants, futures, protocols, transports
 
 from .._ferroloop import read_bytes as _read_bytes
-from .._net.transports import as_bytes_like
+from .._net.flow_control import DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER, WriteFlowControl
+from .._net.transports import as_bytes_like, report_fatal_error
 
 logger = logging.getLogger("asyncio")
 
@@ -50,6 +51,23 @@ class _PipeTransportBase:
             table = loop._transports
         table[self._fileno] = self
 
+    def _adopt(self, pipe, extra, check_file: bool, refusal: str):
+        """Record the pipe (in `extra` too) and its fd; with `check_file`, refuse anything but
+        a FIFO, socket or character device with ValueError(refusal). Returns the fd and, when
+        checked, whether it is a FIFO or a socket."""
+        # (transports.BaseTransport.__init__, without the call)
+        if extra is None:
+            extra = {}
+        self._extra = extra
+        extra["pipe"] = pipe
+        self._fileno = fileno = pipe.fileno()
+        if not check_file:
+            return fileno, False, False
+        is_fifo, is_socket, is_char = _file_type(fileno)
+        if not (is_fifo or is_socket or is_char):
+            raise ValueError(refusal)
+        return fileno, is_fifo, is_socket
+
     def set_protocol(self, protocol) -> None:
         self._protocol = protocol
 
@@ -59,9 +77,18 @@ class _PipeTransportBase:
     def is_closing(self) -> bool:
         return self._closing
 
-    def _state_for_repr(self, watching: bool) -> str:
+    def __repr__(self) -> str:
+        info = [type(self).__name__]
         if self._pipe is None:
-            return "closed"
+            info.append("closed")
+        elif self._closing:
+            info.append("closing")
+        info.append(f"fd={self._fileno}")
+        if self._pipe is not None:
+            self._repr_state(info)
+        return "<{}>".format(" ".join(info))
+
+    def _state_for_repr(self, watching: bool) -> str:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             return "polling" if watching else "idle"
@@ -105,17 +132,9 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
         # _subprocess: a subprocess transport's own pipe (a pipe, so no fstat) and pipe
         # protocol, whose connection_made only records the transport: called at once, and
         # reading starts at once (the subprocess transport orders its protocol's callbacks).
-        # (transports.BaseTransport.__init__, without the call)
-        if extra is None:
-            extra = {}
-        self._extra = extra
-        extra["pipe"] = pipe
-        fileno = pipe.fileno()
-        if not _subprocess:
-            is_fifo, is_socket, is_char = _file_type(fileno)
-            if not (is_fifo or is_socket or is_char):
-                raise ValueError("Pipe transport is for pipes/sockets only.")
-        self._fileno = fileno
+        fileno, _, _ = self._adopt(
+            pipe, extra, not _subprocess, "Pipe transport is for pipes/sockets only."
+        )
         self._paused = False
         self._watching = False
         self._register(loop, pipe, protocol)
@@ -130,16 +149,8 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
         if waiter is not None:
             loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
 
-    def __repr__(self) -> str:
-        info = [type(self).__name__]
-        if self._pipe is None:
-            info.append("closed")
-        elif self._closing:
-            info.append("closing")
-        info.append(f"fd={self._fileno}")
-        if self._pipe is not None:
-            info.append(self._state_for_repr(self._watching))
-        return "<{}>".format(" ".join(info))
+    def _repr_state(self, info) -> None:
+        info.append(self._state_for_repr(self._watching))
 
     def is_reading(self) -> bool:
         return not self._paused and not self._closing
@@ -196,19 +207,9 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
             self._close(None)
 
     def _fatal_error(self, exc, message="Fatal error on pipe transport") -> None:
-        if isinstance(exc, OSError) and exc.errno == errno.EIO:
-            # A pty whose other side closed: routine, only logged in debug mode.
-            if self._loop.get_debug():
-                logger.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._loop.call_exception_handler(
-                {
-                    "message": message,
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
+        # EIO: a pty whose other side closed, routine.
+        routine = isinstance(exc, OSError) and exc.errno == errno.EIO
+        report_fatal_error(self, exc, message, routine)
         self._close(exc)
 
     def _close(self, exc) -> None:
@@ -217,29 +218,24 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
         self._schedule_connection_lost(exc)
 
 
-class WritePipeTransport(_PipeTransportBase, transports.WriteTransport):
+class WritePipeTransport(_PipeTransportBase, WriteFlowControl, transports.WriteTransport):
     """The write end of a pipe, FIFO, pty or socket, with asyncio's write flow control."""
 
     def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _subprocess=False):
         # _subprocess: as for ReadPipeTransport; the reader is watched at once.
-        # (transports.BaseTransport.__init__, without the call)
-        if extra is None:
-            extra = {}
-        self._extra = extra
-        extra["pipe"] = pipe
-        fileno = pipe.fileno()
-        if not _subprocess:
-            is_fifo, is_socket, is_char = _file_type(fileno)
-            if not (is_fifo or is_socket or is_char):
-                raise ValueError("Pipe transport is only for pipes, sockets and character devices")
-        self._fileno = fileno
+        fileno, is_fifo, is_socket = self._adopt(
+            pipe,
+            extra,
+            not _subprocess,
+            "Pipe transport is only for pipes, sockets and character devices",
+        )
         self._buffer = bytearray()
         self._conn_lost = 0
         self._writing = False
         self._watching_peer = False
         self._protocol_paused = False
-        self._high_water = 64 * 1024  # as _set_write_buffer_limits() sets them
-        self._low_water = 16 * 1024
+        self._high_water = DEFAULT_HIGH_WATER  # as _set_write_buffer_limits() sets them
+        self._low_water = DEFAULT_LOW_WATER
         self._register(loop, pipe, protocol)
         if _subprocess:
             loop._add_reader(fileno, self._read_ready)
@@ -254,19 +250,11 @@ class WritePipeTransport(_PipeTransportBase, transports.WriteTransport):
         if waiter is not None:
             loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
 
-    def __repr__(self) -> str:
-        info = [type(self).__name__]
-        if self._pipe is None:
-            info.append("closed")
-        elif self._closing:
-            info.append("closing")
-        info.append(f"fd={self._fileno}")
-        if self._pipe is not None:
-            state = self._state_for_repr(self._writing)
-            info.append(state)
-            if state != "open":
-                info.append(f"bufsize={self.get_write_buffer_size()}")
-        return "<{}>".format(" ".join(info))
+    def _repr_state(self, info) -> None:
+        state = self._state_for_repr(self._writing)
+        info.append(state)
+        if state != "open":
+            info.append(f"bufsize={self.get_write_buffer_size()}")
 
     # ---- peer watching ------------------------------------------------------------------
 
@@ -374,19 +362,8 @@ class WritePipeTransport(_PipeTransportBase, transports.WriteTransport):
             self._close(None)
 
     def _fatal_error(self, exc, message="Fatal error on pipe transport") -> None:
-        if isinstance(exc, OSError):
-            # Broken pipes are routine: only logged in debug mode.
-            if self._loop.get_debug():
-                logger.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._loop.call_exception_handler(
-                {
-                    "message": message,
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
+        # Broken pipes are routine.
+        report_fatal_error(self, exc, message, routine=isinstance(exc, OSError))
         self._close(exc)
 
     def _close(self, exc=None) -> None:
@@ -396,62 +373,10 @@ class WritePipeTransport(_PipeTransportBase, transports.WriteTransport):
         self._unwatch_peer()
         self._schedule_connection_lost(exc)
 
-    # ---- flow control -------------------------------------------------------------------
+    # ---- flow control (the rest is WriteFlowControl's) ----------------------------------
 
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
-
-    def get_write_buffer_limits(self):
-        return (self._low_water, self._high_water)
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        self._set_write_buffer_limits(high=high, low=low)
-        self._maybe_pause_protocol()
-
-    def _set_write_buffer_limits(self, high=None, low=None) -> None:
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water = high
-        self._low_water = low
-
-    def _maybe_pause_protocol(self) -> None:
-        if len(self._buffer) <= self._high_water or self._protocol_paused:
-            return
-        self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._loop.call_exception_handler(
-                {
-                    "message": "protocol.pause_writing() failed",
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
-
-    def _maybe_resume_protocol(self) -> None:
-        if self._protocol_paused and len(self._buffer) <= self._low_water:
-            self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._loop.call_exception_handler(
-                    {
-                        "message": "protocol.resume_writing() failed",
-                        "exception": exc,
-                        "transport": self,
-                        "protocol": self._protocol,
-                    }
-                )
 
 
 class PipesMixin:
