@@ -1011,3 +1011,33 @@ def test_pending_task_is_reported_destroyed_after_loop_close(loop):
     gc.collect()
     assert ref() is None, "pending task (and its sleep timer) leaked after close"
     assert [c["message"] for c in contexts] == ["Task was destroyed but it is pending!"]
+
+
+_UNCLOSED_POLICY_LOOP_SCRIPT = """\
+import asyncio
+import sys
+
+if sys.argv[1] == "ferroloop":
+    import ferroloop
+    ferroloop.install()
+else:
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+
+# The pre-asyncio.run idiom, without close(): the policy keeps the loop until the
+# interpreter tears its modules down.
+loop = asyncio.new_event_loop()
+asyncio.set_event_loop(loop)
+print(loop.run_until_complete(asyncio.sleep(0, "ran")))
+"""
+
+
+def test_loop_left_unclosed_in_the_policy_is_closed_quietly_at_interpreter_exit(loop_impl):
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNCLOSED_POLICY_LOOP_SCRIPT, loop_impl.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ran\n", "")
