@@ -309,3 +309,33 @@ def test_runner_reports_a_missing_script_in_one_line_and_exits_2(tmp_path: Path)
         assert proc.stdout == ""
         assert proc.stderr.count("\n") == 1
         assert f"can't open file {str(tmp_path / 'missing.py')!r}" in proc.stderr
+
+
+_C_PROBE = """\
+import asyncio, sys
+async def main():
+    return type(asyncio.get_running_loop()).__module__
+print("argv:", sys.argv, "path0:", repr(sys.path[0]), "file:", "__file__" in globals())
+print("loop:", asyncio.run(main()))
+"""
+
+
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_runner_runs_code_given_with_c_as_python_c_does(tmp_path: Path) -> None:
+    results = []
+    for args in (["-c", _C_PROBE, "a"], ["-m", "ferroloop", "-c", _C_PROBE, "a"]):
+        proc = subprocess.run(
+            [sys.executable, *args],
+            cwd=tmp_path,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+        _check_clean("python " + " ".join(args[:-2]), (proc.returncode, proc.stdout, proc.stderr))
+        results.append(proc.stdout.splitlines())
+    default, ferro = results
+    assert ferro[0] == default[0] == "argv: ['-c', 'a'] path0: '' file: False"
+    assert default[1] == "loop: asyncio.unix_events"
+    assert ferro[1] == "loop: ferroloop._loop"
