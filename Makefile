@@ -20,6 +20,7 @@ lint:
 	$(PYTHON) -m pip install --quiet -r requirements-lint.txt
 	$(PYTHON) -m ruff check python tests bench examples
 	$(PYTHON) -m mypy.stubtest ferroloop._ferroloop
+	$(PYTHON) -m mypy --strict tests/typing_usage.py
 
 conformance: install
 	$(PYTHON) -m tests.conformance.run

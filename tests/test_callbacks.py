@@ -1100,3 +1100,53 @@ def test_ferroloop_keeps_spent_handles_across_short_sleeps_and_trims_idle_surplu
         assert lp._handle_pool_size() <= 256  # trimmed when the loop stopped
     finally:
         lp.close()
+
+
+# -- interpreter exit -------------------------------------------------------
+
+_FINALIZER_SCRIPT = """\
+import sys
+
+if sys.argv[1] == "ferroloop":
+    import ferroloop
+    loop = ferroloop.new_event_loop()
+else:
+    import asyncio
+    loop = asyncio.SelectorEventLoop()
+loop.close()
+
+
+class Late:
+    def __del__(self):
+        for schedule in (
+            lambda: loop.call_soon(print, "never"),
+            lambda: loop.call_later(1, print, "never"),
+            lambda: loop.call_at(1, print, "never"),
+        ):
+            try:
+                schedule()
+            except RuntimeError as exc:
+                print("raised", exc, flush=True)
+
+
+# A cycle in a module global: only the interpreter's last collections free it, after
+# Py_FinalizeEx has cleared Py_IsInitialized() (as an unclosed transport's __del__ runs).
+late = Late()
+late.self = late
+"""
+
+
+def test_scheduling_on_a_closed_loop_from_a_finalizer_at_interpreter_exit_raises(loop_impl):
+    # It aborted the process: the rejected call's error path attached to the interpreter with
+    # PyO3, which panics once the interpreter is finalizing.
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _FINALIZER_SCRIPT, loop_impl.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["raised Event loop is closed"] * 3, proc.stderr
+    assert "panicked" not in proc.stderr

@@ -257,3 +257,85 @@ def test_runner_really_uses_ferroloop(tmp_path: Path) -> None:
             proc.communicate()
     _check_clean("python -m ferroloop probe_loop.py", result)
     assert result[1].splitlines() == ["asyncio.run: True", "new_event_loop: True"]
+
+
+_MAIN_PROBE = """\
+import os
+import sys
+
+print("argv0:", sys.argv[0])
+print("file:", __file__)
+print("path0:", sys.path[0])
+"""
+
+
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_runner_gives_the_script_the_file_and_argv_that_python_gives_it(tmp_path: Path) -> None:
+    """`python -m ferroloop probe.py` with a relative path must set `__file__`,
+    `sys.argv[0]` and `sys.path[0]` as `python probe.py` does: `__file__` is
+    absolute (3.9+), so a script that chdirs or prints a traceback sees the
+    same paths on both."""
+    (tmp_path / "probe.py").write_text(_MAIN_PROBE)
+    results = []
+    for args in (["probe.py"], ["-m", "ferroloop", "probe.py"]):
+        proc = subprocess.run(
+            [sys.executable, *args],
+            cwd=tmp_path,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+        _check_clean(f"python {' '.join(args)}", (proc.returncode, proc.stdout, proc.stderr))
+        results.append(proc.stdout)
+    assert results[1] == results[0]
+    assert f"file: {tmp_path / 'probe.py'}" in results[0].splitlines()
+
+
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_runner_reports_a_missing_script_in_one_line_and_exits_2(tmp_path: Path) -> None:
+    for args in (["missing.py"], ["-m", "ferroloop", "missing.py"]):
+        proc = subprocess.run(
+            [sys.executable, *args],
+            cwd=tmp_path,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stdout == ""
+        assert proc.stderr.count("\n") == 1
+        assert f"can't open file {str(tmp_path / 'missing.py')!r}" in proc.stderr
+
+
+_C_PROBE = """\
+import asyncio, sys
+async def main():
+    return type(asyncio.get_running_loop()).__module__
+print("argv:", sys.argv, "path0:", repr(sys.path[0]), "file:", "__file__" in globals())
+print("loop:", asyncio.run(main()))
+"""
+
+
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_runner_runs_code_given_with_c_as_python_c_does(tmp_path: Path) -> None:
+    results = []
+    for args in (["-c", _C_PROBE, "a"], ["-m", "ferroloop", "-c", _C_PROBE, "a"]):
+        proc = subprocess.run(
+            [sys.executable, *args],
+            cwd=tmp_path,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+        _check_clean("python " + " ".join(args[:-2]), (proc.returncode, proc.stdout, proc.stderr))
+        results.append(proc.stdout.splitlines())
+    default, ferro = results
+    assert ferro[0] == default[0] == "argv: ['-c', 'a'] path0: '' file: False"
+    assert default[1] == "loop: asyncio.unix_events"
+    assert ferro[1] == "loop: ferroloop._loop"

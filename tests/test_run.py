@@ -1060,3 +1060,33 @@ def test_loop_subclass_call_soon_override_sees_task_steps(loop_impl):
     # run_until_complete's task step, the explicit call, sleep(0)'s step, the future's wake-up
     assert len(seen) >= 4, seen
     assert seen.count(seen[1]) == 1
+
+
+_UNCLOSED_POLICY_LOOP_SCRIPT = """\
+import asyncio
+import sys
+
+if sys.argv[1] == "ferroloop":
+    import ferroloop
+    ferroloop.install()
+else:
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+
+# The pre-asyncio.run idiom, without close(): the policy keeps the loop until the
+# interpreter tears its modules down.
+loop = asyncio.new_event_loop()
+asyncio.set_event_loop(loop)
+print(loop.run_until_complete(asyncio.sleep(0, "ran")))
+"""
+
+
+def test_loop_left_unclosed_in_the_policy_is_closed_quietly_at_interpreter_exit(loop_impl):
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNCLOSED_POLICY_LOOP_SCRIPT, loop_impl.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ran\n", "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio as _asyncio
 import sys as _sys
+from typing import Any as _Any, Coroutine as _Coroutine, Optional as _Optional, TypeVar as _TypeVar
 
 from ._ferroloop import Handle, TimerHandle, __version__
 from ._loop import Loop
@@ -42,7 +43,10 @@ def install() -> None:
     _asyncio.set_event_loop_policy(EventLoopPolicy())
 
 
-def run(main, *, debug=None):
+_T = _TypeVar("_T")
+
+
+def run(main: _Coroutine[_Any, _Any, _T], *, debug: _Optional[bool] = None) -> _T:
     """Run the coroutine `main` on a new ferroloop loop and return its result (asyncio.run's semantics)."""
     if _sys.version_info >= (3, 12):
         return _asyncio.run(main, debug=debug, loop_factory=new_event_loop)

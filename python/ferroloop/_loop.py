@@ -133,7 +133,7 @@ class Loop(_ferroloop.LoopCore, NetworkMixin, UnixMixin, asyncio.AbstractEventLo
             self._default_executor = None
             executor.shutdown(wait=False)
 
-    def __del__(self, _warn=warnings.warn) -> None:
+    def __del__(self, _warn=warnings.warn, _finalizing=sys.is_finalizing) -> None:
         try:
             closed = self.is_closed()
         except Exception:
@@ -141,7 +141,16 @@ class Loop(_ferroloop.LoopCore, NetworkMixin, UnixMixin, asyncio.AbstractEventLo
         if not closed:
             _warn(f"unclosed event loop {self!r}", ResourceWarning, source=self)
             if not self.is_running():
-                self.close()
+                try:
+                    self.close()
+                except Exception:
+                    # A loop left unclosed in the event loop policy (`set_event_loop(loop)`,
+                    # never closed) dies while the interpreter tears its modules down, when
+                    # the globals the Python half of close() uses may already be None. The
+                    # process is exiting: release what is native and say nothing, as asyncio.
+                    if not _finalizing():
+                        raise
+                    self._close_native()
 
     def set_debug(self, enabled) -> None:
         super().set_debug(enabled)

@@ -218,8 +218,15 @@ pub(crate) fn trampoline(
         Err(err) => err,
     };
     // Attaching drains PyO3's deferred-decref pool (cheap: the thread holds the GIL). It may run
-    // finalizers, which must not see our exception set yet.
-    Python::attach(|_| ());
+    // finalizers, which must not see our exception set yet. Not once `Py_FinalizeEx` has cleared
+    // `Py_IsInitialized()` (a `__del__` run by its last collections calling `call_soon` on a
+    // closed loop): PyO3 refuses to attach then (3.13+ always, older versions if it is the
+    // process's first attach) by panicking, which here aborts the process. The pool can wait:
+    // the process is exiting.
+    // SAFETY: Py_IsInitialized may be called at any time.
+    if unsafe { ffi::Py_IsInitialized() } != 0 {
+        Python::attach(|_| ());
+    }
     err.restore(py);
     std::ptr::null_mut()
 }
