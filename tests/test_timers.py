@@ -515,3 +515,28 @@ def test_task_step_callback_kept_elsewhere_is_tracked_after_it_ran(loop):
     loop.run_until_complete(main())
     assert kept
     assert all(gc.is_tracked(cb) for cb in kept)
+
+
+def test_subclass_time_drives_call_later_and_the_run_loop(loop_impl):
+    # asyncio's call_later and run loop read the clock through self.time(): a subclass with a
+    # virtual clock that jumps ahead makes a one-hour timer fire at once, and timers are
+    # scheduled on its clock.
+    class Virtual(loop_impl.loop_class):
+        offset = 1000.0
+
+        def time(self):
+            return super().time() + self.offset
+
+    lp = Virtual()
+    try:
+        fired = []
+        h = lp.call_later(3600, fired.append, "late")
+        assert h.when() > lp.offset + 3500
+        lp.call_later(0.01, fired.append, "soon")
+        lp.call_later(0.05, lp.stop)
+        lp.offset += 7200  # the virtual clock passes the hour
+        lp.run_forever()
+        # All three are due in the same iteration, run in deadline order.
+        assert fired == ["soon", "late"], fired
+    finally:
+        lp.close()

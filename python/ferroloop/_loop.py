@@ -40,6 +40,7 @@ def _stop_loop_of(fut) -> None:
 # method without binding it.
 _BIND_CALL_SOON = sys.version_info < (3, 12)
 _core_call_soon = _ferroloop.LoopCore.call_soon
+_core_time = _ferroloop.LoopCore.time
 
 
 class Loop(_ferroloop.LoopCore, NetworkMixin, UnixMixin, asyncio.AbstractEventLoop):
@@ -56,6 +57,9 @@ class Loop(_ferroloop.LoopCore, NetworkMixin, UnixMixin, asyncio.AbstractEventLo
         self._coroutine_origin_tracking_saved_depth = None
         self._unix_init()
         self.set_debug(coroutines._is_debug_mode())
+        if type(self).time is not _core_time:
+            # A subclass with its own clock: call_later and the run loop use it, as asyncio's do.
+            self._use_python_time(True)
         if _BIND_CALL_SOON and type(self).call_soon is _core_call_soon:
             # One bound method, found in the instance dict by C asyncio's lookup, instead of a
             # new one per task step. It refers to the loop: close() removes it, so a closed

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use pyo3::{ffi, intern};
 
-use super::{current_thread_id, monotonic, LoopCore};
+use super::{current_thread_id, LoopCore};
 use crate::handles::{check_callback, untrack, Args, FreshContext, Handle, TimerHandle};
 use crate::stdlib::{call_kw, stdlib, support};
 
@@ -188,6 +188,7 @@ impl LoopCore {
     pub(crate) fn call_later_impl(
         &self,
         py: Python<'_>,
+        loop_obj: &Bound<'_, PyAny>,
         delay: &Bound<'_, PyAny>,
         callback: &Bound<'_, PyAny>,
         args: Args,
@@ -196,7 +197,8 @@ impl LoopCore {
         if delay.is_none() {
             return Err(PyTypeError::new_err("delay must not be None"));
         }
-        let when = monotonic() + extract_seconds(delay, "delay")?;
+        let delay = extract_seconds(delay, "delay")?;
+        let when = self.now(loop_obj)? + delay;
         self.schedule_timer(py, when, callback, args, context, "call_later")
     }
 
@@ -406,7 +408,7 @@ impl LoopCore {
 /// A delay or deadline as float seconds; anything that is not a real number is a TypeError, as
 /// the `time() + delay` arithmetic in asyncio would raise, and an int too large for a float the
 /// OverflowError that arithmetic raises.
-fn extract_seconds(v: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
+pub(crate) fn extract_seconds(v: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
     v.extract::<f64>().map_err(|e| {
         if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(v.py()) {
             return e;

@@ -233,6 +233,9 @@ pub(crate) fn trampoline(
 
 macro_rules! entry {
     ($fname:ident, $method:literal, $n_leading:expr, [$($lead:literal),*], |$py:ident, $loop:ident, $call:ident| $body:expr) => {
+        entry!($fname, $method, $n_leading, [$($lead),*], |$py, _slf, $loop, $call| $body);
+    };
+    ($fname:ident, $method:literal, $n_leading:expr, [$($lead:literal),*], |$py:ident, $slf:ident, $loop:ident, $call:ident| $body:expr) => {
         unsafe extern "C" fn $fname(
             slf: *mut ffi::PyObject,
             args: *const *mut ffi::PyObject,
@@ -241,10 +244,10 @@ macro_rules! entry {
         ) -> *mut ffi::PyObject {
             trampoline(|$py| {
                 // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
-                let slf = unsafe { Bound::from_borrowed_ptr($py, slf) };
+                let $slf = unsafe { Bound::from_borrowed_ptr($py, slf) };
                 // SAFETY: the method descriptor (see `install`) checked that `self` is a
                 // LoopCore or a subclass of it before calling us.
-                let $loop = unsafe { slf.cast_unchecked::<LoopCore>() }.get();
+                let $loop = unsafe { $slf.cast_unchecked::<LoopCore>() }.get();
                 // SAFETY: as above.
                 let $call = unsafe { parse($py, $method, $n_leading, &[$($lead),*], args, nargsf, kwnames)? };
                 $body
@@ -324,9 +327,9 @@ entry!(
     }
 );
 
-entry!(call_later, "call_later", 1, ["delay"], |py, lp, c| {
+entry!(call_later, "call_later", 1, ["delay"], |py, slf, lp, c| {
     let delay = c.leading[0].as_ref().expect("parsed");
-    lp.call_later_impl(py, delay, &c.callback, c.args, c.context.as_ref())
+    lp.call_later_impl(py, &slf, delay, &c.callback, c.args, c.context.as_ref())
         .map(Py::into_any)
 });
 

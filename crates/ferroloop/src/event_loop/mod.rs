@@ -36,6 +36,9 @@ pub struct Shared {
     debug: AtomicBool,
     timer_cancelled_count: AtomicUsize,
     sleeping: AtomicBool,
+    /// The loop's class overrides `time()`: `call_later` and the run loop call it, as
+    /// asyncio's do, instead of reading the clock (see `LoopCore::now`).
+    python_time: AtomicBool,
     pub(crate) waker: Waker,
     pub(crate) poller: Poller,
     /// The empty context that handles made from an empty caller context run in (see
@@ -257,6 +260,17 @@ impl LoopCore {
             Ok(())
         }
     }
+
+    /// `loop.time()`: the clock, or the class's own `time()` when it overrides it (asyncio's
+    /// `call_later` and `_run_once` call `self.time()`, so a subclass with a virtual clock
+    /// drives them). No loop state may be borrowed: the override is Python code.
+    pub(crate) fn now(&self, loop_obj: &Bound<'_, PyAny>) -> PyResult<f64> {
+        if !self.shared.python_time.load(Ordering::Relaxed) {
+            return Ok(monotonic());
+        }
+        let t = loop_obj.call_method0(pyo3::intern!(loop_obj.py(), "time"))?;
+        callbacks::extract_seconds(&t, "time()")
+    }
 }
 
 #[pymethods]
@@ -304,6 +318,7 @@ impl LoopCore {
                 debug: AtomicBool::new(false),
                 timer_cancelled_count: AtomicUsize::new(0),
                 sleeping: AtomicBool::new(false),
+                python_time: AtomicBool::new(false),
                 waker,
                 poller,
                 empty_ctx: GilCell::new(None),
@@ -318,6 +333,11 @@ impl LoopCore {
 
     fn time(&self) -> f64 {
         monotonic()
+    }
+
+    /// Called by `Loop.__init__` when the class overrides `time()`.
+    fn _use_python_time(&self, enabled: bool) {
+        self.shared.python_time.store(enabled, Ordering::Relaxed);
     }
 
     #[getter]

@@ -75,26 +75,27 @@ impl LoopCore {
     }
 
     /// Step 2: `None` means "block until an event". Also says whether any fd is watched.
-    fn compute_timeout(&self, py: Python<'_>) -> PyResult<(Option<f64>, bool)> {
-        let st = self.state.borrow_mut(py)?;
-        let has_fds = !st.fds.is_empty();
-        if !st.ready.is_empty() || st.stopping {
-            return Ok((Some(0.0), has_fds));
-        }
-        // `!(d > 0)` also maps a NaN deadline to 0, as CPython's max(0, nan) does.
-        let timeout = st.timers.peek_when().map(|when| {
-            let d = when - monotonic();
-            if d > 0.0 {
-                d.min(MAX_TIMEOUT)
-            } else {
-                0.0
+    fn compute_timeout(&self, loop_obj: &Bound<'_, PyAny>) -> PyResult<(Option<f64>, bool)> {
+        let (next, has_fds) = {
+            let st = self.state.borrow_mut(loop_obj.py())?;
+            let has_fds = !st.fds.is_empty();
+            if !st.ready.is_empty() || st.stopping {
+                return Ok((Some(0.0), has_fds));
             }
-        });
-        Ok((timeout, has_fds))
+            (st.timers.peek_when(), has_fds)
+        };
+        let Some(when) = next else {
+            return Ok((None, has_fds));
+        };
+        // `!(d > 0)` also maps a NaN deadline to 0, as CPython's max(0, nan) does.
+        let d = when - self.now(loop_obj)?;
+        let timeout = if d > 0.0 { d.min(MAX_TIMEOUT) } else { 0.0 };
+        Ok((Some(timeout), has_fds))
     }
 
-    fn poll(&self, py: Python<'_>, events: &mut Vec<Event>) -> PyResult<()> {
-        let (mut timeout, has_fds) = self.compute_timeout(py)?;
+    fn poll(&self, loop_obj: &Bound<'_, PyAny>, events: &mut Vec<Event>) -> PyResult<()> {
+        let py = loop_obj.py();
+        let (mut timeout, has_fds) = self.compute_timeout(loop_obj)?;
         if timeout == Some(0.0) && !has_fds {
             return Ok(());
         }
@@ -202,13 +203,14 @@ impl LoopCore {
         Ok(())
     }
 
-    fn collect_due_timers(&self, py: Python<'_>) -> PyResult<()> {
-        let mut st = self.state.borrow_mut(py)?;
-        let st = &mut *st;
-        if st.timers.is_empty() {
+    fn collect_due_timers(&self, loop_obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = loop_obj.py();
+        if self.state.borrow_mut(py)?.timers.is_empty() {
             return Ok(());
         }
-        let end_time = monotonic() + self.clock_resolution;
+        let end_time = self.now(loop_obj)? + self.clock_resolution;
+        let mut st = self.state.borrow_mut(py)?;
+        let st = &mut *st;
         while let Some(t) = st.timers.pop_due(end_time) {
             t.get().scheduled.store(false, Ordering::Relaxed);
             let h: Py<Handle> = t.into_bound(py).into_super().unbind();
@@ -223,7 +225,7 @@ impl LoopCore {
         // The event list is reused from one iteration to the next (no allocation per poll).
         let mut events = EVENTS.with(|e| e.take());
         events.clear();
-        let polled = self.poll(py, &mut events).and_then(|()| {
+        let polled = self.poll(loop_obj, &mut events).and_then(|()| {
             if events.is_empty() {
                 Ok(())
             } else {
@@ -232,7 +234,7 @@ impl LoopCore {
         });
         EVENTS.with(|e| e.set(events));
         polled?;
-        self.collect_due_timers(py)?;
+        self.collect_due_timers(loop_obj)?;
 
         let ntodo = self.state.borrow_mut(py)?.ready.len();
         let debug = self.shared.debug();
