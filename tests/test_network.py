@@ -861,6 +861,69 @@ def test_buffered_protocol_errors_go_to_exception_handler(loop, fault, message, 
         run(loop, main(peer))
 
 
+class _TrackedSocket(socket.socket):
+    """A socket subclass that records the I/O methods a transport calls on it (as a test
+    suite's instrumented socket does)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = set()
+
+    def recv(self, *args):
+        self.calls.add("recv")
+        return super().recv(*args)
+
+    def recv_into(self, *args):
+        self.calls.add("recv_into")
+        return super().recv_into(*args)
+
+    def send(self, *args):
+        self.calls.add("send")
+        return super().send(*args)
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["data_received", "buffered"])
+def test_transport_uses_the_io_methods_of_a_socket_subclass(loop, buffered):
+    # asyncio's socket transport reads and writes through the socket object's methods, so a
+    # socket class that replaces them sees the transport's I/O (websockets' test suite relies
+    # on it).
+    payload = os.urandom(100_000)
+
+    class Collect(asyncio.BufferedProtocol if buffered else asyncio.Protocol):
+        def __init__(self):
+            self.received = bytearray()
+            self.buf = bytearray(8192)
+            self.done = loop.create_future()
+
+        def data_received(self, data):
+            self.received += data
+
+        def get_buffer(self, sizehint):
+            return self.buf
+
+        def buffer_updated(self, nbytes):
+            self.received += self.buf[:nbytes]
+
+        def eof_received(self):
+            pass
+
+        def connection_lost(self, exc):
+            self.done.set_result(exc)
+
+    async def main(peer):
+        sock = _TrackedSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.connect(peer.address)
+        transport, proto = await loop.create_connection(Collect, sock=sock)
+        transport.write(payload)
+        transport.write_eof()
+        assert await proto.done is None
+        assert bytes(proto.received) == payload
+        assert sock.calls == {"send", "recv_into" if buffered else "recv"}
+
+    with ThreadPeer(echo_until_eof) as peer:
+        run(loop, main(peer))
+
+
 def test_native_read_path_follows_changes_to_the_transport_class(loop):
     # ferroloop's native _read_ready reads the transport's slots at offsets cached per class;
     # a class attribute that later shadows a slot must be seen, and so must its removal.
