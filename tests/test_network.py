@@ -1732,6 +1732,64 @@ def test_udp_echo(loop):
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 13), reason="CPython 3.13 changed this behaviour; ferroloop follows 3.11 (see README)")
+class _TrackedDatagramSocket(socket.socket):
+    """A UDP socket subclass that records the I/O methods a transport calls on it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = set()
+
+    def recvfrom(self, *args):
+        self.calls.add("recvfrom")
+        return super().recvfrom(*args)
+
+    def sendto(self, *args):
+        self.calls.add("sendto")
+        return super().sendto(*args)
+
+    def send(self, *args):
+        self.calls.add("send")
+        return super().send(*args)
+
+
+@pytest.mark.parametrize("connected", [False, True], ids=["sendto", "send"])
+def test_datagram_transport_uses_the_io_methods_of_a_socket_subclass(loop, connected):
+    # asyncio's datagram transport calls the socket object's recvfrom/sendto/send.
+    class Collect(asyncio.DatagramProtocol):
+        def __init__(self):
+            self.got = loop.create_future()
+
+        def datagram_received(self, data, addr):
+            if not self.got.done():
+                self.got.set_result(data)
+
+    async def main(peer):
+        sock = _TrackedDatagramSocket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        if connected:
+            sock.connect(peer.getsockname())
+        transport, proto = await loop.create_datagram_endpoint(Collect, sock=sock)
+        try:
+            if connected:
+                transport.sendto(b"ping")
+            else:
+                transport.sendto(b"ping", peer.getsockname())
+            data, addr = await loop.run_in_executor(None, peer.recvfrom, 100)
+            assert data == b"ping"
+            peer.sendto(b"pong", addr)
+            assert await proto.got == b"pong"
+        finally:
+            transport.close()
+            await asyncio.sleep(0)
+        assert sock.calls == {"send" if connected else "sendto", "recvfrom"}
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1", 0))
+        peer.settimeout(TIMEOUT)
+        run(loop, main(peer))
+
+
 def test_datagram_endpoint_argument_errors(loop):
     async def main():
         with pytest.raises(ValueError, match="unexpected address family"):

@@ -619,16 +619,17 @@ class SocketMethodsStreamTransport(StreamTransport):
         return self._sock.recv(MAX_READ)
 
 
-_SOCKET_IO_METHODS = ("recv", "recv_into", "send", "sendmsg")
+def replaces_socket_methods(sock, names) -> bool:
+    """Whether `sock`'s class replaces one of the `socket.socket` methods `names`."""
+    cls = type(sock)
+    if cls is socket.socket:
+        return False
+    return any(getattr(cls, name, None) is not getattr(socket.socket, name, None) for name in names)
 
 
 def stream_transport_class(sock):
     """StreamTransport, or SocketMethodsStreamTransport when `sock`'s class replaces one of
     the socket methods asyncio's transport calls."""
-    cls = type(sock)
-    if cls is socket.socket:
-        return StreamTransport
-    for name in _SOCKET_IO_METHODS:
-        if getattr(cls, name, None) is not getattr(socket.socket, name, None):
-            return SocketMethodsStreamTransport
+    if replaces_socket_methods(sock, ("recv", "recv_into", "send", "sendmsg")):
+        return SocketMethodsStreamTransport
     return StreamTransport
