@@ -861,6 +861,69 @@ def test_buffered_protocol_errors_go_to_exception_handler(loop, fault, message, 
         run(loop, main(peer))
 
 
+class _TrackedSocket(socket.socket):
+    """A socket subclass that records the I/O methods a transport calls on it (as a test
+    suite's instrumented socket does)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = set()
+
+    def recv(self, *args):
+        self.calls.add("recv")
+        return super().recv(*args)
+
+    def recv_into(self, *args):
+        self.calls.add("recv_into")
+        return super().recv_into(*args)
+
+    def send(self, *args):
+        self.calls.add("send")
+        return super().send(*args)
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["data_received", "buffered"])
+def test_transport_uses_the_io_methods_of_a_socket_subclass(loop, buffered):
+    # asyncio's socket transport reads and writes through the socket object's methods, so a
+    # socket class that replaces them sees the transport's I/O (websockets' test suite relies
+    # on it).
+    payload = os.urandom(100_000)
+
+    class Collect(asyncio.BufferedProtocol if buffered else asyncio.Protocol):
+        def __init__(self):
+            self.received = bytearray()
+            self.buf = bytearray(8192)
+            self.done = loop.create_future()
+
+        def data_received(self, data):
+            self.received += data
+
+        def get_buffer(self, sizehint):
+            return self.buf
+
+        def buffer_updated(self, nbytes):
+            self.received += self.buf[:nbytes]
+
+        def eof_received(self):
+            pass
+
+        def connection_lost(self, exc):
+            self.done.set_result(exc)
+
+    async def main(peer):
+        sock = _TrackedSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.connect(peer.address)
+        transport, proto = await loop.create_connection(Collect, sock=sock)
+        transport.write(payload)
+        transport.write_eof()
+        assert await proto.done is None
+        assert bytes(proto.received) == payload
+        assert sock.calls == {"send", "recv_into" if buffered else "recv"}
+
+    with ThreadPeer(echo_until_eof) as peer:
+        run(loop, main(peer))
+
+
 def test_native_read_path_follows_changes_to_the_transport_class(loop):
     # ferroloop's native _read_ready reads the transport's slots at offsets cached per class;
     # a class attribute that later shadows a slot must be seen, and so must its removal.
@@ -1669,6 +1732,64 @@ def test_udp_echo(loop):
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 13), reason="CPython 3.13 changed this behaviour; ferroloop follows 3.11 (see README)")
+class _TrackedDatagramSocket(socket.socket):
+    """A UDP socket subclass that records the I/O methods a transport calls on it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = set()
+
+    def recvfrom(self, *args):
+        self.calls.add("recvfrom")
+        return super().recvfrom(*args)
+
+    def sendto(self, *args):
+        self.calls.add("sendto")
+        return super().sendto(*args)
+
+    def send(self, *args):
+        self.calls.add("send")
+        return super().send(*args)
+
+
+@pytest.mark.parametrize("connected", [False, True], ids=["sendto", "send"])
+def test_datagram_transport_uses_the_io_methods_of_a_socket_subclass(loop, connected):
+    # asyncio's datagram transport calls the socket object's recvfrom/sendto/send.
+    class Collect(asyncio.DatagramProtocol):
+        def __init__(self):
+            self.got = loop.create_future()
+
+        def datagram_received(self, data, addr):
+            if not self.got.done():
+                self.got.set_result(data)
+
+    async def main(peer):
+        sock = _TrackedDatagramSocket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        if connected:
+            sock.connect(peer.getsockname())
+        transport, proto = await loop.create_datagram_endpoint(Collect, sock=sock)
+        try:
+            if connected:
+                transport.sendto(b"ping")
+            else:
+                transport.sendto(b"ping", peer.getsockname())
+            data, addr = await loop.run_in_executor(None, peer.recvfrom, 100)
+            assert data == b"ping"
+            peer.sendto(b"pong", addr)
+            assert await proto.got == b"pong"
+        finally:
+            transport.close()
+            await asyncio.sleep(0)
+        assert sock.calls == {"send" if connected else "sendto", "recvfrom"}
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1", 0))
+        peer.settimeout(TIMEOUT)
+        run(loop, main(peer))
+
+
 def test_datagram_endpoint_argument_errors(loop):
     async def main():
         with pytest.raises(ValueError, match="unexpected address family"):

@@ -18,7 +18,7 @@ from asyncio import constants, exceptions, protocols, staggered
 from . import tls
 from .dns import interleave_addrinfos
 from .sock_ops import check_ssl_socket
-from .transports import StreamTransport
+from .transports import StreamTransport, stream_transport_class
 
 try:
     import ssl
@@ -47,7 +47,9 @@ class ConnectMixin:
     def _make_socket_transport(
         self, sock, protocol, waiter=None, *, extra=None, server=None, peername=None
     ):
-        return StreamTransport(self, sock, protocol, waiter, extra, server, peername)
+        # (The class check in this frame: it runs for every accepted connection.)
+        cls = StreamTransport if type(sock) is socket.socket else stream_transport_class(sock)
+        return cls(self, sock, protocol, waiter, extra, server, peername)
 
     def _make_ssl_transport(
         self,
@@ -72,7 +74,7 @@ class ConnectMixin:
             server_hostname,
             **_ssl_timeouts(ssl_handshake_timeout, ssl_shutdown_timeout),
         )
-        StreamTransport(self, rawsock, ssl_protocol, extra=extra, server=server)
+        stream_transport_class(rawsock)(self, rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
     async def _create_connection_transport(

@@ -12,7 +12,7 @@ from asyncio import constants, futures, transports
 
 from .. import _ferroloop as _ferroloop_native
 from .._ferroloop import recvfrom_inet as _recvfrom_inet
-from .transports import MAX_READ, SocketTransportBase, as_bytes_like
+from .transports import MAX_READ, SocketTransportBase, as_bytes_like, replaces_socket_methods
 
 logger = logging.getLogger("asyncio")
 
@@ -30,13 +30,16 @@ class DatagramTransport(SocketTransportBase, transports.DatagramTransport):
         self._paused = False
         super().__init__(loop, sock, protocol, extra)
         self._address = address
-        # AF_INET sockets take the native fast paths (installed at the end of this module).
-        self._inet = sock.family == socket.AF_INET
+        # A socket whose class replaces recvfrom/sendto/send is read and written through those
+        # methods, as asyncio does (the Python paths); other AF_INET sockets take the native
+        # fast paths (installed at the end of this module).
+        native = not replaces_socket_methods(sock, ("recvfrom", "sendto", "send"))
+        self._inet = native and sock.family == socket.AF_INET
         # The native sendto sends at once on these fds (-1: the Python path): sendto(data, addr)
         # on an unconnected AF_INET socket, sendto(data) on a connected socket.
         connected = bool(self._extra["peername"])
         self._sendto_fd = self._sock_fd if self._inet and not connected else -1
-        self._send_fd = self._sock_fd if connected else -1
+        self._send_fd = self._sock_fd if connected and native else -1
         loop.call_soon(self._protocol.connection_made, self)
         loop.call_soon(self._add_reader, self._sock_fd, self._read_ready)
         if waiter is not None:

@@ -400,7 +400,7 @@ class StreamTransport(SocketTransportBase):
         if self._conn_lost:
             return
         try:
-            data = _read_bytes(self._sock_fd, MAX_READ)
+            data = self._recv_bytes()
         except (BlockingIOError, InterruptedError):
             return
         except (SystemExit, KeyboardInterrupt):
@@ -419,6 +419,9 @@ class StreamTransport(SocketTransportBase):
             raise
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    def _recv_bytes(self):
+        return _read_bytes(self._sock_fd, MAX_READ)
 
     def _read_ready__get_buffer(self) -> None:
         if self._conn_lost:
@@ -599,3 +602,34 @@ class StreamTransport(SocketTransportBase):
 StreamTransport._write_py = StreamTransport.write
 StreamTransport._read_ready_py = StreamTransport._read_ready
 _ferroloop_native.install_stream_fast_paths(StreamTransport)
+
+
+class SocketMethodsStreamTransport(StreamTransport):
+    """A stream transport over a socket whose class replaces `recv`, `recv_into` or `send`
+    (instrumentation, a test's tracking socket): asyncio's transport reads and writes through
+    those methods, so this one does too. It takes the Python paths throughout (the native
+    `_read_ready` and `write` work on the fd)."""
+
+    __slots__ = ()
+
+    write = StreamTransport._write_py
+    _read_ready = StreamTransport._read_ready_py
+
+    def _recv_bytes(self):
+        return self._sock.recv(MAX_READ)
+
+
+def replaces_socket_methods(sock, names) -> bool:
+    """Whether `sock`'s class replaces one of the `socket.socket` methods `names`."""
+    cls = type(sock)
+    if cls is socket.socket:
+        return False
+    return any(getattr(cls, name, None) is not getattr(socket.socket, name, None) for name in names)
+
+
+def stream_transport_class(sock):
+    """StreamTransport, or SocketMethodsStreamTransport when `sock`'s class replaces one of
+    the socket methods asyncio's transport calls."""
+    if replaces_socket_methods(sock, ("recv", "recv_into", "send", "sendmsg")):
+        return SocketMethodsStreamTransport
+    return StreamTransport
