@@ -151,6 +151,15 @@ def run_for(loop, seconds):
     loop.run_forever()
 
 
+def run_python_c(script, *args):
+    """`python -c script *args` in a fresh interpreter (for behaviour at interpreter exit)."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=60
+    )
+
+
 @pytest.fixture(params=LOOP_PARAMS)
 def loop_impl(request) -> LoopImpl:
     """The implementation under test (``asyncio`` or ``ferroloop``)."""

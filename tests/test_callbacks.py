@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import run_for, run_once
+from conftest import run_for, run_once, run_python_c
 
 cvar = contextvars.ContextVar("cvar", default="default")
 
@@ -1139,14 +1139,7 @@ late.self = late
 def test_scheduling_on_a_closed_loop_from_a_finalizer_at_interpreter_exit_raises(loop_impl):
     # It aborted the process: the rejected call's error path attached to the interpreter with
     # PyO3, which panics once the interpreter is finalizing.
-    import subprocess
-
-    proc = subprocess.run(
-        [sys.executable, "-c", _FINALIZER_SCRIPT, loop_impl.name],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_python_c(_FINALIZER_SCRIPT, loop_impl.name)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["raised Event loop is closed"] * 3, proc.stderr
     assert "panicked" not in proc.stderr

@@ -259,6 +259,19 @@ def test_runner_really_uses_ferroloop(tmp_path: Path) -> None:
     assert result[1].splitlines() == ["asyncio.run: True", "new_event_loop: True"]
 
 
+def _python(args, cwd: Path) -> "subprocess.CompletedProcess[str]":
+    """`python *args` in `cwd`, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+    )
+
+
 _MAIN_PROBE = """\
 import os
 import sys
@@ -278,15 +291,7 @@ def test_runner_gives_the_script_the_file_and_argv_that_python_gives_it(tmp_path
     (tmp_path / "probe.py").write_text(_MAIN_PROBE)
     results = []
     for args in (["probe.py"], ["-m", "ferroloop", "probe.py"]):
-        proc = subprocess.run(
-            [sys.executable, *args],
-            cwd=tmp_path,
-            env=_env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=SCRIPT_TIMEOUT,
-        )
+        proc = _python(args, tmp_path)
         _check_clean(f"python {' '.join(args)}", (proc.returncode, proc.stdout, proc.stderr))
         results.append(proc.stdout)
     assert results[1] == results[0]
@@ -296,15 +301,7 @@ def test_runner_gives_the_script_the_file_and_argv_that_python_gives_it(tmp_path
 @pytest.mark.timeout(TEST_TIMEOUT)
 def test_runner_reports_a_missing_script_in_one_line_and_exits_2(tmp_path: Path) -> None:
     for args in (["missing.py"], ["-m", "ferroloop", "missing.py"]):
-        proc = subprocess.run(
-            [sys.executable, *args],
-            cwd=tmp_path,
-            env=_env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=SCRIPT_TIMEOUT,
-        )
+        proc = _python(args, tmp_path)
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stdout == ""
         assert proc.stderr.count("\n") == 1
@@ -324,15 +321,7 @@ print("loop:", asyncio.run(main()))
 def test_runner_runs_code_given_with_c_as_python_c_does(tmp_path: Path) -> None:
     results = []
     for args in (["-c", _C_PROBE, "a"], ["-m", "ferroloop", "-c", _C_PROBE, "a"]):
-        proc = subprocess.run(
-            [sys.executable, *args],
-            cwd=tmp_path,
-            env=_env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=SCRIPT_TIMEOUT,
-        )
+        proc = _python(args, tmp_path)
         _check_clean("python " + " ".join(args[:-2]), (proc.returncode, proc.stdout, proc.stderr))
         results.append(proc.stdout.splitlines())
     default, ferro = results

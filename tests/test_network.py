@@ -863,23 +863,26 @@ def test_buffered_protocol_errors_go_to_exception_handler(loop, fault, message, 
 
 class _TrackedSocket(socket.socket):
     """A socket subclass that records the I/O methods a transport calls on it (as a test
-    suite's instrumented socket does)."""
+    suite's instrumented socket does); used for stream and datagram sockets alike."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.calls = set()
 
-    def recv(self, *args):
-        self.calls.add("recv")
-        return super().recv(*args)
+    def _tracked(name):
+        def method(self, *args):
+            self.calls.add(name)
+            return getattr(super(_TrackedSocket, self), name)(*args)
 
-    def recv_into(self, *args):
-        self.calls.add("recv_into")
-        return super().recv_into(*args)
+        method.__name__ = name
+        return method
 
-    def send(self, *args):
-        self.calls.add("send")
-        return super().send(*args)
+    recv = _tracked("recv")
+    recv_into = _tracked("recv_into")
+    send = _tracked("send")
+    recvfrom = _tracked("recvfrom")
+    sendto = _tracked("sendto")
+    del _tracked
 
 
 @pytest.mark.parametrize("buffered", [False, True], ids=["data_received", "buffered"])
@@ -1731,26 +1734,6 @@ def test_udp_echo(loop):
         peer.close()
 
 
-class _TrackedDatagramSocket(socket.socket):
-    """A UDP socket subclass that records the I/O methods a transport calls on it."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.calls = set()
-
-    def recvfrom(self, *args):
-        self.calls.add("recvfrom")
-        return super().recvfrom(*args)
-
-    def sendto(self, *args):
-        self.calls.add("sendto")
-        return super().sendto(*args)
-
-    def send(self, *args):
-        self.calls.add("send")
-        return super().send(*args)
-
-
 @pytest.mark.parametrize("connected", [False, True], ids=["sendto", "send"])
 def test_datagram_transport_uses_the_io_methods_of_a_socket_subclass(loop, connected):
     # asyncio's datagram transport calls the socket object's recvfrom/sendto/send.
@@ -1763,7 +1746,7 @@ def test_datagram_transport_uses_the_io_methods_of_a_socket_subclass(loop, conne
                 self.got.set_result(data)
 
     async def main(peer):
-        sock = _TrackedDatagramSocket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = _TrackedSocket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
         sock.setblocking(False)
         if connected:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import requires_py311, run_once
+from conftest import requires_py311, run_once, run_python_c
 
 cvar = contextvars.ContextVar("run_cvar", default="default")
 
@@ -1081,12 +1081,5 @@ print(loop.run_until_complete(asyncio.sleep(0, "ran")))
 
 
 def test_loop_left_unclosed_in_the_policy_is_closed_quietly_at_interpreter_exit(loop_impl):
-    import subprocess
-
-    proc = subprocess.run(
-        [sys.executable, "-c", _UNCLOSED_POLICY_LOOP_SCRIPT, loop_impl.name],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_python_c(_UNCLOSED_POLICY_LOOP_SCRIPT, loop_impl.name)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ran\n", "")

@@ -210,42 +210,26 @@ fn getattr<'py>(
     }
 }
 
-/// `obj.name(arg)` with an interned name (no argument tuple).
-fn call_method1<'py>(
+/// `obj.name()` or `obj.name(arg)` with an interned name, by vectorcall (no argument tuple).
+fn call_method<'py>(
     obj: &Bound<'py, PyAny>,
     name: &Bound<'py, PyString>,
-    arg: &Bound<'py, PyAny>,
+    arg: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let py = obj.py();
-    let args = [obj.as_ptr(), arg.as_ptr()];
-    // SAFETY: live objects; `args` holds `self` then the argument, as the call requires.
+    let args = [
+        obj.as_ptr(),
+        arg.map_or(std::ptr::null_mut(), Bound::as_ptr),
+    ];
+    let nargs = if arg.is_some() { 2 } else { 1 };
+    // SAFETY: live objects; `args[..nargs]` holds `self`, then the argument if any.
     unsafe {
         let r = ffi::PyObject_VectorcallMethod(
             name.as_ptr(),
             args.as_ptr(),
-            2 | ffi::PY_VECTORCALL_ARGUMENTS_OFFSET,
+            nargs | ffi::PY_VECTORCALL_ARGUMENTS_OFFSET,
             std::ptr::null_mut(),
         );
-        Bound::from_owned_ptr_or_err(py, r)
-    }
-}
-
-/// `obj.name()` with an interned name.
-fn call_method0<'py>(
-    obj: &Bound<'py, PyAny>,
-    name: &Bound<'py, PyString>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let py = obj.py();
-    let args = [obj.as_ptr()];
-    // SAFETY: live objects; `args` holds `self`.
-    unsafe {
-        let r = ffi::PyObject_VectorcallMethod(
-            name.as_ptr(),
-            args.as_ptr(),
-            1 | ffi::PY_VECTORCALL_ARGUMENTS_OFFSET,
-            std::ptr::null_mut(),
-        );
-        Bound::from_owned_ptr_or_err(py, r)
+        Bound::from_owned_ptr_or_err(obj.py(), r)
     }
 }
 
@@ -358,12 +342,9 @@ impl<'py> Feed<'py> {
         let waiter = getattr(reader, intern!(py, "_waiter"))?;
         if !waiter.is_none() {
             reader.setattr(intern!(py, "_waiter"), py.None())?;
-            if !truthy(&call_method0(&waiter, intern!(py, "cancelled"))?)? {
-                call_method1(
-                    &waiter,
-                    intern!(py, "set_result"),
-                    &py.None().into_bound(py),
-                )?;
+            if !truthy(&call_method(&waiter, intern!(py, "cancelled"), None)?)? {
+                let none = py.None().into_bound(py);
+                call_method(&waiter, intern!(py, "set_result"), Some(&none))?;
             }
         }
         // if self._transport is not None and not self._paused and
@@ -391,7 +372,7 @@ impl<'py> Feed<'py> {
                 .gt(2i32.into_pyobject(py)?.mul(&limit)?)?,
         };
         if over {
-            match call_method0(&transport, intern!(py, "pause_reading")) {
+            match call_method(&transport, intern!(py, "pause_reading"), None) {
                 // The transport cannot pause: forget it, and buffer everything.
                 Err(e) if e.is_instance_of::<PyNotImplementedError>(py) => {
                     reader.setattr(intern!(py, "_transport"), py.None())?

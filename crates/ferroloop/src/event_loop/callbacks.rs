@@ -293,15 +293,17 @@ impl LoopCore {
             None => {
                 let task_type = s.task_type.bind(py);
                 let name_arg = name.unwrap_or(&none);
-                let kwargs = match name.is_none() && context.is_none() && s.task_is_static_c_type {
-                    true => Self::loop_kwargs(slf)?,
-                    false => None,
+                let plain = name.is_none() && context.is_none();
+                let kwargs = if plain && s.task_is_static_c_type {
+                    Self::loop_kwargs(slf)?
+                } else {
+                    None
                 };
                 if let Some(kwargs) = kwargs {
                     // The common case before 3.12: `Task(coro, loop=self)` by its slots.
                     let args = PyTuple::new(py, [coro])?;
                     new_static(py, task_type, &args, kwargs.bind(py))?.into_bound(py)
-                } else if name.is_none() && context.is_none() {
+                } else if plain {
                     // The common case: one keyword for the C Task to parse, not three.
                     call_kw(py, task_type, &[coro], s.kw_loop.bind(py), &[slf.as_any()])?
                 } else if s.task_accepts_context {
