@@ -3,7 +3,7 @@
 //! Ground rules:
 //! - This is only the common case: `python/ferroloop/_unix/subprocess.py` decides whether a
 //!   call can be served here (stdio as pipes, inherited, /dev/null or fds; `executable`,
-//!   `close_fds`, `cwd`, `env`, `restore_signals`, `start_new_session`) and otherwise uses
+//!   `close_fds=True`, `cwd`, `env`, `restore_signals`, `start_new_session`) and otherwise uses
 //!   `subprocess.Popen`.
 //! - Why: `Popen` (and `posix_spawn`) clone with `CLONE_VFORK`, so the calling thread sleeps
 //!   until the child has been scheduled and has exec'd. When the CPUs are busy (other
@@ -542,6 +542,12 @@ mod imp {
         let mut parent = Fds(Vec::with_capacity(4));
         let mut child = Fds(Vec::with_capacity(4));
         let mut ends = [-1; 3];
+        // A closed fd given for stdio must fail as Popen's does, not pick up a pipe made here.
+        for &source in &data.sources {
+            if source >= 0 {
+                ferroloop_core::sys::check_fd(source)?;
+            }
+        }
         for (target, (source, end)) in data.sources.iter_mut().zip(ends.iter_mut()).enumerate() {
             if *source != PIPE {
                 continue;

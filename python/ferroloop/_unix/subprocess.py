@@ -64,9 +64,9 @@ def _check_binary_args(bufsize, text, encoding, errors) -> None:
 # see crates/ferroloop/src/spawn.rs), the loop goes on, and subprocess_exec awaits the exec's
 # outcome on a close-on-exec pipe, as Popen reads it. The Popen object, which only
 # get_extra_info("subprocess") and the signalling methods need, is made when first asked
-# for. Anything else (preexec_fn, pass_fds, user/group, umask, process_group, pipesize,
-# closed fds 0-2...) goes to Popen, and so does a child that fails before its exec (bad fd,
-# missing cwd), so those errors are Popen's own.
+# for. Anything else (preexec_fn, pass_fds, close_fds=False, user/group, umask,
+# process_group, pipesize, closed fds 0-2...) goes to Popen, and so do a bad fd and a child
+# that fails before its exec (a missing cwd), so those errors are Popen's own.
 
 try:
     from .._ferroloop import spawn as _native_spawn
@@ -75,7 +75,7 @@ except ImportError:  # (not on this platform)
 _NATIVE, _CLOSE_RANGE = _spawn_features()
 _NATIVE_OPTIONS = frozenset(
     ("executable", "close_fds", "cwd", "env", "restore_signals", "start_new_session")
-)
+)  # (close_fds only when true)
 # A redirection, as _ferroloop.spawn takes it.
 _INHERIT, _NEW_PIPE, _NULL, _AS_STDOUT = -1, -2, -3, -4
 _STAGE_EXEC = 2
@@ -124,8 +124,9 @@ def _spawn_without_popen(args, shell, stdin, stdout, stderr, kwargs):
         if name not in _NATIVE_OPTIONS:
             return None
     get = kwargs.get
-    close_fds = get("close_fds", True)
-    if close_fds and not _CLOSE_RANGE:
+    if not get("close_fds", True) or not _CLOSE_RANGE:
+        # (Popen spawns those with posix_spawn, whose child has glibc's internal signals
+        # ignored: left to it.)
         return None
     codes = [_stdio_code(stdin), _stdio_code(stdout), _stdio_code(stderr)]
     if stderr == _STDOUT:
@@ -186,7 +187,7 @@ def _spawn_without_popen(args, shell, stdin, stdout, stderr, kwargs):
     _audit("subprocess.Popen", executable, argv, cwd, env)
     try:
         pending, pid, p2c, c2p, err = _native_spawn(
-            paths, argv_b, env_b, cwd_b, (codes[0], codes[1], codes[2]), bool(close_fds),
+            paths, argv_b, env_b, cwd_b, (codes[0], codes[1], codes[2]), True,
             bool(get("restore_signals", True)), bool(get("start_new_session", False)),
         )
     except (OSError, ValueError, TypeError):
