@@ -36,6 +36,7 @@ def spawn(
     close_fds: bool,
     restore_signals: bool,
     setsid: bool,
+    ignore_internal: bool,
 ) -> tuple[Spawn, int, int, int, int]: ...
 @final
 class Spawn:

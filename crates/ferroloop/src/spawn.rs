@@ -144,6 +144,9 @@ mod imp {
         close_fds: bool,
         restore_signals: bool,
         setsid: bool,
+        /// Leave glibc's internal signals (32, 33) ignored, as its posix_spawn does (the
+        /// caller says when Popen would have used it).
+        ignore_internal: bool,
         /// The parent thread's signal mask, restored in the child before exec.
         mask: u64,
         /// The write end of the error pipe (at least 3).
@@ -193,14 +196,19 @@ mod imp {
                 let restore = d.restore_signals
                     && (sig == libc::SIGPIPE as usize || sig == libc::SIGXFSZ as usize);
                 let handled = old.handler != libc::SIG_DFL && old.handler != libc::SIG_IGN;
-                if restore || handled {
-                    let dfl = KernelSigaction {
-                        handler: libc::SIG_DFL,
+                let internal = d.ignore_internal && (sig == 32 || sig == 33);
+                if restore || handled || internal {
+                    let new = KernelSigaction {
+                        handler: if internal {
+                            libc::SIG_IGN
+                        } else {
+                            libc::SIG_DFL
+                        },
                         flags: 0,
                         restorer: 0,
                         mask: 0,
                     };
-                    syscall(nr::RT_SIGACTION, sig, &dfl as *const _ as usize, 0, 8);
+                    syscall(nr::RT_SIGACTION, sig, &new as *const _ as usize, 0, 8);
                 }
             }
             if d.setsid {
@@ -471,7 +479,9 @@ mod imp {
     /// none), non-blocking and close-on-exec. The caller waits for `Spawn.fd` to be readable
     /// and asks `Spawn.result()` whether the exec succeeded.
     #[pyfunction]
-    #[pyo3(signature = (paths, argv, envp, cwd, stdio, close_fds, restore_signals, setsid))]
+    #[pyo3(signature = (
+        paths, argv, envp, cwd, stdio, close_fds, restore_signals, setsid, ignore_internal
+    ))]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     pub fn spawn(
         paths: &Bound<'_, PyList>,
@@ -482,6 +492,7 @@ mod imp {
         close_fds: bool,
         restore_signals: bool,
         setsid: bool,
+        ignore_internal: bool,
     ) -> PyResult<(Spawn, i32, i32, i32, i32)> {
         let paths = cstrings(paths)?;
         let argv = cstrings(argv)?;
@@ -514,6 +525,7 @@ mod imp {
             close_fds,
             restore_signals,
             setsid,
+            ignore_internal,
             mask: 0,
             err_w: -1,
         });

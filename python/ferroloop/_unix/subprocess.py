@@ -115,6 +115,23 @@ class _Spawned:
         self.filename = filename  # what Popen names in an exec error
 
 
+def _popen_would_posix_spawn(path, codes, cwd, start_new_session) -> bool:
+    """Would Popen (this Python's, close_fds=True) start this child with os.posix_spawn? Its
+    child then has glibc's two internal signals (32, 33) ignored, which exec keeps; the child
+    made here mirrors that."""
+    if not (getattr(subprocess, "_USE_POSIX_SPAWN", False)
+            and getattr(subprocess, "_HAVE_POSIX_SPAWN_CLOSEFROM", False)):
+        return False
+    if not _dirname(path) or cwd is not None or start_new_session:
+        return False
+    for code in codes:
+        if code == _AS_STDOUT:
+            code = codes[1]
+        if 0 <= code <= 2:
+            return False
+    return True
+
+
 def _spawn_without_popen(args, shell, stdin, stdout, stderr, kwargs):
     """Start the child natively if Popen's behaviour for these arguments is reproduced
     exactly; return a _Spawned, or None to use Popen."""
@@ -182,13 +199,15 @@ def _spawn_without_popen(args, shell, stdin, stdout, stderr, kwargs):
             paths = [os.path.join(_fsencode(d), path) for d in os.get_exec_path(env)]
     except Exception:
         return None
+    start_new_session = bool(get("start_new_session", False))
+    ignore_internal = _popen_would_posix_spawn(path, codes, cwd, start_new_session)
     if _cleanup is not None:
         _cleanup()  # (as Popen() does: reap Popen objects dropped while running)
     _audit("subprocess.Popen", executable, argv, cwd, env)
     try:
         pending, pid, p2c, c2p, err = _native_spawn(
             paths, argv_b, env_b, cwd_b, (codes[0], codes[1], codes[2]), True,
-            bool(get("restore_signals", True)), bool(get("start_new_session", False)),
+            bool(get("restore_signals", True)), start_new_session, ignore_internal,
         )
     except (OSError, ValueError, TypeError):
         return None
