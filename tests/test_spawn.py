@@ -338,3 +338,37 @@ def test_shell_with_the_options(loop, spawn_path, tmp_path):
         return out, proc.returncode
 
     assert run(loop, main()) == (f"shell {os.path.realpath(tmp_path)}\n".encode(), 3)
+
+
+@pytest.mark.parametrize("program", ["missing", "sleeper"])
+def test_cancelled_while_the_child_starts(loop, spawn_path, tmp_path, program):
+    # A cancellation that arrives while the child is being started: a child that could not
+    # be run still raises Popen's error; one that runs is killed and reaped, its protocol
+    # having been connected, and the cancellation propagates.
+    made = []
+
+    class Proto(asyncio.SubprocessProtocol):
+        def connection_made(self, transport):
+            made.append(transport.get_pid())
+
+    async def main():
+        task = asyncio.current_task()
+
+        def factory():
+            loop.call_soon(task.cancel)
+            return Proto()
+
+        args = [str(tmp_path / "no-such-program")] if program == "missing" else [
+            PY, "-c", "import time; time.sleep(30)"]
+        await loop.subprocess_exec(factory, *args)
+
+    if program == "missing":
+        with pytest.raises(FileNotFoundError):
+            loop.run_until_complete(main())
+        assert made == []
+    else:
+        with pytest.raises(asyncio.CancelledError):
+            loop.run_until_complete(main())
+        assert len(made) == 1
+        with pytest.raises(ChildProcessError):
+            os.waitpid(made[0], os.WNOHANG)

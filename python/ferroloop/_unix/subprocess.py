@@ -758,8 +758,11 @@ class SubprocessMixin:
             return interrupted
         # The child failed and was reaped.
         transport._abandon_spawn()
+        if isinstance(interrupted, (KeyboardInterrupt, SystemExit)):
+            raise interrupted
         stage, err = outcome
         if stage == _STAGE_EXEC:
+            # (A cancellation meanwhile is dropped: Popen would have raised this at once.)
             transport._spawned = None
             raise OSError(err, os.strerror(err), spawned.filename)
         if interrupted is not None:
