@@ -13,6 +13,9 @@ __all__ = [
     "recvfrom_inet",
     "accept_inet",
     "install_stream_fast_paths",
+    "spawn",
+    "spawn_features",
+    "Spawn",
     "install_datagram_fast_paths",
     "__version__",
 ]
@@ -23,6 +26,24 @@ def read_bytes(fd: int, max_size: int = ...) -> bytes: ...
 def recvfrom_inet(fd: int, max_size: int = ...) -> tuple[bytes, Any]: ...
 def accept_inet(fd: int) -> tuple[int, Any] | None: ...
 def install_stream_fast_paths(cls: type) -> None: ...
+def spawn_features() -> tuple[bool, bool]: ...
+def spawn(
+    paths: list[bytes],
+    argv: list[bytes],
+    envp: Optional[list[bytes]],
+    cwd: Optional[bytes],
+    stdio: tuple[int, int, int],
+    close_fds: bool,
+    restore_signals: bool,
+    setsid: bool,
+    ignore_internal: bool,
+) -> tuple[Spawn, int, int, int, int]: ...
+@final
+class Spawn:
+    @property
+    def fd(self) -> int: ...
+    def result(self, block: bool = False) -> int | tuple[int, int] | None: ...
+
 def install_datagram_fast_paths(cls: type) -> None: ...
 @disjoint_base
 class Handle:

@@ -11,6 +11,7 @@ mod gil;
 mod handles;
 mod slots;
 mod sock_io;
+mod spawn;
 mod stdlib;
 mod streams;
 mod transports;
@@ -27,6 +28,12 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sock_io::read_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(sock_io::recvfrom_inet, m)?)?;
     m.add_function(wrap_pyfunction!(sock_io::accept_inet, m)?)?;
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    {
+        m.add_class::<spawn::Spawn>()?;
+        m.add_function(wrap_pyfunction!(spawn::spawn, m)?)?;
+    }
+    m.add_function(wrap_pyfunction!(spawn::spawn_features, m)?)?;
     m.add_function(wrap_pyfunction!(transports::install_stream_fast_paths, m)?)?;
     m.add_function(wrap_pyfunction!(
         datagram_fast::install_datagram_fast_paths,

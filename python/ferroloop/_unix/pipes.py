@@ -39,13 +39,14 @@ class _PipeTransportBase:
     _fileno = None
     _loop = None
 
-    def _register(self, loop, pipe, protocol) -> None:
+    def _register(self, loop, pipe, protocol, nonblocking=False) -> None:
         self._loop = loop
         self._pipe = pipe
         self._protocol = protocol
         self._closing = False
         self._lost_scheduled = False
-        os.set_blocking(self._fileno, False)
+        if not nonblocking:
+            os.set_blocking(self._fileno, False)
         table = loop.__dict__.get("_net_transports")
         if table is None:
             table = loop._transports
@@ -128,16 +129,18 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
 
     max_size = 256 * 1024  # bytes per read
 
-    def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _subprocess=False):
+    def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _subprocess=False,
+                 _nonblocking=False):
         # _subprocess: a subprocess transport's own pipe (a pipe, so no fstat) and pipe
         # protocol, whose connection_made only records the transport: called at once, and
         # reading starts at once (the subprocess transport orders its protocol's callbacks).
+        # _nonblocking: the pipe was made non-blocking already (_ferroloop.spawn's pipes).
         fileno, _, _ = self._adopt(
             pipe, extra, not _subprocess, "Pipe transport is for pipes/sockets only."
         )
         self._paused = False
         self._watching = False
-        self._register(loop, pipe, protocol)
+        self._register(loop, pipe, protocol, _nonblocking)
         if _subprocess:
             loop._add_reader(fileno, self._read_ready)
             self._watching = True
@@ -221,8 +224,9 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
 class WritePipeTransport(_PipeTransportBase, WriteFlowControl, transports.WriteTransport):
     """The write end of a pipe, FIFO, pty or socket, with asyncio's write flow control."""
 
-    def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _subprocess=False):
-        # _subprocess: as for ReadPipeTransport; the reader is watched at once.
+    def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _subprocess=False,
+                 _nonblocking=False):
+        # _subprocess, _nonblocking: as for ReadPipeTransport; the reader is watched at once.
         fileno, is_fifo, is_socket = self._adopt(
             pipe,
             extra,
@@ -236,7 +240,7 @@ class WritePipeTransport(_PipeTransportBase, WriteFlowControl, transports.WriteT
         self._protocol_paused = False
         self._high_water = DEFAULT_HIGH_WATER  # as _set_write_buffer_limits() sets them
         self._low_water = DEFAULT_LOW_WATER
-        self._register(loop, pipe, protocol)
+        self._register(loop, pipe, protocol, _nonblocking)
         if _subprocess:
             loop._add_reader(fileno, self._read_ready)
             self._watching_peer = True

@@ -1,0 +1,374 @@
+"""How subprocess_exec / subprocess_shell start a child: the same child, and the same errors,
+as `subprocess.Popen` gives for the same arguments.
+
+Every test runs on CPython's loop and on ferroloop (``loop`` fixture); on ferroloop each runs
+twice (``spawn_path``): as the loop chooses (its own spawn for the common options, Popen for
+the rest) and with Popen forced (``subprocess.Popen`` replaced by a subclass, which ferroloop
+honours by calling it). The reference is a plain ``subprocess.run`` of the same child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+TIMEOUT = 10
+PY = sys.executable
+
+# The child reports what a spawn decides: its arguments, cwd, environment, session, which
+# of the fds we care about are open, its signal dispositions and mask, what its stdio are.
+REPORT = r"""
+import json, os, stat, sys
+def kind(fd):
+    try:
+        m = os.fstat(fd).st_mode
+    except OSError:
+        return None
+    return "fifo" if stat.S_ISFIFO(m) else "chr" if stat.S_ISCHR(m) else "reg" if stat.S_ISREG(m) else "other"
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
+marker = int(sys.argv[1])
+with open("/proc/self/cmdline", "rb") as f:
+    cmdline = f.read().split(b"\0")[:-1]
+report = {
+    "argv0": cmdline[0].decode(),
+    "args": sys.argv[1:],
+    "cwd": os.getcwd(),
+    "env": os.environ.get("FERRO_X"),
+    "session_leader": os.getsid(0) == os.getpid(),
+    "marker_open": kind(marker) is not None,
+    "stdio": [kind(0), kind(1), kind(2)],
+    "ignored": status["SigIgn"].strip(),
+    "blocked": status["SigBlk"].strip(),
+    "same_out_err": os.fstat(1).st_ino == os.fstat(2).st_ino if kind(2) else None,
+}
+os.write(1, json.dumps(report).encode())
+"""
+
+
+def run(loop, coro, timeout=TIMEOUT):
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture(params=["chosen", "popen"])
+def spawn_path(request, loop_impl, monkeypatch):
+    if request.param == "popen":
+        if loop_impl.name == "asyncio":
+            pytest.skip("CPython's loop always uses Popen")
+
+        class Popen(subprocess.Popen):
+            pass
+
+        monkeypatch.setattr(subprocess, "Popen", Popen)
+    return request.param
+
+
+@pytest.fixture
+def marker():
+    """An inheritable fd: open in a child only if close_fds=False (or pass_fds has it)."""
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    yield w
+    os.close(r)
+    os.close(w)
+
+
+def reference(args, **kwargs):
+    """What subprocess.run (Popen) makes of the same child."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    done = subprocess.run(args, **kwargs, timeout=TIMEOUT)
+    return done.returncode, json.loads(done.stdout)
+
+
+def through_loop(loop, args, spawned=None, **kwargs):
+    async def main():
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(*args, **kwargs)
+        if spawned is not None:
+            # (ferroloop's own spawn makes the Popen object only when it is asked for)
+            spawned.append("popen" if proc._transport._proc is not None else "native")
+        out, _ = await proc.communicate()
+        return proc.returncode, json.loads(out)
+
+    return run(loop, main())
+
+
+def options(tmp_path, marker):
+    env = {**os.environ, "FERRO_X": "from-env"}
+    return {
+        "defaults": {},
+        "close_fds_false": {"close_fds": False},
+        "pass_fds": {"pass_fds": (marker,)},
+        "cwd": {"cwd": str(tmp_path)},
+        "cwd_bytes": {"cwd": os.fsencode(str(tmp_path))},
+        "env": {"env": env},
+        "new_session": {"start_new_session": True},
+        "keep_ignored_signals": {"restore_signals": False},
+        "executable": {"executable": PY},
+        "stdin_devnull": {"stdin": subprocess.DEVNULL},
+        "stdin_inherit_stderr_devnull": {"stdin": None, "stderr": subprocess.DEVNULL},
+        "stderr_to_stdout": {"stderr": subprocess.STDOUT},
+        "stderr_pipe_stdin_pipe": {"stdin": subprocess.PIPE, "stderr": subprocess.PIPE},
+        "umask_popen_only": {"umask": 0o077},
+        "preexec_fn_popen_only": {"preexec_fn": lambda: None},
+        "everything": {
+            "stdin": subprocess.DEVNULL, "stderr": subprocess.STDOUT, "cwd": str(tmp_path),
+            "env": env, "start_new_session": True, "close_fds": True,
+        },
+    }
+
+
+OPTION_NAMES = list(options("/", 3))
+POPEN_ONLY = {"close_fds_false", "pass_fds", "umask_popen_only", "preexec_fn_popen_only"}
+
+
+@pytest.mark.parametrize("name", OPTION_NAMES)
+def test_child_matches_popen_for_each_option(
+    loop, loop_impl, spawn_path, marker, tmp_path, name
+):
+    kwargs = options(tmp_path, marker)[name]
+    args = [PY, "-c", REPORT, str(marker)]
+    if name == "executable":
+        args[0] = "renamed-argv0"
+    expected = reference(args, **kwargs)
+    spawned = []
+    got = through_loop(loop, args, spawned, **kwargs)
+    if loop_impl.name == "asyncio" and sys.version_info < (3, 10) and kwargs.get("stdin") == -1:
+        expected[1]["stdio"][0] = "other"  # (3.9's loop gives the child a socket for stdin)
+    assert got == expected
+    if loop_impl.name == "asyncio" or spawn_path == "popen" or name in POPEN_ONLY:
+        assert spawned == ["popen"]
+    else:
+        assert spawned == ["native"]
+    if name == "executable":
+        assert got[1]["argv0"] == "renamed-argv0"
+    if name in ("close_fds_false", "pass_fds"):
+        assert got[1]["marker_open"]
+    if name == "defaults":
+        assert not got[1]["marker_open"]
+
+
+def _signal_masks(status: bytes):
+    fields = dict(line.split(b":\t", 1) for line in status.splitlines() if b":\t" in line)
+    return {k: int(fields[k], 16) for k in (b"SigIgn", b"SigBlk", b"SigCgt")}
+
+
+@pytest.mark.parametrize("restore_signals", [True, False])
+def test_signal_dispositions_and_mask_match_popens(loop, spawn_path, restore_signals):
+    # A handler installed here is not the child's (reset to the default); an ignored signal
+    # stays ignored; SIGPIPE (ignored by Python) is reset with restore_signals; the spawning
+    # thread's mask is inherited. The child is `cat`, which changes none of it.
+    args = ["/bin/sh", "-c", "exec cat /proc/self/status"]
+    kwargs = {"restore_signals": restore_signals}
+    old_usr1 = signal.signal(signal.SIGUSR1, lambda *a: None)
+    old_usr2 = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGWINCH})
+
+    async def main():
+        proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.PIPE, **kwargs)
+        out, _ = await proc.communicate()
+        return out
+
+    try:
+        expected = _signal_masks(subprocess.run(args, stdout=subprocess.PIPE, **kwargs).stdout)
+        got = _signal_masks(run(loop, main()))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        signal.signal(signal.SIGUSR1, old_usr1)
+        signal.signal(signal.SIGUSR2, old_usr2)
+    assert got == expected
+    bit = lambda sig: 1 << (sig - 1)  # noqa: E731
+    assert got[b"SigIgn"] & bit(signal.SIGUSR2)
+    assert bool(got[b"SigIgn"] & bit(signal.SIGPIPE)) is not restore_signals
+    assert not got[b"SigCgt"] & bit(signal.SIGUSR1)
+    assert got[b"SigBlk"] & bit(signal.SIGWINCH)
+
+
+def test_program_found_on_path_and_on_envs_path(loop, spawn_path, tmp_path):
+    prog = tmp_path / "ferro-prog"
+    prog.write_text("#!/bin/sh\necho found-$1\n")
+    prog.chmod(0o755)
+    path = str(tmp_path) + os.pathsep + os.environ.get("PATH", "")
+
+    async def main(**kwargs):
+        proc = await asyncio.create_subprocess_exec(
+            "ferro-prog", "x", stdout=subprocess.PIPE, **kwargs
+        )
+        out, _ = await proc.communicate()
+        return out, proc.returncode
+
+    assert run(loop, main(env={**os.environ, "PATH": path})) == (b"found-x\n", 0)
+    old = os.environ["PATH"]
+    os.environ["PATH"] = path
+    try:
+        assert run(loop, main()) == (b"found-x\n", 0)
+    finally:
+        os.environ["PATH"] = old
+
+
+def _popen_error(args, **kwargs):
+    try:
+        subprocess.Popen(args, **kwargs).wait()
+    except Exception as exc:
+        return exc
+    raise AssertionError("Popen did not fail")
+
+
+def _loop_error(loop, args, **kwargs):
+    async def main():
+        await asyncio.create_subprocess_exec(*args, **kwargs)
+
+    try:
+        run(loop, main())
+    except Exception as exc:
+        return exc
+    raise AssertionError("subprocess_exec did not fail")
+
+
+def _same_error(got, expected):
+    assert type(got) is type(expected)
+    assert got.args == expected.args
+    assert getattr(got, "filename", None) == getattr(expected, "filename", None)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "missing_on_path", "not_executable", "directory", "no_format", "missing_cwd",
+     "bad_fd"],
+)
+def test_spawn_errors_are_popens(loop, spawn_path, tmp_path, case):
+    plain = tmp_path / "plain"
+    plain.write_text("no shebang here\n")
+    kwargs = {}
+    if case == "missing":
+        args = [str(tmp_path / "no-such-program")]
+    elif case == "missing_on_path":
+        args = ["ferro-no-such-program"]
+    elif case == "not_executable":
+        args = [str(plain)]
+    elif case == "directory":
+        args = [str(tmp_path)]
+    elif case == "no_format":
+        plain.chmod(0o755)
+        args = [str(plain)]
+    elif case == "missing_cwd":
+        args = ["/bin/true"]
+        kwargs = {"cwd": str(tmp_path / "no-such-dir")}
+    else:
+        r, w = os.pipe()
+        os.close(r)
+        os.close(w)
+        args = ["/bin/true"]
+        kwargs = {"stdin": r}
+    expected = _popen_error(args, **kwargs)
+    got = _loop_error(loop, args, **kwargs)
+    _same_error(got, expected)
+    if case == "missing":
+        assert isinstance(got, FileNotFoundError) and got.errno == errno.ENOENT
+        assert got.filename == args[0]
+
+
+def test_subprocess_extra_info_is_a_popen_of_the_child(loop, spawn_path):
+    async def main():
+        proc = await asyncio.create_subprocess_exec(
+            PY, "-c", "import sys; sys.stdout.write(sys.stdin.read())",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        transport = proc._transport
+        popen = transport.get_extra_info("subprocess")
+        assert isinstance(popen, subprocess.Popen)
+        assert popen is transport.get_extra_info("subprocess")
+        assert popen.pid == proc.pid == transport.get_pid()
+        assert popen.args == (PY, "-c", "import sys; sys.stdout.write(sys.stdin.read())")
+        assert popen.stdin is transport.get_pipe_transport(0).get_extra_info("pipe")
+        assert popen.stdout is transport.get_pipe_transport(1).get_extra_info("pipe")
+        assert popen.stderr is None
+        assert popen.returncode is None
+        out, _ = await proc.communicate(b"echo")
+        assert popen.returncode == 0 == proc.returncode
+        assert popen.poll() == 0
+        with pytest.raises(ProcessLookupError):  # (the transport is done with the child)
+            proc.kill()
+        return out
+
+    assert run(loop, main()) == b"echo"
+
+
+def test_extra_info_asked_only_after_the_exit(loop, spawn_path):
+    async def main():
+        proc = await asyncio.create_subprocess_exec(PY, "-c", "raise SystemExit(7)")
+        assert await proc.wait() == 7
+        popen = proc._transport.get_extra_info("subprocess")
+        assert isinstance(popen, subprocess.Popen)
+        assert popen.returncode == 7 and popen.pid == proc.pid
+        with pytest.raises(ProcessLookupError):
+            proc._transport.send_signal(signal.SIGTERM)
+
+    run(loop, main())
+
+
+def test_terminate_kill_and_send_signal_before_any_extra_info(loop, spawn_path):
+    async def main(how):
+        proc = await asyncio.create_subprocess_exec(
+            PY, "-c", "import sys, time; print('up', flush=True); time.sleep(30)",
+            stdout=subprocess.PIPE,
+        )
+        assert await proc.stdout.readline() == b"up\n"
+        getattr(proc, how[0])(*how[1:])
+        return await proc.wait()
+
+    assert run(loop, main(("terminate",))) == -signal.SIGTERM
+    assert run(loop, main(("kill",))) == -signal.SIGKILL
+    assert run(loop, main(("send_signal", signal.SIGINT))) in (-signal.SIGINT, 1)
+
+
+def test_shell_with_the_options(loop, spawn_path, tmp_path):
+    async def main():
+        proc = await asyncio.create_subprocess_shell(
+            'echo "$FERRO_X" "$(pwd)" >&2; exit 3', stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, cwd=str(tmp_path), env={"FERRO_X": "shell"},
+        )
+        out, _ = await proc.communicate()
+        return out, proc.returncode
+
+    assert run(loop, main()) == (f"shell {os.path.realpath(tmp_path)}\n".encode(), 3)
+
+
+@pytest.mark.parametrize("program", ["missing", "sleeper"])
+def test_cancelled_while_the_child_starts(loop, spawn_path, tmp_path, program):
+    # A cancellation that arrives while the child is being started: a child that could not
+    # be run still raises Popen's error; one that runs is killed and reaped, its protocol
+    # having been connected, and the cancellation propagates.
+    made = []
+
+    class Proto(asyncio.SubprocessProtocol):
+        def connection_made(self, transport):
+            made.append(transport.get_pid())
+
+    async def main():
+        task = asyncio.current_task()
+
+        def factory():
+            loop.call_soon(task.cancel)
+            return Proto()
+
+        args = [str(tmp_path / "no-such-program")] if program == "missing" else [
+            PY, "-c", "import time; time.sleep(30)"]
+        await loop.subprocess_exec(factory, *args)
+
+    if program == "missing":
+        with pytest.raises(FileNotFoundError):
+            loop.run_until_complete(main())
+        assert made == []
+    else:
+        with pytest.raises(asyncio.CancelledError):
+            loop.run_until_complete(main())
+        assert len(made) == 1
+        with pytest.raises(ChildProcessError):
+            os.waitpid(made[0], os.WNOHANG)
