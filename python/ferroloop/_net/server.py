@@ -290,6 +290,15 @@ class ServingMixin:
                 else:
                     raise  # the loop reports it through the exception handler
             else:
+                if not sslcontext:
+                    # A plain connection is set up by one callback in the next iteration,
+                    # where asyncio's accept task takes its first step: the protocol factory
+                    # and the transport's constructor run then, in a copy of this context
+                    # (as the task's), and connection_made one iteration later, as there.
+                    # No task, coroutine and waiter future per connection (uvloop has none
+                    # either); what the task did with an error is done by the callback.
+                    self.call_soon(self._accept_plain_connection, protocol_factory, conn, addr, server)
+                    continue
                 self.create_task(
                     self._accept_connection2(
                         protocol_factory,
@@ -301,6 +310,31 @@ class ServingMixin:
                         ssl_shutdown_timeout,
                     )
                 )
+
+    def _accept_plain_connection(self, protocol_factory, conn, addr, server) -> None:
+        """_accept_connection2 for a connection without TLS, as a plain callback."""
+        protocol = None
+        transport = None
+        try:
+            protocol = protocol_factory()
+            # The peer address goes in as it is: the transport makes its extra-info dict only
+            # if someone asks for it.
+            transport = self._make_socket_transport(conn, protocol, server=server, peername=addr)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            if self.get_debug():
+                context = {
+                    "message": "Error on transport creation for incoming connection",
+                    "exception": exc,
+                }
+                if protocol is not None:
+                    context["protocol"] = protocol
+                if transport is not None:
+                    context["transport"] = transport
+                self.call_exception_handler(context)
+            if transport is None:
+                conn.close()  # nobody else owns the socket
 
     async def _accept_connection2(
         self,
