@@ -2268,3 +2268,163 @@ def test_no_fd_leak(loop_impl):
         del loop
         gc.collect()
         assert fd_count() <= before
+
+
+# ---- the accepted connection's whole life (connection churn) ---------------------------------
+
+
+def _churn_client(address, payload=b"ping"):
+    """Connect, send, read the echo, close first with a plain close (FIN)."""
+    with socket.create_connection(address, timeout=TIMEOUT) as s:
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def test_churned_connections_run_every_callback_once_and_free_everything(loop):
+    # Many short connections, the client closing first: each runs the factory, connection_made,
+    # data_received, eof_received and connection_lost(None) once, in that order; the server
+    # counts them in and out (wait_closed returns), and no fd is left behind.
+    n = 30
+
+    async def main():
+        log = {}
+        lost = []
+
+        class Echo(asyncio.Protocol):
+            def __init__(self):
+                self.calls = []
+                log[id(self)] = self.calls
+
+            def connection_made(self, transport):
+                self.calls.append("made")
+                self.transport = transport
+
+            def data_received(self, data):
+                self.calls.append("data")
+                self.transport.write(data)
+
+            def eof_received(self):
+                self.calls.append("eof")
+
+            def connection_lost(self, exc):
+                self.calls.append(("lost", exc, self.transport.is_closing(),
+                                   self.transport.get_extra_info("peername") is not None))
+                lost.append(self.transport)
+
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        before = fd_count()
+        for _ in range(n):
+            assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+        deadline = loop.time() + TIMEOUT
+        while len(lost) < n and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(lost) == n
+        assert all(calls == ["made", "data", "eof", ("lost", None, True, True)] for calls in log.values())
+        for tr in lost:
+            assert tr.is_closing()
+            assert tr.get_extra_info("sockname") == address
+            assert tr.get_extra_info("peername")[0] == "127.0.0.1"
+            assert tr.get_extra_info("socket") is not None
+            tr.close()  # closing again does nothing
+        assert fd_count() == before
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("where", ["eof_received", "connection_lost"])
+def test_accepted_connection_callback_error_is_reported_and_the_connection_still_freed(loop, where):
+    # An exception from eof_received is a fatal error of the transport (connection_lost gets
+    # it); one from connection_lost goes to the exception handler. Either way the socket is
+    # closed and the server counts the connection out.
+    async def main():
+        reported = []
+        lost = loop.create_future()
+        loop.set_exception_handler(lambda lp, ctx: reported.append(ctx))
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def eof_received(self):
+                if where == "eof_received":
+                    raise ZeroDivisionError("eof")
+
+            def connection_lost(self, exc):
+                if not lost.done():
+                    lost.set_result(exc)
+                if where == "connection_lost":
+                    raise ZeroDivisionError("lost")
+
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        before = fd_count()
+        assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+        exc = await asyncio.wait_for(lost, TIMEOUT)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(reported) == 1
+        assert isinstance(reported[0]["exception"], ZeroDivisionError)
+        if where == "eof_received":
+            assert exc is reported[0]["exception"]
+            assert reported[0]["message"] == "Fatal error: protocol.eof_received() call failed."
+        else:
+            assert exc is None
+        assert fd_count() == before
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("action", ["pause_reading", "close"])
+def test_accepted_connection_made_may_pause_or_close_before_reading_starts(loop, action):
+    async def main():
+        events = []
+        lost = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                getattr(transport, action)()
+                if action == "pause_reading":
+                    loop.call_later(0.05, self.resume)
+
+            def resume(self):
+                events.append("resume")
+                self.transport.resume_reading()
+
+            def data_received(self, data):
+                events.append("data")
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                events.append("lost")
+                lost.set_result(exc)
+
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        # (Nothing sent when the server closes at once: data it never reads would make its
+        # close a reset.)
+        payload = b"ping" if action == "pause_reading" else b""
+        got = await loop.run_in_executor(None, _churn_client, address, payload)
+        assert await asyncio.wait_for(lost, TIMEOUT) is None
+        if action == "pause_reading":
+            assert got == b"ping" and events == ["resume", "data", "lost"]
+        else:
+            assert got == b"" and events == ["lost"]
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())

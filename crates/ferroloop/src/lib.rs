@@ -12,6 +12,7 @@ mod handles;
 mod slots;
 mod sock_io;
 mod stdlib;
+mod stream_life;
 mod streams;
 mod transports;
 
@@ -28,6 +29,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sock_io::recvfrom_inet, m)?)?;
     m.add_function(wrap_pyfunction!(sock_io::accept_inet, m)?)?;
     m.add_function(wrap_pyfunction!(transports::install_stream_fast_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_life::install_stream_lifecycle, m)?)?;
     m.add_function(wrap_pyfunction!(
         datagram_fast::install_datagram_fast_paths,
         m

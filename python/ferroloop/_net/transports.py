@@ -372,6 +372,11 @@ class StreamTransport(SocketTransportBase):
         else:
             self._loop._add_reader(fd, callback, *args)
 
+    def _start_reading(self) -> None:
+        # What __init__ schedules after connection_made (the native __init__ schedules the
+        # native twin of this method).
+        self._add_reader(self._sock_fd, type(self)._read_ready, self)
+
     def pause_reading(self) -> None:
         if self._closing or self._paused:
             return
@@ -602,6 +607,25 @@ class StreamTransport(SocketTransportBase):
 StreamTransport._write_py = StreamTransport.write
 StreamTransport._read_ready_py = StreamTransport._read_ready
 _ferroloop_native.install_stream_fast_paths(StreamTransport)
+
+# The transport's life in Rust too (`stream_life.rs`): construction, the start of reading,
+# EOF, close() and connection_lost, for an exact StreamTransport over an exact socket.socket.
+# Anything else (a subclass, a keyword call, a waiter) runs these Python methods, kept here.
+StreamTransport._init_py = StreamTransport.__init__
+StreamTransport._start_reading_py = StreamTransport._start_reading
+StreamTransport._close_py = SocketTransportBase.close
+StreamTransport._call_connection_lost_py = StreamTransport._call_connection_lost
+StreamTransport._del_py = SocketTransportBase.__del__
+_ferroloop_native.install_stream_lifecycle(
+    StreamTransport,
+    socket.socket,
+    protocols.BufferedProtocol,
+    _NO_QUEUE,
+    DEFAULT_HIGH_WATER,
+    DEFAULT_LOW_WATER,
+    trsock.TransportSocket,
+    _socket.socket.close,
+)
 
 
 class SocketMethodsStreamTransport(StreamTransport):

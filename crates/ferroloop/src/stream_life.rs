@@ -1,0 +1,653 @@
+//! The native life of a stream transport (`python/ferroloop/_net/transports.py`): its
+//! construction, the start of reading, EOF, `close()` and `connection_lost`.
+//!
+//! A server under connection churn runs each of these once per connection, and as Python
+//! methods they were most of what a short connection cost besides the kernel (a dozen frames:
+//! two `__init__`s, `set_protocol`, `_add_reader`, `_read_ready__on_eof`, `close`, two
+//! `_call_connection_lost`s, `_complete_extra`, `_build_extra`, `_forget_fd`, the table's
+//! `discard`, `socket.close`, `_real_close`, `__del__`). Here they are the same steps on the
+//! same slots, in the same order, with the same errors.
+//!
+//! Ground rules:
+//! - Only an instance of exactly `StreamTransport` over exactly `socket.socket` takes these
+//!   paths; a subclass (`SocketMethodsStreamTransport`, a user's) or another call shape
+//!   forwards to the Python method, kept on the class as `_<name>_py`, which stays the
+//!   reference behaviour.
+//! - User code (the protocol's callbacks, `Server._attach`/`_detach`) is called exactly where
+//!   the Python methods call it; the loop is called through its native core.
+//! - Debug mode takes the Python paths where they log.
+
+use std::ffi::CStr;
+use std::os::raw::c_int;
+
+use pyo3::exceptions::{PyConnectionError, PyOSError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+use pyo3::{ffi, intern};
+
+use crate::event_loop::fastcall::trampoline;
+use crate::event_loop::LoopCore;
+use crate::slots::{small_int, truthy, SlotTable};
+use crate::transports::{forward, takes, Raw};
+
+/// The objects the paths need, taken from the Python module once.
+struct Life {
+    /// `StreamTransport`.
+    cls: Py<PyType>,
+    /// `socket.socket`.
+    socket_type: Py<PyType>,
+    buffered_protocol: Py<PyAny>,
+    /// `_NO_QUEUE`: the empty write queue.
+    no_queue: Py<PyAny>,
+    high_water: Py<PyAny>,
+    low_water: Py<PyAny>,
+    transport_socket: Py<PyAny>,
+    /// `_socket.socket.close`, the C method `socket.socket._real_close` calls.
+    raw_close: Py<PyAny>,
+    /// `StreamTransport._read_ready` and `_call_connection_lost` (the native descriptors).
+    read_ready: Py<PyAny>,
+    call_connection_lost: Py<PyAny>,
+    start_reading: Py<PyAny>,
+}
+
+static LIFE: PyOnceLock<Life> = PyOnceLock::new();
+
+/// The transport's slots these paths use (see `slots.rs`).
+static SLOTS: SlotTable<17> = SlotTable::new([
+    "_extra",
+    "_loop",
+    "_sock",
+    "_sock_fd",
+    "_protocol",
+    "_server",
+    "_buffer",
+    "_buffer_size",
+    "_conn_lost",
+    "_closing",
+    "_protocol_paused",
+    "_high_water",
+    "_low_water",
+    "_buffered",
+    "_eof",
+    "_paused",
+    "_empty_waiter",
+]);
+const EXTRA: usize = 0;
+const LOOP: usize = 1;
+const SOCK: usize = 2;
+const SOCK_FD: usize = 3;
+const PROTOCOL: usize = 4;
+const SERVER: usize = 5;
+const BUFFER: usize = 6;
+const BUFFER_SIZE: usize = 7;
+const CONN_LOST: usize = 8;
+const CLOSING: usize = 9;
+const PROTOCOL_PAUSED: usize = 10;
+const HIGH_WATER: usize = 11;
+const LOW_WATER: usize = 12;
+const BUFFERED: usize = 13;
+const EOF: usize = 14;
+const PAUSED: usize = 15;
+const EMPTY_WAITER: usize = 16;
+
+/// `socket.socket`'s own slots.
+static SOCKET_SLOTS: SlotTable<2> = SlotTable::new(["_io_refs", "_closed"]);
+const IO_REFS: usize = 0;
+const CLOSED: usize = 1;
+
+/// The head of CPython's `PySocketSockObject` (`Modules/socketmodule.h`, the same from 3.9 to
+/// 3.13 on POSIX, where `SOCKET_T` is an int).
+#[repr(C)]
+struct SockHead {
+    ob_base: ffi::PyObject,
+    fd: c_int,
+    family: c_int,
+    stype: c_int,
+    proto: c_int,
+}
+
+/// `tr` is exactly `StreamTransport` (then its native paths apply).
+#[inline(always)]
+fn exact(tr: &Bound<'_, PyAny>) -> Option<&'static Life> {
+    let l = LIFE.get(tr.py())?;
+    // SAFETY: a live object's type.
+    (unsafe { ffi::Py_TYPE(tr.as_ptr()) } == l.cls.as_ptr().cast()).then_some(l)
+}
+
+/// `sock` is exactly `socket.socket`: its C fields (family, type, proto), else None.
+fn socket_fields(l: &Life, sock: &Bound<'_, PyAny>) -> Option<(c_int, c_int, c_int)> {
+    // SAFETY: a live object's type; an exact `socket.socket` starts with `SockHead`.
+    unsafe {
+        if ffi::Py_TYPE(sock.as_ptr()) != l.socket_type.as_ptr().cast() {
+            return None;
+        }
+        let h = sock.as_ptr().cast::<SockHead>();
+        Some(((*h).family, (*h).stype, (*h).proto))
+    }
+}
+
+fn is_tcp((family, stype, proto): (c_int, c_int, c_int)) -> bool {
+    (family == libc::AF_INET || family == libc::AF_INET6)
+        && stype == libc::SOCK_STREAM
+        && proto == libc::IPPROTO_TCP
+}
+
+/// `loop.call_soon(callback, *args)` (the loop's own method: an override is honoured).
+fn call_soon(
+    lp: &Bound<'_, PyAny>,
+    callback: &Bound<'_, PyAny>,
+    args: &[&Bound<'_, PyAny>],
+) -> PyResult<()> {
+    let mut v: Vec<*mut ffi::PyObject> = Vec::with_capacity(args.len() + 2);
+    v.push(lp.as_ptr());
+    v.push(callback.as_ptr());
+    v.extend(args.iter().map(|a| a.as_ptr()));
+    // SAFETY: live objects; `v` holds `self` then the arguments.
+    unsafe {
+        let r = ffi::PyObject_VectorcallMethod(
+            intern!(lp.py(), "call_soon").as_ptr(),
+            v.as_ptr(),
+            v.len() | ffi::PY_VECTORCALL_ARGUMENTS_OFFSET,
+            std::ptr::null_mut(),
+        );
+        Bound::from_owned_ptr_or_err(lp.py(), r).map(drop)
+    }
+}
+
+/// The loop's fd -> transport table (`loop._transports`), without creating it.
+fn transport_table<'py>(lp: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let d = lp.getattr(intern!(lp.py(), "__dict__"))?;
+    let d = d.cast::<PyDict>()?;
+    d.get_item(intern!(lp.py(), "_net_transports"))
+}
+
+// ---- __init__ ----------------------------------------------------------------------------
+
+/// `StreamTransport.__init__(loop, sock, protocol, waiter, extra, server, peername)` with no
+/// waiter and no extra (an accepted connection): `SocketTransportBase.__init__` and
+/// `StreamTransport.__init__` in one.
+fn init(
+    l: &Life,
+    tr: &Bound<'_, PyAny>,
+    lp: &Bound<'_, PyAny>,
+    sock: &Bound<'_, PyAny>,
+    protocol: &Bound<'_, PyAny>,
+    server: &Bound<'_, PyAny>,
+    peername: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = tr.py();
+    let s = SLOTS.reader(tr);
+    let peername = if peername.is_none() {
+        match sock.call_method0(intern!(py, "getpeername")) {
+            Ok(p) => p,
+            Err(e) if e.is_instance_of::<PyOSError>(py) => py.None().into_bound(py),
+            Err(e) => return Err(e),
+        }
+    } else {
+        peername.clone()
+    };
+    s.set(EXTRA, &peername)?;
+    s.set(LOOP, lp)?;
+    s.set(SOCK, sock)?;
+    let fd = sock.call_method0(intern!(py, "fileno"))?;
+    s.set(SOCK_FD, &fd)?;
+    let none = py.None().into_bound(py);
+    s.set(PROTOCOL, &none)?;
+    // StreamTransport.set_protocol
+    let buffered = protocol.is_instance(l.buffered_protocol.bind(py))?;
+    s.set(
+        BUFFERED,
+        &pyo3::types::PyBool::new(py, buffered).to_owned().into_any(),
+    )?;
+    s.set(PROTOCOL, protocol)?;
+    s.set(SERVER, server)?;
+    s.set(BUFFER, l.no_queue.bind(py))?;
+    let zero = 0i32.into_pyobject(py)?.into_any();
+    s.set(BUFFER_SIZE, &zero)?;
+    s.set(CONN_LOST, &zero)?;
+    let false_ = pyo3::types::PyBool::new(py, false).to_owned().into_any();
+    s.set(CLOSING, &false_)?;
+    s.set(PROTOCOL_PAUSED, &false_)?;
+    s.set(HIGH_WATER, l.high_water.bind(py))?;
+    s.set(LOW_WATER, l.low_water.bind(py))?;
+    if !server.is_none() {
+        server.call_method1(intern!(py, "_attach"), (tr,))?;
+    }
+    let table = match transport_table(lp)? {
+        Some(t) => t,
+        None => lp.getattr(intern!(py, "_transports"))?,
+    };
+    let refs = table.getattr(intern!(py, "_refs"))?;
+    // SAFETY: `tr` is live and weakly referenceable (its class has `__weakref__`); a new
+    // reference or NULL with an exception set.
+    let wr = unsafe {
+        Bound::from_owned_ptr_or_err(py, ffi::PyWeakref_NewRef(tr.as_ptr(), std::ptr::null_mut()))?
+    };
+    refs.set_item(&fd, wr)?;
+    s.set(EOF, &false_)?;
+    s.set(PAUSED, &false_)?;
+    s.set(EMPTY_WAITER, &none)?;
+    if let Some(fields) = socket_fields(l, sock) {
+        if is_tcp(fields) {
+            let one: c_int = 1;
+            let fd = small_int(&fd)?;
+            // SAFETY: setsockopt with a properly sized int option value.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_NODELAY,
+                    (&one as *const c_int).cast(),
+                    std::mem::size_of::<c_int>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                return Err(crate::errors::os_error(std::io::Error::last_os_error()));
+            }
+        }
+    }
+    let made = protocol.getattr(intern!(py, "connection_made"))?;
+    call_soon(lp, &made, &[tr])?;
+    // Only start reading once connection_made() has been called.
+    call_soon(lp, l.start_reading.bind(py), &[tr])?;
+    Ok(())
+}
+
+unsafe extern "C" fn init_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        let fast = exact(&tr).filter(|_| unsafe { takes(7, nargsf, kwnames) });
+        let Some(l) = fast else {
+            // SAFETY: as above.
+            return unsafe { forward(&tr, intern!(py, "_init_py"), args, nargsf, kwnames) };
+        };
+        // SAFETY: seven positional arguments, live borrowed references.
+        let a = |i: usize| unsafe { Bound::from_borrowed_ptr(py, *args.add(i)) };
+        let (lp, sock, protocol, waiter, extra, server, peername) =
+            (a(0), a(1), a(2), a(3), a(4), a(5), a(6));
+        if !waiter.is_none() || !extra.is_none() || socket_fields(l, &sock).is_none() {
+            // SAFETY: as above.
+            return unsafe { forward(&tr, intern!(py, "_init_py"), args, nargsf, kwnames) };
+        }
+        init(l, &tr, &lp, &sock, &protocol, &server, &peername).map(|()| py.None())
+    })
+}
+
+// ---- reading starts ------------------------------------------------------------------------
+
+/// `_add_reader(fd, type(self)._read_ready, self)` as `__init__` schedules it: nothing if the
+/// protocol paused reading or closed the transport in connection_made.
+fn start_reading(l: &Life, tr: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = tr.py();
+    let s = SLOTS.reader(tr);
+    if truthy(&s.get(PAUSED)?)? || truthy(&s.get(CLOSING)?)? {
+        return Ok(());
+    }
+    let fd = s.get(SOCK_FD)?;
+    let sock = s.get(SOCK)?;
+    let lp = s.get(LOOP)?;
+    let args = PyTuple::new(py, [tr])?;
+    let edge = socket_fields(l, &sock)
+        .is_some_and(|(family, _, _)| family == libc::AF_INET || family == libc::AF_INET6);
+    match lp.cast::<LoopCore>() {
+        Ok(core) if edge => {
+            core.get()
+                ._add_reader_edge_impl(py, &fd, l.read_ready.bind(py), &args)?;
+        }
+        _ => {
+            tr.call_method1(intern!(py, "_add_reader"), (fd, l.read_ready.bind(py), tr))?;
+        }
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn start_reading_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        let fast = exact(&tr).filter(|_| unsafe { takes(0, nargsf, kwnames) });
+        let Some(l) = fast else {
+            // SAFETY: as above.
+            return unsafe {
+                forward(&tr, intern!(py, "_start_reading_py"), args, nargsf, kwnames)
+            };
+        };
+        start_reading(l, &tr).map(|()| py.None())
+    })
+}
+
+// ---- EOF and close -------------------------------------------------------------------------
+
+/// `_read_ready__on_eof`: the peer closed its side. Called by the native read paths.
+pub(crate) fn on_eof(tr: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = tr.py();
+    let Some(l) = exact(tr) else {
+        tr.call_method0(intern!(py, "_read_ready__on_eof"))?;
+        return Ok(());
+    };
+    let s = SLOTS.reader(tr);
+    let lp = s.get(LOOP)?;
+    let core = match lp.cast::<LoopCore>() {
+        Ok(c) if !c.get().shared.debug() => c.clone(),
+        // Debug mode logs the EOF.
+        _ => {
+            tr.call_method0(intern!(py, "_read_ready__on_eof"))?;
+            return Ok(());
+        }
+    };
+    let protocol = s.get(PROTOCOL)?;
+    let keep_open = match protocol.call_method0(intern!(py, "eof_received")) {
+        Ok(k) => k,
+        Err(e) => {
+            return crate::transports::fatal(
+                tr,
+                e,
+                "Fatal error: protocol.eof_received() call failed.",
+            )
+        }
+    };
+    if truthy(&keep_open)? {
+        // Half-closed: stop reading, the protocol may still write.
+        core.get()._remove_reader_impl(py, &s.get(SOCK_FD)?)?;
+        Ok(())
+    } else {
+        close(l, tr)
+    }
+}
+
+/// `close()`.
+fn close(l: &Life, tr: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = tr.py();
+    let s = SLOTS.reader(tr);
+    if truthy(&s.get(CLOSING)?)? {
+        return Ok(());
+    }
+    let lp = s.get(LOOP)?;
+    let Ok(core) = lp.cast::<LoopCore>() else {
+        tr.call_method0(intern!(py, "_close_py"))?;
+        return Ok(());
+    };
+    s.set(
+        CLOSING,
+        &pyo3::types::PyBool::new(py, true).to_owned().into_any(),
+    )?;
+    let fd = s.get(SOCK_FD)?;
+    core.get()._remove_reader_impl(py, &fd)?;
+    if !truthy(&s.get(BUFFER)?)? {
+        let n = s.get(CONN_LOST)?.add(1)?;
+        s.set(CONN_LOST, &n)?;
+        core.get()._remove_writer_impl(py, &fd)?;
+        call_soon(
+            &lp,
+            l.call_connection_lost.bind(py),
+            &[tr, &py.None().into_bound(py)],
+        )?;
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn close_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        let fast = exact(&tr).filter(|_| unsafe { takes(0, nargsf, kwnames) });
+        let Some(l) = fast else {
+            // SAFETY: as above.
+            return unsafe { forward(&tr, intern!(py, "_close_py"), args, nargsf, kwnames) };
+        };
+        close(l, &tr).map(|()| py.None())
+    })
+}
+
+// ---- connection_lost -----------------------------------------------------------------------
+
+/// `_call_connection_lost(exc)`: `StreamTransport`'s and `SocketTransportBase`'s.
+fn call_connection_lost(l: &Life, tr: &Bound<'_, PyAny>, exc: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = tr.py();
+    let s = SLOTS.reader(tr);
+    let lost = (|| {
+        if truthy(&tr.getattr(intern!(py, "_protocol_connected"))?)? {
+            s.get(PROTOCOL)?
+                .call_method1(intern!(py, "connection_lost"), (exc,))?;
+        }
+        Ok(())
+    })();
+    // The `finally:` of SocketTransportBase._call_connection_lost.
+    let teardown = teardown(l, tr, &s);
+    // The `finally:` of StreamTransport._call_connection_lost.
+    let waiter = (|| {
+        let w = s.get(EMPTY_WAITER)?;
+        if !w.is_none() {
+            let err = PyConnectionError::new_err("Connection is closed by peer");
+            w.call_method1(intern!(py, "set_exception"), (err.into_value(py),))?;
+        }
+        Ok(())
+    })();
+    // As with nested try/finally: the last exception raised is the one that propagates.
+    waiter.and(teardown.and(lost))
+}
+
+fn teardown(
+    l: &Life,
+    tr: &Bound<'_, PyAny>,
+    s: &crate::slots::SlotReader<'_, '_, 17>,
+) -> PyResult<()> {
+    let py = tr.py();
+    let extra = s.get(EXTRA)?;
+    if !extra.is_instance_of::<PyDict>() {
+        // _complete_extra(), while the socket can still tell its name.
+        complete_extra(l, s, &extra)?;
+    }
+    let lp = s.get(LOOP)?;
+    let fd = s.get(SOCK_FD)?;
+    // _forget_fd(loop): TransportTable.discard(fd, self)
+    if let Some(table) = transport_table(&lp)? {
+        let refs = table.getattr(intern!(py, "_refs"))?;
+        let refs = refs.cast::<PyDict>()?;
+        if let Some(r) = refs.get_item(&fd)? {
+            let mut obj = std::ptr::null_mut();
+            // SAFETY: `r` is live; PyWeakref_GetRef checks its type, and returns a new
+            // reference (1), NULL for a dead referent (0) or -1 with an exception set.
+            let got = unsafe { ffi::compat::PyWeakref_GetRef(r.as_ptr(), &mut obj) };
+            if got < 0 {
+                return Err(PyErr::fetch(py));
+            }
+            let same = obj.is_null() || obj == tr.as_ptr();
+            if !obj.is_null() {
+                // SAFETY: the new reference just returned.
+                unsafe { ffi::Py_DECREF(obj) };
+            }
+            if same {
+                refs.del_item(&fd)?;
+            }
+        }
+    }
+    let sock = s.get(SOCK)?;
+    close_socket(l, &sock)?;
+    let none = py.None().into_bound(py);
+    s.set(SOCK, &none)?;
+    s.set(PROTOCOL, &none)?;
+    s.set(LOOP, &none)?;
+    let server = s.get(SERVER)?;
+    if !server.is_none() {
+        server.call_method1(intern!(py, "_detach"), (tr,))?;
+        s.set(SERVER, &none)?;
+    }
+    Ok(())
+}
+
+/// `_complete_extra()`: asyncio's extra-info dict, from the peer address `_extra` held.
+fn complete_extra(
+    l: &Life,
+    s: &crate::slots::SlotReader<'_, '_, 17>,
+    peername: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = peername.py();
+    let extra = PyDict::new(py);
+    extra.set_item(intern!(py, "peername"), peername)?;
+    let sock = s.get(SOCK)?;
+    if !sock.is_none() {
+        // _build_extra(sock, extra) ("peername" is there already)
+        extra.set_item(
+            intern!(py, "socket"),
+            l.transport_socket.bind(py).call1((&sock,))?,
+        )?;
+        let name = match sock.call_method0(intern!(py, "getsockname")) {
+            Ok(n) => n,
+            Err(e) if e.is_instance_of::<PyOSError>(py) => py.None().into_bound(py),
+            Err(e) => return Err(e),
+        };
+        extra.set_item(intern!(py, "sockname"), name)?;
+    }
+    s.set(EXTRA, extra.as_any())
+}
+
+/// `sock.close()` for exactly `socket.socket`: `_closed = True`, then the C close unless a
+/// `makefile()` object still uses the socket.
+fn close_socket(l: &Life, sock: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = sock.py();
+    if socket_fields(l, sock).is_none() {
+        sock.call_method0(intern!(py, "close"))?;
+        return Ok(());
+    }
+    let s = SOCKET_SLOTS.reader(sock);
+    s.set(
+        CLOSED,
+        &pyo3::types::PyBool::new(py, true).to_owned().into_any(),
+    )?;
+    let io_refs = s.get(IO_REFS)?;
+    if io_refs.le(0)? {
+        l.raw_close.bind(py).call1((sock,))?;
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn call_connection_lost_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        let fast = exact(&tr).filter(|_| unsafe { takes(1, nargsf, kwnames) });
+        let Some(l) = fast else {
+            // SAFETY: as above.
+            return unsafe {
+                forward(
+                    &tr,
+                    intern!(py, "_call_connection_lost_py"),
+                    args,
+                    nargsf,
+                    kwnames,
+                )
+            };
+        };
+        // SAFETY: one positional argument, a live borrowed reference.
+        let exc = unsafe { Bound::from_borrowed_ptr(py, *args) };
+        call_connection_lost(l, &tr, &exc).map(|()| py.None())
+    })
+}
+
+// ---- __del__ -------------------------------------------------------------------------------
+
+unsafe extern "C" fn del_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        if exact(&tr).is_some() && unsafe { takes(0, nargsf, kwnames) } {
+            // A closed transport (or one whose __init__ never set the socket): nothing to do.
+            if SLOTS.reader(&tr).get_or_none(SOCK)?.is_none() {
+                return Ok(py.None());
+            }
+        }
+        // SAFETY: as above.
+        unsafe { forward(&tr, intern!(py, "_del_py"), args, nargsf, kwnames) }
+    })
+}
+
+const METHODS: [(&CStr, Raw, &CStr); 5] = [
+    (
+        c"__init__",
+        init_raw,
+        c"__init__($self, loop, sock, protocol, waiter=None, extra=None, server=None, peername=None)\n--\n\n",
+    ),
+    (
+        c"_start_reading",
+        start_reading_raw,
+        c"_start_reading($self, /)\n--\n\nStart watching the socket for reading (after connection_made).",
+    ),
+    (
+        c"close",
+        close_raw,
+        c"close($self, /)\n--\n\nClose the transport: connection_lost follows in a later iteration.",
+    ),
+    (
+        c"_call_connection_lost",
+        call_connection_lost_raw,
+        c"_call_connection_lost($self, exc, /)\n--\n\n",
+    ),
+    (c"__del__", del_raw, c"__del__($self, /)\n--\n\n"),
+];
+
+/// Installs the native lifecycle on `StreamTransport` (the Python methods must already be
+/// kept as `_init_py`, `_start_reading_py`, `_close_py`, `_call_connection_lost_py` and
+/// `_del_py`).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn install_stream_lifecycle(
+    cls: &Bound<'_, PyType>,
+    socket_type: &Bound<'_, PyType>,
+    buffered_protocol: &Bound<'_, PyAny>,
+    no_queue: &Bound<'_, PyAny>,
+    high_water: &Bound<'_, PyAny>,
+    low_water: &Bound<'_, PyAny>,
+    transport_socket: &Bound<'_, PyAny>,
+    raw_close: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = cls.py();
+    crate::transports::install_methods_on_class(cls, &METHODS)?;
+    let l = Life {
+        cls: cls.clone().unbind(),
+        socket_type: socket_type.clone().unbind(),
+        buffered_protocol: buffered_protocol.clone().unbind(),
+        no_queue: no_queue.clone().unbind(),
+        high_water: high_water.clone().unbind(),
+        low_water: low_water.clone().unbind(),
+        transport_socket: transport_socket.clone().unbind(),
+        raw_close: raw_close.clone().unbind(),
+        read_ready: cls.getattr("_read_ready")?.unbind(),
+        call_connection_lost: cls.getattr("_call_connection_lost")?.unbind(),
+        start_reading: cls.getattr("_start_reading")?.unbind(),
+    };
+    let _ = LIFE.set(py, l);
+    Ok(())
+}
