@@ -2331,7 +2331,7 @@ def test_churned_connections_run_every_callback_once_and_free_everything(loop):
             assert tr.is_closing()
             assert tr.get_extra_info("sockname") == address
             assert tr.get_extra_info("peername")[0] == "127.0.0.1"
-            assert tr.get_extra_info("socket") is not None
+            assert tr.get_extra_info("socket").fileno() == -1  # closed with the transport
             tr.close()  # closing again does nothing
         assert fd_count() == before
         server.close()
@@ -2426,5 +2426,44 @@ def test_accepted_connection_made_may_pause_or_close_before_reading_starts(loop,
             assert got == b"" and events == ["lost"]
         server.close()
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
+def test_accepted_connection_uses_an_overridden_make_socket_transport(loop):
+    # A loop that replaces _make_socket_transport (here on the instance) makes the accepted
+    # connections' transports itself.
+    async def main():
+        made = []
+        original = loop._make_socket_transport
+
+        def make(sock, protocol, *args, **kwargs):
+            transport = original(sock, protocol, *args, **kwargs)
+            made.append((type(sock), transport))
+            return transport
+
+        loop._make_socket_transport = make
+        try:
+            done = loop.create_future()
+
+            class Echo(asyncio.Protocol):
+                def connection_made(self, transport):
+                    self.transport = transport
+
+                def data_received(self, data):
+                    self.transport.write(data)
+
+                def connection_lost(self, exc):
+                    done.set_result(exc)
+
+            server = await loop.create_server(Echo, "127.0.0.1", 0)
+            address = server.sockets[0].getsockname()
+            assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+            assert await asyncio.wait_for(done, TIMEOUT) is None
+            assert len(made) == 1 and made[0][0] is socket.socket
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+        finally:
+            del loop._make_socket_transport
 
     run(loop, main())

@@ -13,6 +13,9 @@ __all__ = [
     "recvfrom_inet",
     "accept_inet",
     "install_stream_fast_paths",
+    "install_stream_lifecycle",
+    "accept_socket",
+    "accept_plain_connection",
     "install_datagram_fast_paths",
     "__version__",
 ]
@@ -23,6 +26,22 @@ def read_bytes(fd: int, max_size: int = ...) -> bytes: ...
 def recvfrom_inet(fd: int, max_size: int = ...) -> tuple[bytes, Any]: ...
 def accept_inet(fd: int) -> tuple[int, Any] | None: ...
 def install_stream_fast_paths(cls: type) -> None: ...
+def install_stream_lifecycle(
+    cls: type,
+    socket_type: type,
+    buffered_protocol: Any,
+    no_queue: Any,
+    high_water: Any,
+    low_water: Any,
+    transport_socket: Any,
+    raw_close: Any,
+) -> None: ...
+def accept_socket(
+    fd: int, socket_type: type, family: int, stype: int, proto: int
+) -> tuple[Any, Any] | None: ...
+def accept_plain_connection(
+    lp: Any, protocol_factory: Any, conn: Any, addr: Any, server: Any
+) -> None: ...
 def install_datagram_fast_paths(cls: type) -> None: ...
 @disjoint_base
 class Handle:

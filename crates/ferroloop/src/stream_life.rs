@@ -508,11 +508,21 @@ fn complete_extra(
     let sock = s.get(SOCK)?;
     if !sock.is_none() {
         // _build_extra(sock, extra) ("peername" is there already)
-        extra.set_item(
-            intern!(py, "socket"),
-            l.transport_socket.bind(py).call1((&sock,))?,
-        )?;
-        let name = match sock.call_method0(intern!(py, "getsockname")) {
+        extra.set_item(intern!(py, "socket"), transport_socket(l, &sock)?)?;
+        let name = match socket_fields(l, &sock) {
+            // An inet socket's name read and formatted here (as the socket module does).
+            Some((family, _, _)) if family == libc::AF_INET || family == libc::AF_INET6 => {
+                let fd = small_int(&s.get(SOCK_FD)?)?;
+                crate::sock_io::local_address(py, fd).map(|a| a.map(|a| a.into_bound(py)))
+            }
+            _ => Ok(None),
+        };
+        let name = match name {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => sock.call_method0(intern!(py, "getsockname")),
+            Err(e) => Err(e),
+        };
+        let name = match name {
             Ok(n) => n,
             Err(e) if e.is_instance_of::<PyOSError>(py) => py.None().into_bound(py),
             Err(e) => return Err(e),
@@ -520,6 +530,29 @@ fn complete_extra(
         extra.set_item(intern!(py, "sockname"), name)?;
     }
     s.set(EXTRA, extra.as_any())
+}
+
+/// `trsock.TransportSocket`'s slot.
+static TRSOCK_SLOTS: SlotTable<1> = SlotTable::new(["_sock"]);
+
+/// `TransportSocket(sock)`: the instance made by the class's `__new__`, and its one slot set
+/// as its `__init__` does (without a Python frame).
+fn transport_socket<'py>(l: &Life, sock: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = sock.py();
+    let ty = l.transport_socket.bind(py).cast::<PyType>()?;
+    // SAFETY: a live type; `tp_new` (object's, for this plain class) is called as
+    // `type.__new__(cls)` would call it, and returns a new reference or NULL with an
+    // exception set.
+    let obj = unsafe {
+        let tp = ty.as_type_ptr();
+        let new = (*tp).tp_new.ok_or_else(|| {
+            pyo3::exceptions::PyTypeError::new_err("TransportSocket cannot be instantiated")
+        })?;
+        let empty = PyTuple::empty(py);
+        Bound::from_owned_ptr_or_err(py, new(tp, empty.as_ptr(), std::ptr::null_mut()))?
+    };
+    TRSOCK_SLOTS.reader(&obj).set(0, sock)?;
+    Ok(obj)
 }
 
 /// `sock.close()` for exactly `socket.socket`: `_closed = True`, then the C close unless a
@@ -649,5 +682,139 @@ pub fn install_stream_lifecycle(
         start_reading: cls.getattr("_start_reading")?.unbind(),
     };
     let _ = LIFE.set(py, l);
+    Ok(())
+}
+
+// ---- accepting -----------------------------------------------------------------------------
+
+/// `socket.socket(family, type, proto, fd)` for a descriptor just accepted: the C socket's
+/// `__init__`, then the two slots `socket.socket.__init__` sets, without its Python frame.
+fn new_socket<'py>(
+    py: Python<'py>,
+    socket_type: &Bound<'py, PyType>,
+    family: c_int,
+    stype: c_int,
+    proto: c_int,
+    fd: c_int,
+) -> PyResult<Bound<'py, PyAny>> {
+    let args = PyTuple::new(
+        py,
+        [
+            family.into_pyobject(py)?,
+            stype.into_pyobject(py)?,
+            proto.into_pyobject(py)?,
+            fd.into_pyobject(py)?,
+        ],
+    )?;
+    // SAFETY: a live type (a subclass of `_socket.socket`): its `tp_new` and its base's
+    // `tp_init` are called as `type.__call__` and `_socket.socket.__init__` call them; each
+    // returns a new reference (or 0) or NULL (or -1) with an exception set.
+    let obj = unsafe {
+        let tp = socket_type.as_type_ptr();
+        let base = (*tp).tp_base;
+        let (Some(new), Some(init)) = ((*tp).tp_new, (*base).tp_init) else {
+            return Err(pyo3::exceptions::PyTypeError::new_err("not a socket type"));
+        };
+        let obj = Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), std::ptr::null_mut()))?;
+        if init(obj.as_ptr(), args.as_ptr(), std::ptr::null_mut()) != 0 {
+            return Err(PyErr::fetch(py));
+        }
+        obj
+    };
+    let s = SOCKET_SLOTS.reader(&obj);
+    s.set(IO_REFS, &0i32.into_pyobject(py)?.into_any())?;
+    s.set(
+        CLOSED,
+        &pyo3::types::PyBool::new(py, false).to_owned().into_any(),
+    )?;
+    Ok(obj)
+}
+
+/// One `accept4()` on a TCP listener (`sock_io::accept_inet`), the connection wrapped in a
+/// `socket.socket` of the given family, type and proto: `(sock, peer address)`, or None when
+/// there is nothing to accept.
+#[pyfunction]
+pub fn accept_socket<'py>(
+    py: Python<'py>,
+    fd: c_int,
+    socket_type: &Bound<'py, PyType>,
+    family: c_int,
+    stype: c_int,
+    proto: c_int,
+) -> PyResult<Option<(Bound<'py, PyAny>, Py<PyAny>)>> {
+    let Some((conn, addr)) = crate::sock_io::accept_inet(py, fd)? else {
+        return Ok(None);
+    };
+    match new_socket(py, socket_type, family, stype, proto, conn) {
+        Ok(sock) => Ok(Some((sock, addr))),
+        Err(e) => {
+            // SAFETY: `conn` was just accepted and no socket object took it.
+            unsafe { libc::close(conn) };
+            Err(e)
+        }
+    }
+}
+
+/// `_accept_plain_connection` (`python/ferroloop/_net/server.py`) for a loop whose
+/// `_make_socket_transport` is ferroloop's: the protocol factory, then the transport (for an
+/// exact `socket.socket`, `StreamTransport(...)` as `_make_socket_transport` calls it). An
+/// error is handled as asyncio's accept task handles it: reported in debug mode only, and the
+/// socket closed if no transport owns it.
+#[pyfunction]
+pub fn accept_plain_connection(
+    lp: &Bound<'_, PyAny>,
+    protocol_factory: &Bound<'_, PyAny>,
+    conn: &Bound<'_, PyAny>,
+    addr: &Bound<'_, PyAny>,
+    server: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = lp.py();
+    let mut protocol = None;
+    let mut transport = None;
+    let r = (|| {
+        let p = protocol_factory.call0()?;
+        protocol = Some(p.clone());
+        let t = match LIFE.get(py) {
+            Some(l) if socket_fields(l, conn).is_some() => {
+                let none = py.None().into_bound(py);
+                l.cls
+                    .bind(py)
+                    .call1((lp, conn, &p, &none, &none, server, addr))?
+            }
+            _ => {
+                let kw = PyDict::new(py);
+                kw.set_item(intern!(py, "server"), server)?;
+                kw.set_item(intern!(py, "peername"), addr)?;
+                lp.getattr(intern!(py, "_make_socket_transport"))?
+                    .call((conn, &p), Some(&kw))?
+            }
+        };
+        transport = Some(t);
+        Ok(())
+    })();
+    let Err(err) = r else {
+        return Ok(());
+    };
+    if crate::stdlib::is_exit_exception(py, &err) {
+        return Err(err);
+    }
+    if truthy(&lp.call_method0(intern!(py, "get_debug"))?)? {
+        let context = PyDict::new(py);
+        context.set_item(
+            intern!(py, "message"),
+            "Error on transport creation for incoming connection",
+        )?;
+        context.set_item(intern!(py, "exception"), err.into_value(py))?;
+        if let Some(p) = &protocol {
+            context.set_item(intern!(py, "protocol"), p)?;
+        }
+        if let Some(t) = &transport {
+            context.set_item(intern!(py, "transport"), t)?;
+        }
+        lp.call_method1(intern!(py, "call_exception_handler"), (context,))?;
+    }
+    if transport.is_none() {
+        conn.call_method0(intern!(py, "close"))?; // nobody else owns the socket
+    }
     Ok(())
 }

@@ -13,7 +13,9 @@ import stat
 import sys
 from asyncio import constants, events, exceptions, tasks, trsock
 
-from .._ferroloop import accept_inet as _accept_inet
+from .._ferroloop import accept_plain_connection as _accept_plain_native
+from .._ferroloop import accept_socket as _accept_socket
+from .connect import ConnectMixin
 from .datagram import set_reuseport
 from .sock_ops import check_ssl_socket
 
@@ -29,6 +31,9 @@ _sock_type = _socket.socket.type.__get__
 _sock_proto = _socket.socket.proto.__get__
 # Python 3.12.1 made wait_closed() wait even when called after close().
 _WAIT_CLOSED_AFTER_CLOSE = sys.version_info >= (3, 12, 1)
+# A loop (subclass) that makes its own socket transports gets its accepted connections set up
+# by the Python `_accept_plain_connection`, which calls it.
+_DEFAULT_MAKE_SOCKET_TRANSPORT = ConnectMixin._make_socket_transport
 
 
 class Server(events.AbstractServer):
@@ -245,18 +250,19 @@ class ServingMixin:
             family = _sock_family(sock)
             stype = _sock_type(sock) | _SOCK_NONBLOCK
             proto = _sock_proto(sock)
+        # A plain connection is set up natively unless this loop makes its transports itself.
+        if getattr(self._make_socket_transport, "__func__", None) is _DEFAULT_MAKE_SOCKET_TRANSPORT:
+            setup = _accept_plain_native
+        else:
+            setup = type(self)._accept_plain_connection
         for _ in range(backlog):
             try:
                 if native:
-                    accepted = _accept_inet(listen_fd)
+                    # The socket object is made natively too (socket.socket.__init__'s steps).
+                    accepted = _accept_socket(listen_fd, socket.socket, family, stype, proto)
                     if accepted is None:
                         return  # nothing more to accept (or the peer gave up first)
-                    fd, addr = accepted
-                    try:
-                        conn = socket.socket(family, stype, proto, fd)
-                    except BaseException:
-                        os.close(fd)
-                        raise
+                    conn, addr = accepted
                 else:
                     conn, addr = sock.accept()
                     conn.setblocking(False)
@@ -297,7 +303,7 @@ class ServingMixin:
                     # (as the task's), and connection_made one iteration later, as there.
                     # No task, coroutine and waiter future per connection (uvloop has none
                     # either); what the task did with an error is done by the callback.
-                    self.call_soon(self._accept_plain_connection, protocol_factory, conn, addr, server)
+                    self.call_soon(setup, self, protocol_factory, conn, addr, server)
                     continue
                 self.create_task(
                     self._accept_connection2(
@@ -312,7 +318,8 @@ class ServingMixin:
                 )
 
     def _accept_plain_connection(self, protocol_factory, conn, addr, server) -> None:
-        """_accept_connection2 for a connection without TLS, as a plain callback."""
+        """_accept_connection2 for a connection without TLS, as a plain callback (the native
+        `accept_plain_connection` does the same when `_make_socket_transport` is ours)."""
         protocol = None
         transport = None
         try:
@@ -582,3 +589,4 @@ class ServingMixin:
             server._start_serving()
             await tasks.sleep(0)
         return server
+
