@@ -2467,3 +2467,39 @@ def test_accepted_connection_uses_an_overridden_make_socket_transport(loop):
             del loop._make_socket_transport
 
     run(loop, main())
+
+
+def test_accepted_transport_extra_info_other_keys_and_later_ones(loop):
+    # Names the transport has no value for give the default (StreamReaderProtocol asks for
+    # "sslcontext" in connection_made); the socket's own names are still right afterwards,
+    # while the connection is open and once it is closed.
+    async def main():
+        seen = {}
+        lost = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                seen["sslcontext"] = transport.get_extra_info("sslcontext")
+                seen["missing"] = transport.get_extra_info("no such key", "dflt")
+                seen["peername"] = transport.get_extra_info("peername")
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                lost.set_result(self.transport)
+
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+        tr = await asyncio.wait_for(lost, TIMEOUT)
+        assert seen["sslcontext"] is None and seen["missing"] == "dflt"
+        assert seen["peername"][0] == "127.0.0.1"
+        assert tr.get_extra_info("peername") == seen["peername"]
+        assert tr.get_extra_info("sockname") == address
+        assert tr.get_extra_info("sslcontext", 5) == 5
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())

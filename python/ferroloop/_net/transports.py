@@ -93,6 +93,9 @@ def report_fatal_error(transport, exc, message, routine: bool) -> None:
         )
 
 
+# The keys of a lazily built extra-info dict (see _complete_extra).
+_LAZY_EXTRA_KEYS = frozenset(("peername", "socket", "sockname"))
+
 _NO_QUEUE = ()  # empty, falsy, iterable: what `_buffer` is until a write has to wait
 
 _EDGE_FAMILIES = _TCP_FAMILIES
@@ -203,6 +206,13 @@ class SocketTransportBase(WriteFlowControl, transports.Transport):
     def get_extra_info(self, name, default=None):
         extra = self._extra
         if not isinstance(extra, dict):
+            # Until completed, `_extra` is the peer address, and the dict it becomes has only
+            # the keys _build_extra sets: any other name (StreamReaderProtocol asks for
+            # "sslcontext" in every connection_made) is answered without building it.
+            if type(name) is str and name not in _LAZY_EXTRA_KEYS:
+                return default
+            if name == "peername":
+                return extra
             extra = self._complete_extra()
         return extra.get(name, default)
 
