@@ -2503,3 +2503,36 @@ def test_accepted_transport_extra_info_other_keys_and_later_ones(loop):
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
 
     run(loop, main())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="all of 127/8 is local on Linux")
+def test_accepted_peer_addresses_from_several_hosts(loop):
+    # Each accepted connection reports its own peer's host, whatever the last one was.
+    hosts = ["127.0.0.1", "127.0.0.10", "127.0.100.200", "127.255.0.1", "127.0.0.10", "127.1.2.3"]
+
+    async def main():
+        peers = []
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                peers.append(transport.get_extra_info("peername"))
+                transport.close()
+
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+
+        def connect(host):
+            with socket.socket() as s:
+                s.bind((host, 0))
+                s.connect(address)
+                name = s.getsockname()
+                s.recv(1)  # until the server closes
+                return name
+
+        names = [await loop.run_in_executor(None, connect, h) for h in hosts]
+        assert peers == names
+        assert [p[0] for p in peers] == hosts
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())

@@ -534,7 +534,31 @@ thread_local! {
 
 type HostCache = std::thread::LocalKey<RefCell<Option<(u32, Py<PyString>)>>>;
 
-/// The interned "a.b.c.d" string of an IPv4 address.
+/// "a.b.c.d" as a new str, formatted by hand (no formatting machinery, no heap buffer).
+fn ipv4_string(py: Python<'_>, ip: u32) -> Bound<'_, PyString> {
+    let mut buf = [0u8; 15];
+    let mut n = 0;
+    for (i, octet) in ip.to_be_bytes().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            buf[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            buf[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    // SAFETY: `buf[..n]` is ASCII.
+    PyString::new(py, unsafe { std::str::from_utf8_unchecked(&buf[..n]) })
+}
+
+/// The "a.b.c.d" string of an IPv4 address, shared while the cache holds it.
 fn inet_host<'py>(py: Python<'py>, ip: u32, cache: &'static HostCache) -> Bound<'py, PyString> {
     let hit = cache.with(|last| {
         let last = last.try_borrow().ok()?;
@@ -544,7 +568,9 @@ fn inet_host<'py>(py: Python<'py>, ip: u32, cache: &'static HostCache) -> Bound<
     if let Some(host) = hit {
         return host.into_bound(py);
     }
-    let host = PyString::intern(py, &Ipv4Addr::from(ip).to_string());
+    // Not interned: the cache is what makes connections from one host share the string
+    // (interning would cost a dict insert here and a removal when the string dies).
+    let host = ipv4_string(py, ip);
     let old = cache.with(|last| {
         last.try_borrow_mut()
             .ok()
