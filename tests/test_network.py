@@ -2332,6 +2332,7 @@ def test_churned_connections_run_every_callback_once_and_free_everything(loop):
             assert tr.get_extra_info("sockname") == address
             assert tr.get_extra_info("peername")[0] == "127.0.0.1"
             assert tr.get_extra_info("socket").fileno() == -1  # closed with the transport
+            assert tr.get_extra_info("socket") is tr.get_extra_info("socket")
             tr.close()  # closing again does nothing
         assert fd_count() == before
         server.close()

@@ -33,8 +33,8 @@ def install_stream_lifecycle(
     no_queue: Any,
     high_water: Any,
     low_water: Any,
-    transport_socket: Any,
     raw_close: Any,
+    closed_extra: Any,
 ) -> None: ...
 def accept_socket(
     fd: int, socket_type: type, family: int, stype: int, proto: int

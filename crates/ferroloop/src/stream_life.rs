@@ -42,13 +42,14 @@ struct Life {
     no_queue: Py<PyAny>,
     high_water: Py<PyAny>,
     low_water: Py<PyAny>,
-    transport_socket: Py<PyAny>,
     /// `_socket.socket.close`, the C method `socket.socket._real_close` calls.
     raw_close: Py<PyAny>,
     /// `StreamTransport._read_ready` and `_call_connection_lost` (the native descriptors).
     read_ready: Py<PyAny>,
     call_connection_lost: Py<PyAny>,
     start_reading: Py<PyAny>,
+    /// `_CLOSED_EXTRA`: marks the tuple `_extra` holds after the native connection_lost.
+    closed_extra: Py<PyAny>,
 }
 
 static LIFE: PyOnceLock<Life> = PyOnceLock::new();
@@ -496,63 +497,41 @@ fn teardown(
     Ok(())
 }
 
-/// `_complete_extra()`: asyncio's extra-info dict, from the peer address `_extra` held.
+/// What `_complete_extra()` would need later, taken while the socket is open: `_extra`
+/// becomes `(_CLOSED_EXTRA, peername, sockname, socket)` and `_complete_extra` builds
+/// asyncio's dict from it if anyone asks (most closed transports are freed unasked).
 fn complete_extra(
     l: &Life,
     s: &crate::slots::SlotReader<'_, '_, 17>,
     peername: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let py = peername.py();
-    let extra = PyDict::new(py);
-    extra.set_item(intern!(py, "peername"), peername)?;
     let sock = s.get(SOCK)?;
-    if !sock.is_none() {
-        // _build_extra(sock, extra) ("peername" is there already)
-        extra.set_item(intern!(py, "socket"), transport_socket(l, &sock)?)?;
-        let name = match socket_fields(l, &sock) {
-            // An inet socket's name read and formatted here (as the socket module does).
-            Some((family, _, _)) if family == libc::AF_INET || family == libc::AF_INET6 => {
-                let fd = small_int(&s.get(SOCK_FD)?)?;
-                crate::sock_io::local_address(py, fd).map(|a| a.map(|a| a.into_bound(py)))
-            }
-            _ => Ok(None),
-        };
-        let name = match name {
-            Ok(Some(n)) => Ok(n),
-            Ok(None) => sock.call_method0(intern!(py, "getsockname")),
-            Err(e) => Err(e),
-        };
-        let name = match name {
-            Ok(n) => n,
-            Err(e) if e.is_instance_of::<PyOSError>(py) => py.None().into_bound(py),
-            Err(e) => return Err(e),
-        };
-        extra.set_item(intern!(py, "sockname"), name)?;
+    if sock.is_none() {
+        let extra = PyDict::new(py);
+        extra.set_item(intern!(py, "peername"), peername)?;
+        return s.set(EXTRA, extra.as_any());
     }
-    s.set(EXTRA, extra.as_any())
-}
-
-/// `trsock.TransportSocket`'s slot.
-static TRSOCK_SLOTS: SlotTable<1> = SlotTable::new(["_sock"]);
-
-/// `TransportSocket(sock)`: the instance made by the class's `__new__`, and its one slot set
-/// as its `__init__` does (without a Python frame).
-fn transport_socket<'py>(l: &Life, sock: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    let py = sock.py();
-    let ty = l.transport_socket.bind(py).cast::<PyType>()?;
-    // SAFETY: a live type; `tp_new` (object's, for this plain class) is called as
-    // `type.__new__(cls)` would call it, and returns a new reference or NULL with an
-    // exception set.
-    let obj = unsafe {
-        let tp = ty.as_type_ptr();
-        let new = (*tp).tp_new.ok_or_else(|| {
-            pyo3::exceptions::PyTypeError::new_err("TransportSocket cannot be instantiated")
-        })?;
-        let empty = PyTuple::empty(py);
-        Bound::from_owned_ptr_or_err(py, new(tp, empty.as_ptr(), std::ptr::null_mut()))?
+    let name = match socket_fields(l, &sock) {
+        // An inet socket's name read and formatted here (as the socket module does).
+        Some((family, _, _)) if family == libc::AF_INET || family == libc::AF_INET6 => {
+            let fd = small_int(&s.get(SOCK_FD)?)?;
+            crate::sock_io::local_address(py, fd).map(|a| a.map(|a| a.into_bound(py)))
+        }
+        _ => Ok(None),
     };
-    TRSOCK_SLOTS.reader(&obj).set(0, sock)?;
-    Ok(obj)
+    let name = match name {
+        Ok(Some(n)) => Ok(n),
+        Ok(None) => sock.call_method0(intern!(py, "getsockname")),
+        Err(e) => Err(e),
+    };
+    let name = match name {
+        Ok(n) => n,
+        Err(e) if e.is_instance_of::<PyOSError>(py) => py.None().into_bound(py),
+        Err(e) => return Err(e),
+    };
+    let held = PyTuple::new(py, [l.closed_extra.bind(py), peername, &name, &sock])?;
+    s.set(EXTRA, held.as_any())
 }
 
 /// `sock.close()` for exactly `socket.socket`: `_closed = True`, then the C close unless a
@@ -663,8 +642,8 @@ pub fn install_stream_lifecycle(
     no_queue: &Bound<'_, PyAny>,
     high_water: &Bound<'_, PyAny>,
     low_water: &Bound<'_, PyAny>,
-    transport_socket: &Bound<'_, PyAny>,
     raw_close: &Bound<'_, PyAny>,
+    closed_extra: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let py = cls.py();
     crate::transports::install_methods_on_class(cls, &METHODS)?;
@@ -675,11 +654,11 @@ pub fn install_stream_lifecycle(
         no_queue: no_queue.clone().unbind(),
         high_water: high_water.clone().unbind(),
         low_water: low_water.clone().unbind(),
-        transport_socket: transport_socket.clone().unbind(),
         raw_close: raw_close.clone().unbind(),
         read_ready: cls.getattr("_read_ready")?.unbind(),
         call_connection_lost: cls.getattr("_call_connection_lost")?.unbind(),
         start_reading: cls.getattr("_start_reading")?.unbind(),
+        closed_extra: closed_extra.clone().unbind(),
     };
     let _ = LIFE.set(py, l);
     Ok(())

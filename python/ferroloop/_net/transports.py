@@ -96,6 +96,10 @@ def report_fatal_error(transport, exc, message, routine: bool) -> None:
 # The keys of a lazily built extra-info dict (see _complete_extra).
 _LAZY_EXTRA_KEYS = frozenset(("peername", "socket", "sockname"))
 
+# The first item of the tuple `_extra` holds once a connection closed natively (a peer
+# address is never a tuple starting with it).
+_CLOSED_EXTRA = object()
+
 _NO_QUEUE = ()  # empty, falsy, iterable: what `_buffer` is until a write has to wait
 
 _EDGE_FAMILIES = _TCP_FAMILIES
@@ -212,6 +216,8 @@ class SocketTransportBase(WriteFlowControl, transports.Transport):
             if type(name) is str and name not in _LAZY_EXTRA_KEYS:
                 return default
             if name == "peername":
+                if type(extra) is tuple and extra and extra[0] is _CLOSED_EXTRA:
+                    return extra[1]
                 return extra
             extra = self._complete_extra()
         return extra.get(name, default)
@@ -222,11 +228,19 @@ class SocketTransportBase(WriteFlowControl, transports.Transport):
         # first get_extra_info(), or by _call_connection_lost() just before the socket closes
         # (the sockname of an open socket does not change, so the values are the ones asyncio
         # would have taken at creation). Until then `_extra` holds the peer address (the slot
-        # that asyncio's dict lives in, rather than one more slot).
-        extra = {"peername": self._extra}
-        sock = self._sock
-        if sock is not None:
-            self._build_extra(sock, extra)
+        # that asyncio's dict lives in, rather than one more slot). The native connection_lost
+        # (`stream_life.rs`) leaves `(_CLOSED_EXTRA, peername, sockname, socket)` there
+        # instead of building the dict nobody may ask for: the socket's name read while it
+        # could still tell it.
+        held = self._extra
+        if type(held) is tuple and held and held[0] is _CLOSED_EXTRA:
+            _, peername, sockname, sock = held
+            extra = {"peername": peername, "socket": trsock.TransportSocket(sock), "sockname": sockname}
+        else:
+            extra = {"peername": held}
+            sock = self._sock
+            if sock is not None:
+                self._build_extra(sock, extra)
         self._extra = extra
         return extra
 
@@ -633,8 +647,8 @@ _ferroloop_native.install_stream_lifecycle(
     _NO_QUEUE,
     DEFAULT_HIGH_WATER,
     DEFAULT_LOW_WATER,
-    trsock.TransportSocket,
     _socket.socket.close,
+    _CLOSED_EXTRA,
 )
 
 
