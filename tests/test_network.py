@@ -2537,3 +2537,41 @@ def test_accepted_peer_addresses_from_several_hosts(loop):
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
 
     run(loop, main())
+
+
+def test_accepted_transport_schedules_through_an_overridden_call_soon(loop):
+    # The transport's own scheduling (connection_made, connection_lost) goes through
+    # loop.call_soon, replaced here on the instance.
+    async def main():
+        names = []
+        original = loop.call_soon
+
+        def spy(callback, *args, **kwargs):
+            names.append(getattr(callback, "__name__", None))
+            return original(callback, *args, **kwargs)
+
+        done = loop.create_future()
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                done.set_result(exc)
+
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        loop.call_soon = spy
+        try:
+            assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+            assert await asyncio.wait_for(done, TIMEOUT) is None
+        finally:
+            del loop.call_soon
+        assert "connection_made" in names and "_call_connection_lost" in names
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())

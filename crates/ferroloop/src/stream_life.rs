@@ -134,12 +134,80 @@ fn is_tcp((family, stype, proto): (c_int, c_int, c_int)) -> bool {
         && proto == libc::IPPROTO_TCP
 }
 
+extern "C" {
+    // CPython's MRO lookup through the type's method cache (exported 3.9-3.13; see streams.rs):
+    // a borrowed reference or NULL, no exception, no code run.
+    fn _PyType_Lookup(ty: *mut ffi::PyTypeObject, name: *mut ffi::PyObject) -> *mut ffi::PyObject;
+}
+
+/// `LoopCore.call_soon` (the method descriptor).
+static CORE_CALL_SOON: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Whether `lp.call_soon` is the loop core's own method: nothing replaced it on the class or
+/// on the instance (where `ferroloop.Loop` may keep the core's method bound, before 3.12).
+fn native_call_soon(lp: &Bound<'_, PyAny>) -> bool {
+    let py = lp.py();
+    let Ok(descr) = CORE_CALL_SOON
+        .get_or_try_init(py, || {
+            py.get_type::<LoopCore>()
+                .getattr("call_soon")
+                .map(Bound::unbind)
+        })
+        .map(|d| d.as_ptr())
+    else {
+        return false;
+    };
+    let name = intern!(py, "call_soon");
+    // SAFETY: live objects; `_PyType_Lookup` returns a borrowed reference (only compared);
+    // `PyObject_GenericGetDict` returns a new reference or NULL with an exception set; an
+    // exact method descriptor and a builtin method have the layouts read.
+    unsafe {
+        if _PyType_Lookup(ffi::Py_TYPE(lp.as_ptr()), name.as_ptr()) != descr {
+            return false;
+        }
+        let d = ffi::PyObject_GenericGetDict(lp.as_ptr(), std::ptr::null_mut());
+        if d.is_null() {
+            drop(PyErr::take(py));
+            return false;
+        }
+        let d = Bound::from_owned_ptr(py, d);
+        let Ok(d) = d.cast::<PyDict>() else {
+            return false;
+        };
+        match d.get_item(name) {
+            Ok(None) => true,
+            Ok(Some(m)) => {
+                if ffi::Py_TYPE(m.as_ptr()) != std::ptr::addr_of_mut!(ffi::PyCFunction_Type)
+                    || ffi::Py_TYPE(descr) != std::ptr::addr_of_mut!(ffi::PyMethodDescr_Type)
+                {
+                    return false;
+                }
+                let f = m.as_ptr().cast::<ffi::PyCFunctionObject>();
+                let def = (*descr.cast::<ffi::PyMethodDescrObject>()).d_method;
+                (*f).m_self == lp.as_ptr() && (*f).m_ml == def
+            }
+            Err(_) => false,
+        }
+    }
+}
+
 /// `loop.call_soon(callback, *args)` (the loop's own method: an override is honoured).
 fn call_soon(
     lp: &Bound<'_, PyAny>,
     callback: &Bound<'_, PyAny>,
     args: &[&Bound<'_, PyAny>],
 ) -> PyResult<()> {
+    if let Ok(core) = lp.cast::<LoopCore>() {
+        if native_call_soon(lp) {
+            let py = lp.py();
+            let a = match args {
+                [one] => crate::handles::Args::One((*one).clone().unbind()),
+                _ => crate::handles::Args::Many(PyTuple::new(py, args)?.unbind()),
+            };
+            core.get().call_soon_impl(py, callback, a, None)?;
+            return Ok(());
+        }
+    }
     let mut v: Vec<*mut ffi::PyObject> = Vec::with_capacity(args.len() + 2);
     v.push(lp.as_ptr());
     v.push(callback.as_ptr());
