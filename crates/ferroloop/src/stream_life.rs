@@ -226,9 +226,106 @@ fn call_soon(
 
 /// The loop's fd -> transport table (`loop._transports`), without creating it.
 fn transport_table<'py>(lp: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
-    let d = lp.getattr(intern!(lp.py(), "__dict__"))?;
-    let d = d.cast::<PyDict>()?;
-    d.get_item(intern!(lp.py(), "_net_transports"))
+    instance_dict(lp)?.get_item(intern!(lp.py(), "_net_transports"))
+}
+
+/// `obj.__dict__` of an instance of a class with one (the loop, a server).
+fn instance_dict<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    // SAFETY: a live object; a new reference or NULL with an exception set.
+    let d = unsafe {
+        Bound::from_owned_ptr_or_err(
+            obj.py(),
+            ffi::PyObject_GenericGetDict(obj.as_ptr(), std::ptr::null_mut()),
+        )?
+    };
+    Ok(d.cast_into::<PyDict>()?)
+}
+
+// ---- the server's connection count -----------------------------------------------------------
+
+/// `Server` (`python/ferroloop/_net/server.py`) and its `_attach` / `_detach` functions.
+struct ServerClass {
+    cls: Py<PyType>,
+    attach: Py<PyAny>,
+    detach: Py<PyAny>,
+}
+
+static SERVER_CLASS: PyOnceLock<ServerClass> = PyOnceLock::new();
+
+/// Registers ferroloop's `Server` class: its `_attach` / `_detach` then run natively for
+/// an exact instance whose class and instance still have those functions.
+#[pyfunction]
+pub fn install_server_class(cls: &Bound<'_, PyType>) -> PyResult<()> {
+    let d = cls.getattr("__dict__")?;
+    let s = ServerClass {
+        cls: cls.clone().unbind(),
+        attach: d.get_item("_attach")?.unbind(),
+        detach: d.get_item("_detach")?.unbind(),
+    };
+    let _ = SERVER_CLASS.set(cls.py(), s);
+    Ok(())
+}
+
+/// The server's instance dict when `server.<name>` is `Server`'s own function `f`, unshadowed.
+fn plain_server<'py>(
+    server: &Bound<'py, PyAny>,
+    name: &Bound<'py, pyo3::types::PyString>,
+    pick: fn(&ServerClass) -> &Py<PyAny>,
+) -> Option<Bound<'py, PyDict>> {
+    let sv = SERVER_CLASS.get(server.py())?;
+    // SAFETY: a live object's type; `_PyType_Lookup` returns a borrowed reference (compared).
+    unsafe {
+        let ty = ffi::Py_TYPE(server.as_ptr());
+        if ty != sv.cls.as_ptr().cast() || _PyType_Lookup(ty, name.as_ptr()) != pick(sv).as_ptr() {
+            return None;
+        }
+    }
+    let d = instance_dict(server).ok()?;
+    match d.contains(name) {
+        Ok(false) => Some(d),
+        _ => None,
+    }
+}
+
+/// `server._attach(tr)`: `assert self._sockets is not None; self._active_count += 1`.
+fn server_attach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = server.py();
+    if let Some(d) = plain_server(server, intern!(py, "_attach"), |s| &s.attach) {
+        let sockets = d.get_item(intern!(py, "_sockets"))?;
+        let count = d.get_item(intern!(py, "_active_count"))?;
+        if let (Some(sockets), Some(count)) = (sockets, count) {
+            if !sockets.is_none() {
+                return d.set_item(intern!(py, "_active_count"), count.add(1)?);
+            }
+        }
+    }
+    // (Also what raises the AssertionError.)
+    server.call_method1(intern!(py, "_attach"), (tr,))?;
+    Ok(())
+}
+
+/// `server._detach(tr)`: one connection fewer; the last one of a closed server wakes
+/// `wait_closed()`.
+fn server_detach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = server.py();
+    if let Some(d) = plain_server(server, intern!(py, "_detach"), |s| &s.detach) {
+        if let Some(count) = d.get_item(intern!(py, "_active_count"))? {
+            let count = count.sub(1)?;
+            d.set_item(intern!(py, "_active_count"), &count)?;
+            if count.eq(0)? {
+                let closed = match d.get_item(intern!(py, "_sockets"))? {
+                    Some(s) => s.is_none(),
+                    None => server.getattr(intern!(py, "_sockets"))?.is_none(),
+                };
+                if closed {
+                    server.call_method0(intern!(py, "_wakeup"))?;
+                }
+            }
+            return Ok(());
+        }
+    }
+    server.call_method1(intern!(py, "_detach"), (tr,))?;
+    Ok(())
 }
 
 // ---- __init__ ----------------------------------------------------------------------------
@@ -281,7 +378,7 @@ fn init(
     s.set(HIGH_WATER, l.high_water.bind(py))?;
     s.set(LOW_WATER, l.low_water.bind(py))?;
     if !server.is_none() {
-        server.call_method1(intern!(py, "_attach"), (tr,))?;
+        server_attach(server, tr)?;
     }
     let table = match transport_table(lp)? {
         Some(t) => t,
@@ -559,7 +656,7 @@ fn teardown(
     s.set(LOOP, &none)?;
     let server = s.get(SERVER)?;
     if !server.is_none() {
-        server.call_method1(intern!(py, "_detach"), (tr,))?;
+        server_detach(&server, tr)?;
         s.set(SERVER, &none)?;
     }
     Ok(())

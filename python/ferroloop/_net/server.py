@@ -15,6 +15,7 @@ from asyncio import constants, events, exceptions, tasks, trsock
 
 from .._ferroloop import accept_plain_connection as _accept_plain_native
 from .._ferroloop import accept_socket as _accept_socket
+from .._ferroloop import install_server_class as _install_server_class
 from .connect import ConnectMixin
 from .datagram import set_reuseport
 from .sock_ops import check_ssl_socket
@@ -189,6 +190,11 @@ class Server(events.AbstractServer):
     async def __aexit__(self, *exc) -> None:
         self.close()
         await self.wait_closed()
+
+
+# Its _attach/_detach run natively for the transports of accepted connections (stream_life.rs),
+# as long as neither is replaced on the class or an instance.
+_install_server_class(Server)
 
 
 def _share_host(addr):
