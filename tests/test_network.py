@@ -2576,3 +2576,31 @@ def test_accepted_transport_schedules_through_an_overridden_call_soon(loop):
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
 
     run(loop, main())
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0"])
+def test_accepted_transport_sockname_after_close_specific_and_wildcard_listener(loop, bind):
+    # The local address a closed connection reports is the one it had: the listener's own
+    # address, or for a wildcard listener the address the client connected to.
+    async def main():
+        lost = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                lost.set_result(self.transport)
+
+        server = await loop.create_server(Proto, bind, 0)
+        port = server.sockets[0].getsockname()[1]
+        assert await loop.run_in_executor(None, _churn_client, ("127.0.0.1", port)) == b"ping"
+        tr = await asyncio.wait_for(lost, TIMEOUT)
+        assert tr.get_extra_info("sockname") == ("127.0.0.1", port)
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())

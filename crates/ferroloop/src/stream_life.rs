@@ -678,6 +678,10 @@ fn complete_extra(
         return s.set(EXTRA, extra.as_any());
     }
     let name = match socket_fields(l, &sock) {
+        // Accepted by a server listening on one IPv4 address: that address.
+        Some((family, _, _)) if family == libc::AF_INET && server_local_name(s).is_some() => {
+            Ok(server_local_name(s))
+        }
         // An inet socket's name read and formatted here (as the socket module does).
         Some((family, _, _)) if family == libc::AF_INET || family == libc::AF_INET6 => {
             let fd = small_int(&s.get(SOCK_FD)?)?;
@@ -697,6 +701,22 @@ fn complete_extra(
     };
     let held = PyTuple::new(py, [l.closed_extra.bind(py), peername, &name, &sock])?;
     s.set(EXTRA, held.as_any())
+}
+
+/// The `_local_name` of the transport's server (ferroloop's `Server`): the local address of
+/// every connection it accepted, when it listens on one IPv4 address.
+fn server_local_name<'py>(s: &crate::slots::SlotReader<'_, 'py, 17>) -> Option<Bound<'py, PyAny>> {
+    let server = s.get(SERVER).ok()?;
+    let sv = SERVER_CLASS.get(server.py())?;
+    // SAFETY: a live object's type.
+    if unsafe { ffi::Py_TYPE(server.as_ptr()) } != sv.cls.as_ptr().cast() {
+        return None;
+    }
+    let name = instance_dict(&server)
+        .ok()?
+        .get_item(intern!(server.py(), "_local_name"))
+        .ok()??;
+    name.is_exact_instance_of::<PyTuple>().then_some(name)
 }
 
 /// `sock.close()` for exactly `socket.socket`: `_closed = True`, then the C close unless a

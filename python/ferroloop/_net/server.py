@@ -62,6 +62,10 @@ class Server(events.AbstractServer):
         self._serving = False
         self._serving_forever_fut = None
         self._unix_cleanup = None  # (path, st_ino) to unlink on close (3.13's cleanup_socket)
+        # The local address of every connection this server accepts, when it has one listening
+        # socket bound to one IPv4 address: what getsockname() would return for each (the
+        # native connection_lost uses it instead of asking each socket).
+        self._local_name = _one_local_name(sockets)
 
     def __repr__(self) -> str:
         return f"<{self.__class__.__name__} sockets={self.sockets!r}>"
@@ -190,6 +194,21 @@ class Server(events.AbstractServer):
     async def __aexit__(self, *exc) -> None:
         self.close()
         await self.wait_closed()
+
+
+def _one_local_name(sockets):
+    if len(sockets) != 1 or type(sockets[0]) is not socket.socket:
+        return None
+    sock = sockets[0]
+    if _sock_family(sock) != socket.AF_INET or _sock_type(sock) != socket.SOCK_STREAM:
+        return None
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    if name[0] == "0.0.0.0" or not name[1]:
+        return None  # the wildcard (each connection has its own local address), or unbound
+    return name
 
 
 # Its _attach/_detach run natively for the transports of accepted connections (stream_life.rs),
