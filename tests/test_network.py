@@ -2604,3 +2604,47 @@ def test_accepted_transport_sockname_after_close_specific_and_wildcard_listener(
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
 
     run(loop, main())
+
+
+def test_eof_behind_data_is_seen_after_reading_was_paused_and_resumed(loop):
+    # The peer sends and closes at once: the data arrives with the FIN. The protocol pauses
+    # reading in data_received; once it resumes, the EOF is still reported (and only once).
+    async def main():
+        events = []
+        lost = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                events.append(("data", data))
+                self.transport.pause_reading()
+                loop.call_later(0.05, self.resume)
+
+            def resume(self):
+                events.append("resume")
+                self.transport.resume_reading()
+
+            def eof_received(self):
+                events.append("eof")
+
+            def connection_lost(self, exc):
+                lost.set_result(exc)
+
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+
+        def client():
+            with socket.create_connection(address, timeout=TIMEOUT) as s:
+                s.sendall(b"abc")
+                s.shutdown(socket.SHUT_WR)
+                return s.recv(1)  # b"" once the server closes
+
+        assert await loop.run_in_executor(None, client) == b""
+        assert await asyncio.wait_for(lost, TIMEOUT) is None
+        assert events == [("data", b"abc"), "resume", "eof"]
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
