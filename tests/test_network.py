@@ -2648,3 +2648,45 @@ def test_eof_behind_data_is_seen_after_reading_was_paused_and_resumed(loop):
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
 
     run(loop, main())
+
+
+def test_accepted_connection_reset_by_peer_is_routine(loop):
+    # A reset is a routine error: connection_lost gets it, nothing is reported, the socket is
+    # closed and the server counts the connection out.
+    async def main():
+        reported = []
+        lost = loop.create_future()
+        loop.set_exception_handler(lambda lp, ctx: reported.append(ctx))
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                lost.set_result(exc)
+
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        before = fd_count()
+
+        def client():
+            s = socket.create_connection(address, timeout=TIMEOUT)
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST
+
+        await loop.run_in_executor(None, client)
+        exc = await asyncio.wait_for(lost, TIMEOUT)
+        assert isinstance(exc, ConnectionResetError)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert reported == []
+        assert fd_count() == before
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())

@@ -566,6 +566,48 @@ fn close(l: &Life, tr: &Bound<'_, PyAny>) -> PyResult<()> {
     Ok(())
 }
 
+/// `_fatal_error(exc, message)` for a routine error (an `OSError`: a reset, a broken pipe...)
+/// outside debug mode, where asyncio only closes the transport (`_force_close(exc)`): done
+/// here. Returns false when the Python method must run (another error, debug mode, another
+/// class).
+pub(crate) fn fatal_routine(tr: &Bound<'_, PyAny>, exc: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = tr.py();
+    let Some(l) = exact(tr) else {
+        return Ok(false);
+    };
+    if !exc.is_instance_of::<PyOSError>() {
+        return Ok(false);
+    }
+    let s = SLOTS.reader(tr);
+    let lp = s.get(LOOP)?;
+    let core = match lp.cast::<LoopCore>() {
+        Ok(c) if !c.get().shared.debug() => c.clone(),
+        _ => return Ok(false),
+    };
+    // _force_close(exc)
+    if truthy(&s.get(CONN_LOST)?)? {
+        return Ok(true);
+    }
+    let fd = s.get(SOCK_FD)?;
+    let buffer = s.get(BUFFER)?;
+    if truthy(&buffer)? {
+        buffer.call_method0(intern!(py, "clear"))?;
+        s.set(BUFFER_SIZE, &0i32.into_pyobject(py)?.into_any())?;
+        core.get()._remove_writer_impl(py, &fd)?;
+    }
+    if !truthy(&s.get(CLOSING)?)? {
+        s.set(
+            CLOSING,
+            &pyo3::types::PyBool::new(py, true).to_owned().into_any(),
+        )?;
+        core.get()._remove_reader_impl(py, &fd)?;
+    }
+    let n = s.get(CONN_LOST)?.add(1)?;
+    s.set(CONN_LOST, &n)?;
+    call_soon(&lp, l.call_connection_lost.bind(py), &[tr, exc])?;
+    Ok(true)
+}
+
 unsafe extern "C" fn close_raw(
     slf: *mut ffi::PyObject,
     args: *const *mut ffi::PyObject,

@@ -31,7 +31,11 @@ pub(crate) fn fatal(tr: &Bound<'_, PyAny>, err: PyErr, message: &str) -> PyResul
     if is_exit_exception(py, &err) {
         return Err(err);
     }
-    tr.call_method1(intern!(py, "_fatal_error"), (err.into_value(py), message))?;
+    let exc = err.into_value(py).into_bound(py);
+    if crate::stream_life::fatal_routine(tr, exc.as_any())? {
+        return Ok(());
+    }
+    tr.call_method1(intern!(py, "_fatal_error"), (exc, message))?;
     Ok(())
 }
 
