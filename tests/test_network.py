@@ -2690,3 +2690,55 @@ def test_accepted_connection_reset_by_peer_is_routine(loop):
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
 
     run(loop, main())
+
+
+@pytest.mark.parametrize("how", ["inherited", "instance"])
+def test_accepted_connection_eof_received_inherited_or_set_on_the_instance(loop, how):
+    # asyncio.Protocol's own eof_received closes the transport after EOF; one set on the
+    # instance is called (and its True keeps the transport open for writing).
+    async def main():
+        calls = []
+        lost = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                if how == "instance":
+                    self.eof_received = self.on_eof
+
+            def on_eof(self):
+                calls.append("eof")
+                self.transport.write(b"bye")
+                loop.call_soon(self.transport.close)
+                return True
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                lost.set_result(exc)
+
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+
+        def client():
+            with socket.create_connection(address, timeout=TIMEOUT) as s:
+                s.sendall(b"hi")
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while True:
+                    chunk = s.recv(100)
+                    if not chunk:
+                        return got
+                    got += chunk
+
+        got = await loop.run_in_executor(None, client)
+        assert await asyncio.wait_for(lost, TIMEOUT) is None
+        if how == "instance":
+            assert calls == ["eof"] and got == b"hibye"
+        else:
+            assert calls == [] and got == b"hi"
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())

@@ -50,6 +50,8 @@ struct Life {
     start_reading: Py<PyAny>,
     /// `_CLOSED_EXTRA`: marks the tuple `_extra` holds after the native connection_lost.
     closed_extra: Py<PyAny>,
+    /// `asyncio.Protocol.eof_received` (does nothing, returns None).
+    protocol_eof_received: Py<PyAny>,
 }
 
 static LIFE: PyOnceLock<Life> = PyOnceLock::new();
@@ -117,6 +119,13 @@ fn exact(tr: &Bound<'_, PyAny>) -> Option<&'static Life> {
 }
 
 /// `sock` is exactly `socket.socket`: its C fields (family, type, proto), else None.
+/// The fd an exact `socket.socket` holds (its C field), else None.
+fn socket_fd(l: &Life, sock: &Bound<'_, PyAny>) -> Option<c_int> {
+    socket_fields(l, sock)?;
+    // SAFETY: an exact `socket.socket` (checked above) starts with `SockHead`.
+    Some(unsafe { (*sock.as_ptr().cast::<SockHead>()).fd })
+}
+
 fn socket_fields(l: &Life, sock: &Bound<'_, PyAny>) -> Option<(c_int, c_int, c_int)> {
     // SAFETY: a live object's type; an exact `socket.socket` starts with `SockHead`.
     unsafe {
@@ -356,7 +365,11 @@ fn init(
     s.set(EXTRA, &peername)?;
     s.set(LOOP, lp)?;
     s.set(SOCK, sock)?;
-    let fd = sock.call_method0(intern!(py, "fileno"))?;
+    // sock.fileno()
+    let fd = match socket_fd(l, sock) {
+        Some(fd) => fd.into_pyobject(py)?.into_any(),
+        None => sock.call_method0(intern!(py, "fileno"))?,
+    };
     s.set(SOCK_FD, &fd)?;
     let none = py.None().into_bound(py);
     s.set(PROTOCOL, &none)?;
@@ -516,7 +529,13 @@ pub(crate) fn on_eof(tr: &Bound<'_, PyAny>) -> PyResult<()> {
         }
     };
     let protocol = s.get(PROTOCOL)?;
-    let keep_open = match protocol.call_method0(intern!(py, "eof_received")) {
+    let keep_open = if plain_eof_received(l, &protocol) {
+        // asyncio.Protocol's own eof_received: it does nothing and returns None.
+        Ok(py.None().into_bound(py))
+    } else {
+        protocol.call_method0(intern!(py, "eof_received"))
+    };
+    let keep_open = match keep_open {
         Ok(k) => k,
         Err(e) => {
             return crate::transports::fatal(
@@ -533,6 +552,39 @@ pub(crate) fn on_eof(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     } else {
         close(l, tr)
     }
+}
+
+extern "C" {
+    // What `obj.name(...)` does before a call (exported 3.9-3.13; see streams.rs).
+    fn _PyObject_GetMethod(
+        obj: *mut ffi::PyObject,
+        name: *mut ffi::PyObject,
+        method: *mut *mut ffi::PyObject,
+    ) -> c_int;
+}
+
+/// `protocol.eof_received` is `asyncio.Protocol.eof_received` itself (not replaced on the
+/// class, not shadowed on the instance).
+fn plain_eof_received(l: &Life, protocol: &Bound<'_, PyAny>) -> bool {
+    let py = protocol.py();
+    let mut found = std::ptr::null_mut();
+    // SAFETY: live objects; `found` receives a new reference or NULL (with an exception set,
+    // which is cleared: the call then runs and raises it again).
+    let unbound = unsafe {
+        _PyObject_GetMethod(
+            protocol.as_ptr(),
+            intern!(py, "eof_received").as_ptr(),
+            &mut found,
+        )
+    };
+    if found.is_null() {
+        drop(PyErr::take(py));
+        return false;
+    }
+    let same = unbound == 1 && found == l.protocol_eof_received.as_ptr();
+    // SAFETY: the new reference `_PyObject_GetMethod` returned.
+    unsafe { ffi::Py_DECREF(found) };
+    same
 }
 
 /// `close()`.
@@ -634,7 +686,21 @@ fn call_connection_lost(l: &Life, tr: &Bound<'_, PyAny>, exc: &Bound<'_, PyAny>)
     let py = tr.py();
     let s = SLOTS.reader(tr);
     let lost = (|| {
-        if truthy(&tr.getattr(intern!(py, "_protocol_connected"))?)? {
+        // `self._protocol_connected`: a class attribute (the instance has no __dict__).
+        // SAFETY: a live object's type; a borrowed reference or NULL, no code run.
+        let connected = unsafe {
+            _PyType_Lookup(
+                ffi::Py_TYPE(tr.as_ptr()),
+                intern!(py, "_protocol_connected").as_ptr(),
+            )
+        };
+        let connected = if connected.is_null() {
+            tr.getattr(intern!(py, "_protocol_connected"))?
+        } else {
+            // SAFETY: non-NULL, borrowed from the type's dict for this call.
+            unsafe { Bound::from_borrowed_ptr(py, connected) }
+        };
+        if truthy(&connected)? {
             s.get(PROTOCOL)?
                 .call_method1(intern!(py, "connection_lost"), (exc,))?;
         }
@@ -886,6 +952,12 @@ pub fn install_stream_lifecycle(
         call_connection_lost: cls.getattr("_call_connection_lost")?.unbind(),
         start_reading: cls.getattr("_start_reading")?.unbind(),
         closed_extra: closed_extra.clone().unbind(),
+        protocol_eof_received: py
+            .import("asyncio.protocols")?
+            .getattr("Protocol")?
+            .getattr("__dict__")?
+            .get_item("eof_received")?
+            .unbind(),
     };
     let _ = LIFE.set(py, l);
     Ok(())
