@@ -15,6 +15,7 @@ __all__ = [
     "install_stream_fast_paths",
     "install_stream_lifecycle",
     "accept_socket",
+    "accept_connections",
     "install_server_class",
     "accept_plain_connection",
     "install_datagram_fast_paths",
@@ -40,6 +41,18 @@ def install_stream_lifecycle(
 def accept_socket(
     fd: int, socket_type: type, family: int, stype: int, proto: int
 ) -> tuple[Any, Any] | None: ...
+def accept_connections(
+    lp: Any,
+    fd: int,
+    socket_type: type,
+    family: int,
+    stype: int,
+    proto: int,
+    backlog: int,
+    setup: Any,
+    protocol_factory: Any,
+    server: Any,
+) -> None: ...
 def install_server_class(cls: type) -> None: ...
 def accept_plain_connection(
     lp: Any, protocol_factory: Any, conn: Any, addr: Any, server: Any

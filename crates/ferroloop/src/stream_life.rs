@@ -1096,3 +1096,36 @@ pub fn accept_plain_connection(
     }
     Ok(())
 }
+
+/// `_accept_connection`'s loop for a plain TCP listener outside debug mode: up to `backlog`
+/// connections accepted, each wrapped in a `socket.socket` (`accept_socket`) and its set-up
+/// scheduled as `loop.call_soon(setup, loop, protocol_factory, sock, addr, server)`. Returns
+/// when nothing more is pending; an error of `accept4` (out of fds...) is raised for the
+/// caller to handle, after the connections accepted before it were scheduled.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn accept_connections(
+    lp: &Bound<'_, PyAny>,
+    fd: c_int,
+    socket_type: &Bound<'_, PyType>,
+    family: c_int,
+    stype: c_int,
+    proto: c_int,
+    backlog: usize,
+    setup: &Bound<'_, PyAny>,
+    protocol_factory: &Bound<'_, PyAny>,
+    server: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = lp.py();
+    for _ in 0..backlog {
+        let Some((sock, addr)) = accept_socket(py, fd, socket_type, family, stype, proto)? else {
+            return Ok(());
+        };
+        call_soon(
+            lp,
+            setup,
+            &[lp, protocol_factory, &sock, addr.bind(py), server],
+        )?;
+    }
+    Ok(())
+}

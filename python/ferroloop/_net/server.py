@@ -13,6 +13,7 @@ import stat
 import sys
 from asyncio import constants, events, exceptions, tasks, trsock
 
+from .._ferroloop import accept_connections as _accept_connections
 from .._ferroloop import accept_plain_connection as _accept_plain_native
 from .._ferroloop import accept_socket as _accept_socket
 from .._ferroloop import install_server_class as _install_server_class
@@ -280,6 +281,22 @@ class ServingMixin:
             setup = _accept_plain_native
         else:
             setup = type(self)._accept_plain_connection
+        if native and not sslcontext and not self.get_debug():
+            # The whole batch natively: accept4, the socket object, the set-up callback.
+            try:
+                _accept_connections(
+                    self, listen_fd, socket.socket, family, stype, proto, backlog,
+                    setup, protocol_factory, server,
+                )
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise  # the loop reports it through the exception handler
+                self._accept_out_of_resources(
+                    exc, protocol_factory, sock, sslcontext, server, backlog,
+                    ssl_handshake_timeout, ssl_shutdown_timeout,
+                )
+                return
         for _ in range(backlog):
             try:
                 if native:
@@ -298,25 +315,9 @@ class ServingMixin:
                 return  # nothing more to accept (or the peer gave up first)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of fds or memory: stop accepting for a while.
-                    self.call_exception_handler(
-                        {
-                            "message": "socket.accept() out of system resource",
-                            "exception": exc,
-                            "socket": trsock.TransportSocket(sock),
-                        }
-                    )
-                    self._remove_reader(sock.fileno())
-                    self.call_later(
-                        constants.ACCEPT_RETRY_DELAY,
-                        self._start_serving,
-                        protocol_factory,
-                        sock,
-                        sslcontext,
-                        server,
-                        backlog,
-                        ssl_handshake_timeout,
-                        ssl_shutdown_timeout,
+                    self._accept_out_of_resources(
+                        exc, protocol_factory, sock, sslcontext, server, backlog,
+                        ssl_handshake_timeout, ssl_shutdown_timeout,
                     )
                 else:
                     raise  # the loop reports it through the exception handler
@@ -341,6 +342,31 @@ class ServingMixin:
                         ssl_shutdown_timeout,
                     )
                 )
+
+    def _accept_out_of_resources(
+        self, exc, protocol_factory, sock, sslcontext, server, backlog,
+        ssl_handshake_timeout, ssl_shutdown_timeout,
+    ) -> None:
+        # Out of fds or memory: stop accepting for a while.
+        self.call_exception_handler(
+            {
+                "message": "socket.accept() out of system resource",
+                "exception": exc,
+                "socket": trsock.TransportSocket(sock),
+            }
+        )
+        self._remove_reader(sock.fileno())
+        self.call_later(
+            constants.ACCEPT_RETRY_DELAY,
+            self._start_serving,
+            protocol_factory,
+            sock,
+            sslcontext,
+            server,
+            backlog,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        )
 
     def _accept_plain_connection(self, protocol_factory, conn, addr, server) -> None:
         """_accept_connection2 for a connection without TLS, as a plain callback (the native
