@@ -99,6 +99,10 @@ CASES: List[Case] = [
     Case("tls-proto 1KiB", "tls-proto", "tls", 1 * KIB, "TLS 1.3 echo, asyncio.Protocol over create_server(ssl=)"),
     Case("tls-proto 10KiB", "tls-proto", "tls", 10 * KIB, "TLS 1.3 echo, asyncio.Protocol over create_server(ssl=)"),
     Case("http hello", "http", "wrk", 0, "HTTP/1.1 keep-alive hello world (httptools) under wrk"),
+    Case("tcp-proto churn", "tcp-proto", "churn", 64,
+         "TCP connection churn, asyncio.Protocol: connect, 64 B echo, client closes; CPU per connection"),
+    Case("tcp-stream churn", "tcp-stream", "churn", 64,
+         "TCP connection churn, start_server streams: connect, 64 B echo, client closes; CPU per connection"),
     Case("idle conns", "idle", "idle", 0, "many idle TCP connections: server RSS delta / connections"),
 ]
 
@@ -692,13 +696,15 @@ def report(meta: Dict[str, Any], probes: Dict[str, Dict[str, Any]], servers: Lis
     L.append(
         f"- Mode: {meta['mode']}; {meta['repeat']} repeat(s), each a fresh server process per (group, server), "
         f"servers rotated; {meta['conns']} concurrent connections (sockets for UDP) in ping-pong; "
-        f"{meta['warmup']} s warm-up then {meta['duration']} s measured per case; idle: "
+        f"{meta['warmup']} s warm-up then {meta['duration']} s measured per case; churn: {meta['conns']} "
+        f"clients, each connecting, echoing 64 bytes and closing (client first, plain close) in a loop; idle: "
         f"{meta['idle_conns']} connections."
     )
     L.append(f"- Load generator: bench/netbench `loadgen` (Rust, tokio current_thread, one thread) for echo "
              f"and idle; `wrk -t1 -c{meta['conns']}` for HTTP. CPU pinning: {meta['pinning']}.")
     L.append("- **CPU/req** = server process user+system CPU (all threads, /proc/<pid>/task/*/schedstat) "
-             "over the measured phase ÷ requests (round trips; HTTP requests; accepted connections for idle). "
+             "over the measured phase ÷ requests (round trips; HTTP requests; whole connections for churn; "
+             "accepted connections for idle). "
              "Medians over repeats.")
     L.append(f"- **vs {BASELINE}**: {BASELINE} CPU/req ÷ loop CPU/req, and loop req/s ÷ {BASELINE} req/s: "
              f"**above 1 = better than {BASELINE}**. **× floor** = loop CPU/req ÷ native CPU/req (1.00 = native).")
@@ -758,6 +764,10 @@ def report(meta: Dict[str, Any], probes: Dict[str, Dict[str, Any]], servers: Lis
             rows.append(r)
         L.append(table(["workload"] + servers, rows, ["l"] + ["r"] * len(servers)))
         L.append("")
+        if any(c.client == "churn" for c in echo_cases):
+            L.append("Churn rows count whole connections (connect, one 64-byte echo, close): "
+                     "µs per connection above, connections/s here.")
+            L.append("")
 
     if idle_cases:
         L.append("### Idle connections: server memory per connection (RSS delta ÷ connections)")
@@ -805,6 +815,9 @@ def report(meta: Dict[str, Any], probes: Dict[str, Dict[str, Any]], servers: Lis
             if c.client == "idle":
                 target = f"KiB/conn ≤ {BASELINE}"
                 ok = b is not None and f[key] <= b[key]
+            elif c.client == "churn":
+                target = "< peers"
+                ok = best is None or f[key] < best[1][key]
             elif c.group in ("tcp-proto", "udp", "unix-proto"):
                 target = "< peers, ≤ 1.10× floor"
                 ok = (best is None or f[key] < best[1][key]) and (fl == fl and fl <= 1.10)

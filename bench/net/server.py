@@ -6,8 +6,10 @@
     python bench/net/server.py --loop asyncio --kind tls-proto --cert c.pem --key k.pem
 
 Kinds:
-  tcp-proto    TCP echo on an asyncio.Protocol (data_received -> transport.write)
-  tcp-stream   TCP echo on asyncio.start_server (reader.read -> writer.write; drain)
+  tcp-proto    TCP echo on an asyncio.Protocol (data_received -> transport.write);
+               also the server of the "tcp-proto churn" case (one echo per connection)
+  tcp-stream   TCP echo on asyncio.start_server (reader.read -> writer.write; drain);
+               also the server of the "tcp-stream churn" case
   unix-proto   Unix-socket echo on an asyncio.Protocol
   udp          UDP echo on a DatagramProtocol (datagram_received -> sendto)
   tls-proto    TLS echo on an asyncio.Protocol (create_server(ssl=...))

@@ -16,6 +16,11 @@ __all__ = [
     "spawn",
     "spawn_features",
     "Spawn",
+    "install_stream_lifecycle",
+    "accept_socket",
+    "accept_connections",
+    "install_server_class",
+    "accept_plain_connection",
     "install_datagram_fast_paths",
     "__version__",
 ]
@@ -44,6 +49,35 @@ class Spawn:
     def fd(self) -> int: ...
     def result(self, block: bool = False) -> int | tuple[int, int] | None: ...
 
+def install_stream_lifecycle(
+    cls: type,
+    socket_type: type,
+    buffered_protocol: Any,
+    no_queue: Any,
+    high_water: Any,
+    low_water: Any,
+    raw_close: Any,
+    closed_extra: Any,
+) -> None: ...
+def accept_socket(
+    fd: int, socket_type: type, family: int, stype: int, proto: int
+) -> tuple[Any, Any] | None: ...
+def accept_connections(
+    lp: Any,
+    fd: int,
+    socket_type: type,
+    family: int,
+    stype: int,
+    proto: int,
+    backlog: int,
+    setup: Any,
+    protocol_factory: Any,
+    server: Any,
+) -> None: ...
+def install_server_class(cls: type) -> None: ...
+def accept_plain_connection(
+    lp: Any, protocol_factory: Any, conn: Any, addr: Any, server: Any
+) -> None: ...
 def install_datagram_fast_paths(cls: type) -> None: ...
 @disjoint_base
 class Handle:

@@ -13,6 +13,7 @@ mod slots;
 mod sock_io;
 mod spawn;
 mod stdlib;
+mod stream_life;
 mod streams;
 mod transports;
 
@@ -35,6 +36,11 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     }
     m.add_function(wrap_pyfunction!(spawn::spawn_features, m)?)?;
     m.add_function(wrap_pyfunction!(transports::install_stream_fast_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_life::install_stream_lifecycle, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_life::accept_socket, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_life::accept_connections, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_life::install_server_class, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_life::accept_plain_connection, m)?)?;
     m.add_function(wrap_pyfunction!(
         datagram_fast::install_datagram_fast_paths,
         m

@@ -192,6 +192,43 @@ impl<'py, const N: usize> SlotReader<'_, 'py, N> {
         self.getattr(i)
     }
 
+    /// `setattr(obj, names[i], value)`: a direct store when the class's layout is known.
+    #[inline(always)]
+    pub(crate) fn set(&self, i: usize, value: &Bound<'py, PyAny>) -> PyResult<()> {
+        if let Some(offsets) = &self.offsets {
+            // SAFETY: as in `get`: slot `i` is an object pointer at this offset, NULL or a
+            // strong reference. The new value's reference is stored before the old one is
+            // released (which may run code that reads the slot).
+            unsafe {
+                let slot = self
+                    .obj
+                    .as_ptr()
+                    .cast::<u8>()
+                    .offset(offsets[i])
+                    .cast::<*mut ffi::PyObject>();
+                let old = *slot;
+                *slot = value.clone().into_ptr();
+                ffi::Py_XDECREF(old);
+            }
+            return Ok(());
+        }
+        self.obj
+            .setattr(PyString::intern(self.obj.py(), self.names[i]), value)
+    }
+
+    /// The value of slot `i`, or None when the slot is unset (what `getattr(obj, name, None)`
+    /// returns for a slot).
+    #[inline(always)]
+    pub(crate) fn get_or_none(&self, i: usize) -> PyResult<Bound<'py, PyAny>> {
+        match self.get(i) {
+            Ok(v) => Ok(v),
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyAttributeError>(self.obj.py()) => {
+                Ok(self.obj.py().None().into_bound(self.obj.py()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     #[cold]
     #[inline(never)]
     fn getattr(&self, i: usize) -> PyResult<Bound<'py, PyAny>> {

@@ -527,11 +527,40 @@ thread_local! {
     /// The host string of the last IPv4 peer accepted: clients mostly come from a few hosts
     /// (a proxy, a load balancer), so most accepts skip formatting and interning it.
     static LAST_INET_HOST: RefCell<Option<(u32, Py<PyString>)>> = const { RefCell::new(None) };
+    /// The same for the local address of the last connection closed (`local_address`): a
+    /// server's connections mostly share one.
+    static LAST_LOCAL_HOST: RefCell<Option<(u32, Py<PyString>)>> = const { RefCell::new(None) };
 }
 
-/// The interned "a.b.c.d" string of an IPv4 address.
-fn inet_host(py: Python<'_>, ip: u32) -> Bound<'_, PyString> {
-    let hit = LAST_INET_HOST.with(|last| {
+type HostCache = std::thread::LocalKey<RefCell<Option<(u32, Py<PyString>)>>>;
+
+/// "a.b.c.d" as a new str, formatted by hand (no formatting machinery, no heap buffer).
+fn ipv4_string(py: Python<'_>, ip: u32) -> Bound<'_, PyString> {
+    let mut buf = [0u8; 15];
+    let mut n = 0;
+    for (i, octet) in ip.to_be_bytes().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            buf[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            buf[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    // SAFETY: `buf[..n]` is ASCII.
+    PyString::new(py, unsafe { std::str::from_utf8_unchecked(&buf[..n]) })
+}
+
+/// The "a.b.c.d" string of an IPv4 address, shared while the cache holds it.
+fn inet_host<'py>(py: Python<'py>, ip: u32, cache: &'static HostCache) -> Bound<'py, PyString> {
+    let hit = cache.with(|last| {
         let last = last.try_borrow().ok()?;
         let (cached, host) = last.as_ref()?;
         (*cached == ip).then(|| host.clone_ref(py))
@@ -539,8 +568,10 @@ fn inet_host(py: Python<'_>, ip: u32) -> Bound<'_, PyString> {
     if let Some(host) = hit {
         return host.into_bound(py);
     }
-    let host = PyString::intern(py, &Ipv4Addr::from(ip).to_string());
-    let old = LAST_INET_HOST.with(|last| {
+    // Not interned: the cache is what makes connections from one host share the string
+    // (interning would cost a dict insert here and a removal when the string dies).
+    let host = ipv4_string(py, ip);
+    let old = cache.with(|last| {
         last.try_borrow_mut()
             .ok()
             .and_then(|mut l| l.replace((ip, host.clone().unbind())))
@@ -556,6 +587,38 @@ fn peer_address(
     addr: &libc::sockaddr_storage,
     len: libc::socklen_t,
 ) -> PyResult<Py<PyAny>> {
+    inet_address(py, addr, len, &LAST_INET_HOST)
+}
+
+/// `sock.getsockname()` of an inet socket, formatted as the socket module does; None for
+/// another family (the caller asks the socket itself).
+pub(crate) fn local_address(py: Python<'_>, fd: i32) -> PyResult<Option<Py<PyAny>>> {
+    // SAFETY: an all-zero sockaddr_storage is a valid value.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: valid address out-pointers of the sizes given.
+    let r = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(os_error(std::io::Error::last_os_error()));
+    }
+    match addr.ss_family as i32 {
+        libc::AF_INET | libc::AF_INET6 => inet_address(py, &addr, len, &LAST_LOCAL_HOST).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn inet_address(
+    py: Python<'_>,
+    addr: &libc::sockaddr_storage,
+    len: libc::socklen_t,
+    cache: &'static HostCache,
+) -> PyResult<Py<PyAny>> {
     let len = len as usize;
     match addr.ss_family as i32 {
         libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
@@ -565,7 +628,7 @@ fn peer_address(
             let t = PyTuple::new(
                 py,
                 [
-                    inet_host(py, u32::from_be(sin.sin_addr.s_addr)).into_any(),
+                    inet_host(py, u32::from_be(sin.sin_addr.s_addr), cache).into_any(),
                     u16::from_be(sin.sin_port).into_pyobject(py)?.into_any(),
                 ],
             )?;

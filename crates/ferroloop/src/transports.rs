@@ -31,7 +31,11 @@ pub(crate) fn fatal(tr: &Bound<'_, PyAny>, err: PyErr, message: &str) -> PyResul
     if is_exit_exception(py, &err) {
         return Err(err);
     }
-    tr.call_method1(intern!(py, "_fatal_error"), (err.into_value(py), message))?;
+    let exc = err.into_value(py).into_bound(py);
+    if crate::stream_life::fatal_routine(tr, exc.as_any())? {
+        return Ok(());
+    }
+    tr.call_method1(intern!(py, "_fatal_error"), (exc, message))?;
     Ok(())
 }
 
@@ -90,7 +94,7 @@ fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
 #[inline(always)]
 fn after_read(tr: &Bound<'_, PyAny>, fd: i32, n: usize) -> PyResult<bool> {
     if n == 0 {
-        tr.call_method0(intern!(tr.py(), "_read_ready__on_eof"))?;
+        crate::stream_life::on_eof(tr)?;
         return Ok(false);
     }
     if n == crate::sock_io::MAX_READ {
@@ -171,7 +175,7 @@ fn read_ready_buffered(tr: &Bound<'_, PyAny>, s: &SlotReader<'_, '_, 8>) -> PyRe
     }
     drop(buf);
     if nbytes == 0 {
-        tr.call_method0(intern!(py, "_read_ready__on_eof"))?;
+        crate::stream_life::on_eof(tr)?;
         return Ok(());
     }
     match protocol.call_method1(intern!(py, "buffer_updated"), (nbytes,)) {
@@ -481,6 +485,14 @@ pub fn install_stream_fast_paths(cls: &Bound<'_, PyType>) -> PyResult<()> {
     // Descriptors of the class itself: a stray `self` gets TypeError from CPython's check,
     // which costs an exact instance one comparison (a descriptor of `object` walks the MRO).
     install_on(cls, cls.as_type_ptr(), &METHODS)
+}
+
+/// Installs `methods` on `cls` as descriptors of `cls` itself (see `install_stream_fast_paths`).
+pub(crate) fn install_methods_on_class(
+    cls: &Bound<'_, PyType>,
+    methods: &[(&'static CStr, Raw, &'static CStr)],
+) -> PyResult<()> {
+    install_on(cls, cls.as_type_ptr(), methods)
 }
 
 /// Installs `methods` on `cls` as descriptors of `object`: any `self` reaches the function,

@@ -13,7 +13,11 @@ import stat
 import sys
 from asyncio import constants, events, exceptions, tasks, trsock
 
-from .._ferroloop import accept_inet as _accept_inet
+from .._ferroloop import accept_connections as _accept_connections
+from .._ferroloop import accept_plain_connection as _accept_plain_native
+from .._ferroloop import accept_socket as _accept_socket
+from .._ferroloop import install_server_class as _install_server_class
+from .connect import ConnectMixin
 from .datagram import set_reuseport
 from .sock_ops import check_ssl_socket
 
@@ -29,6 +33,9 @@ _sock_type = _socket.socket.type.__get__
 _sock_proto = _socket.socket.proto.__get__
 # Python 3.12.1 made wait_closed() wait even when called after close().
 _WAIT_CLOSED_AFTER_CLOSE = sys.version_info >= (3, 12, 1)
+# A loop (subclass) that makes its own socket transports gets its accepted connections set up
+# by the Python `_accept_plain_connection`, which calls it.
+_DEFAULT_MAKE_SOCKET_TRANSPORT = ConnectMixin._make_socket_transport
 
 
 class Server(events.AbstractServer):
@@ -56,6 +63,10 @@ class Server(events.AbstractServer):
         self._serving = False
         self._serving_forever_fut = None
         self._unix_cleanup = None  # (path, st_ino) to unlink on close (3.13's cleanup_socket)
+        # The local address of every connection this server accepts, when it has one listening
+        # socket bound to one IPv4 address: what getsockname() would return for each (the
+        # native connection_lost uses it instead of asking each socket).
+        self._local_name = _one_local_name(sockets)
 
     def __repr__(self) -> str:
         return f"<{self.__class__.__name__} sockets={self.sockets!r}>"
@@ -186,6 +197,26 @@ class Server(events.AbstractServer):
         await self.wait_closed()
 
 
+def _one_local_name(sockets):
+    if len(sockets) != 1 or type(sockets[0]) is not socket.socket:
+        return None
+    sock = sockets[0]
+    if _sock_family(sock) != socket.AF_INET or _sock_type(sock) != socket.SOCK_STREAM:
+        return None
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    if name[0] == "0.0.0.0" or not name[1]:
+        return None  # the wildcard (each connection has its own local address), or unbound
+    return name
+
+
+# Its _attach/_detach run natively for the transports of accepted connections (stream_life.rs),
+# as long as neither is replaced on the class or an instance.
+_install_server_class(Server)
+
+
 def _share_host(addr):
     """The peer address with its host string interned: connections from one host (a proxy, a
     load balancer, a benchmark client) then share one string instead of holding 64 bytes each
@@ -245,18 +276,35 @@ class ServingMixin:
             family = _sock_family(sock)
             stype = _sock_type(sock) | _SOCK_NONBLOCK
             proto = _sock_proto(sock)
+        # A plain connection is set up natively unless this loop makes its transports itself.
+        if getattr(self._make_socket_transport, "__func__", None) is _DEFAULT_MAKE_SOCKET_TRANSPORT:
+            setup = _accept_plain_native
+        else:
+            setup = type(self)._accept_plain_connection
+        if native and not sslcontext and not self.get_debug():
+            # The whole batch natively: accept4, the socket object, the set-up callback.
+            try:
+                _accept_connections(
+                    self, listen_fd, socket.socket, family, stype, proto, backlog,
+                    setup, protocol_factory, server,
+                )
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise  # the loop reports it through the exception handler
+                self._accept_out_of_resources(
+                    exc, protocol_factory, sock, sslcontext, server, backlog,
+                    ssl_handshake_timeout, ssl_shutdown_timeout,
+                )
+                return
         for _ in range(backlog):
             try:
                 if native:
-                    accepted = _accept_inet(listen_fd)
+                    # The socket object is made natively too (socket.socket.__init__'s steps).
+                    accepted = _accept_socket(listen_fd, socket.socket, family, stype, proto)
                     if accepted is None:
                         return  # nothing more to accept (or the peer gave up first)
-                    fd, addr = accepted
-                    try:
-                        conn = socket.socket(family, stype, proto, fd)
-                    except BaseException:
-                        os.close(fd)
-                        raise
+                    conn, addr = accepted
                 else:
                     conn, addr = sock.accept()
                     conn.setblocking(False)
@@ -267,29 +315,22 @@ class ServingMixin:
                 return  # nothing more to accept (or the peer gave up first)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of fds or memory: stop accepting for a while.
-                    self.call_exception_handler(
-                        {
-                            "message": "socket.accept() out of system resource",
-                            "exception": exc,
-                            "socket": trsock.TransportSocket(sock),
-                        }
-                    )
-                    self._remove_reader(sock.fileno())
-                    self.call_later(
-                        constants.ACCEPT_RETRY_DELAY,
-                        self._start_serving,
-                        protocol_factory,
-                        sock,
-                        sslcontext,
-                        server,
-                        backlog,
-                        ssl_handshake_timeout,
-                        ssl_shutdown_timeout,
+                    self._accept_out_of_resources(
+                        exc, protocol_factory, sock, sslcontext, server, backlog,
+                        ssl_handshake_timeout, ssl_shutdown_timeout,
                     )
                 else:
                     raise  # the loop reports it through the exception handler
             else:
+                if not sslcontext:
+                    # A plain connection is set up by one callback in the next iteration,
+                    # where asyncio's accept task takes its first step: the protocol factory
+                    # and the transport's constructor run then, in a copy of this context
+                    # (as the task's), and connection_made one iteration later, as there.
+                    # No task, coroutine and waiter future per connection (uvloop has none
+                    # either); what the task did with an error is done by the callback.
+                    self.call_soon(setup, self, protocol_factory, conn, addr, server)
+                    continue
                 self.create_task(
                     self._accept_connection2(
                         protocol_factory,
@@ -301,6 +342,57 @@ class ServingMixin:
                         ssl_shutdown_timeout,
                     )
                 )
+
+    def _accept_out_of_resources(
+        self, exc, protocol_factory, sock, sslcontext, server, backlog,
+        ssl_handshake_timeout, ssl_shutdown_timeout,
+    ) -> None:
+        # Out of fds or memory: stop accepting for a while.
+        self.call_exception_handler(
+            {
+                "message": "socket.accept() out of system resource",
+                "exception": exc,
+                "socket": trsock.TransportSocket(sock),
+            }
+        )
+        self._remove_reader(sock.fileno())
+        self.call_later(
+            constants.ACCEPT_RETRY_DELAY,
+            self._start_serving,
+            protocol_factory,
+            sock,
+            sslcontext,
+            server,
+            backlog,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        )
+
+    def _accept_plain_connection(self, protocol_factory, conn, addr, server) -> None:
+        """_accept_connection2 for a connection without TLS, as a plain callback (the native
+        `accept_plain_connection` does the same when `_make_socket_transport` is ours)."""
+        protocol = None
+        transport = None
+        try:
+            protocol = protocol_factory()
+            # The peer address goes in as it is: the transport makes its extra-info dict only
+            # if someone asks for it.
+            transport = self._make_socket_transport(conn, protocol, server=server, peername=addr)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            if self.get_debug():
+                context = {
+                    "message": "Error on transport creation for incoming connection",
+                    "exception": exc,
+                }
+                if protocol is not None:
+                    context["protocol"] = protocol
+                if transport is not None:
+                    context["transport"] = transport
+                self.call_exception_handler(context)
+            if transport is None:
+                conn.close()  # nobody else owns the socket
 
     async def _accept_connection2(
         self,
@@ -548,3 +640,4 @@ class ServingMixin:
             server._start_serving()
             await tasks.sleep(0)
         return server
+

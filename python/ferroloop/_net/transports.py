@@ -93,6 +93,13 @@ def report_fatal_error(transport, exc, message, routine: bool) -> None:
         )
 
 
+# The keys of a lazily built extra-info dict (see _complete_extra).
+_LAZY_EXTRA_KEYS = frozenset(("peername", "socket", "sockname"))
+
+# The first item of the tuple `_extra` holds once a connection closed natively (a peer
+# address is never a tuple starting with it).
+_CLOSED_EXTRA = object()
+
 _NO_QUEUE = ()  # empty, falsy, iterable: what `_buffer` is until a write has to wait
 
 _EDGE_FAMILIES = _TCP_FAMILIES
@@ -203,6 +210,15 @@ class SocketTransportBase(WriteFlowControl, transports.Transport):
     def get_extra_info(self, name, default=None):
         extra = self._extra
         if not isinstance(extra, dict):
+            # Until completed, `_extra` is the peer address, and the dict it becomes has only
+            # the keys _build_extra sets: any other name (StreamReaderProtocol asks for
+            # "sslcontext" in every connection_made) is answered without building it.
+            if type(name) is str and name not in _LAZY_EXTRA_KEYS:
+                return default
+            if name == "peername":
+                if type(extra) is tuple and extra and extra[0] is _CLOSED_EXTRA:
+                    return extra[1]
+                return extra
             extra = self._complete_extra()
         return extra.get(name, default)
 
@@ -212,11 +228,19 @@ class SocketTransportBase(WriteFlowControl, transports.Transport):
         # first get_extra_info(), or by _call_connection_lost() just before the socket closes
         # (the sockname of an open socket does not change, so the values are the ones asyncio
         # would have taken at creation). Until then `_extra` holds the peer address (the slot
-        # that asyncio's dict lives in, rather than one more slot).
-        extra = {"peername": self._extra}
-        sock = self._sock
-        if sock is not None:
-            self._build_extra(sock, extra)
+        # that asyncio's dict lives in, rather than one more slot). The native connection_lost
+        # (`stream_life.rs`) leaves `(_CLOSED_EXTRA, peername, sockname, socket)` there
+        # instead of building the dict nobody may ask for: the socket's name read while it
+        # could still tell it.
+        held = self._extra
+        if type(held) is tuple and held and held[0] is _CLOSED_EXTRA:
+            _, peername, sockname, sock = held
+            extra = {"peername": peername, "socket": trsock.TransportSocket(sock), "sockname": sockname}
+        else:
+            extra = {"peername": held}
+            sock = self._sock
+            if sock is not None:
+                self._build_extra(sock, extra)
         self._extra = extra
         return extra
 
@@ -371,6 +395,11 @@ class StreamTransport(SocketTransportBase):
             self._loop._add_reader_edge(fd, callback, *args)
         else:
             self._loop._add_reader(fd, callback, *args)
+
+    def _start_reading(self) -> None:
+        # What __init__ schedules after connection_made (the native __init__ schedules the
+        # native twin of this method).
+        self._add_reader(self._sock_fd, type(self)._read_ready, self)
 
     def pause_reading(self) -> None:
         if self._closing or self._paused:
@@ -602,6 +631,25 @@ class StreamTransport(SocketTransportBase):
 StreamTransport._write_py = StreamTransport.write
 StreamTransport._read_ready_py = StreamTransport._read_ready
 _ferroloop_native.install_stream_fast_paths(StreamTransport)
+
+# The transport's life in Rust too (`stream_life.rs`): construction, the start of reading,
+# EOF, close() and connection_lost, for an exact StreamTransport over an exact socket.socket.
+# Anything else (a subclass, a keyword call, a waiter) runs these Python methods, kept here.
+StreamTransport._init_py = StreamTransport.__init__
+StreamTransport._start_reading_py = StreamTransport._start_reading
+StreamTransport._close_py = SocketTransportBase.close
+StreamTransport._call_connection_lost_py = StreamTransport._call_connection_lost
+StreamTransport._del_py = SocketTransportBase.__del__
+_ferroloop_native.install_stream_lifecycle(
+    StreamTransport,
+    socket.socket,
+    protocols.BufferedProtocol,
+    _NO_QUEUE,
+    DEFAULT_HIGH_WATER,
+    DEFAULT_LOW_WATER,
+    _socket.socket.close,
+    _CLOSED_EXTRA,
+)
 
 
 class SocketMethodsStreamTransport(StreamTransport):

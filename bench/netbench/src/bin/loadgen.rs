@@ -5,6 +5,7 @@
 //!     loadgen tls  --addr 127.0.0.1:PORT --ca ca.pem [--name localhost] ...
 //!     loadgen udp  --addr 127.0.0.1:PORT ...
 //!     loadgen idle --addr 127.0.0.1:PORT --count 5000 [--concurrency 50]
+//!     loadgen churn --addr 127.0.0.1:PORT --conns 10 --size 64 --warmup 0.5 --duration 2
 //!
 //! Echo modes: `--conns` connections (sockets for udp), each a ping-pong loop:
 //! send one `--size`-byte message, read the whole echo back, repeat. Echoes are
@@ -19,6 +20,18 @@
 //! in flight), each sends one byte and reads its echo, then holds them all and
 //! prints `HELD {...}`; at stdin EOF it resets them (SO_LINGER 0: no TIME_WAIT).
 //!
+//! Churn mode: `--conns` workers, each a loop of whole connections: connect, send one
+//! `--size`-byte message, read the whole echo back (checked), close. The client closes
+//! first, with a plain close (FIN, no RST): the server sees EOF, as with a real client that
+//! is done. `requests` counts completed connections; the WARM / go / RESULT protocol is the
+//! echo modes'. The closing side keeps each connection in TIME_WAIT for 60 s, so on a
+//! loopback server every connection binds a source address of its own out of 127.0.0.2 to
+//! 127.0.0.254 in turn (with IP_BIND_ADDRESS_NO_PORT, so the port is still picked at connect
+//! time for the whole 4-tuple): 253 × ~28k ephemeral ports per minute, where one source
+//! address gives ~28k (the ports of `ip_local_port_range`) and would run out within seconds
+//! at tens of thousands of connections per second, whatever `tcp_tw_reuse` says. A connect
+//! that still fails (EADDRNOTAVAIL) stops the run with that error, not a wrong count.
+//!
 //! One thread (tokio current_thread runtime), so it takes at most one core.
 
 use std::io::Write;
@@ -28,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use ferroloop_netbench::{die, load_certs, provider, raise_nofile, stdin_line, Args};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket, UnixStream};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket, UnixStream};
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
@@ -292,6 +305,123 @@ async fn idle(a: &Args) {
     drop(held);
 }
 
+/// The source addresses churn connections rotate through (see the module comment): none
+/// unless the server is on 127.0.0.1 (a source in 127/8 only reaches a loopback server).
+fn churn_sources(addr: std::net::SocketAddr) -> Vec<std::net::IpAddr> {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_loopback() => (2..=254u8)
+            .map(|i| std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// One churn connection: connect (from `src`, if any), send `msg`, read the echo, close.
+async fn churn_one(
+    addr: std::net::SocketAddr,
+    src: Option<std::net::IpAddr>,
+    msg: &[u8],
+    buf: &mut [u8],
+    check: bool,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = src {
+        let one: libc::c_int = 1;
+        // SAFETY: a valid fd owned by `sock`; the option value is a properly sized int.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        sock.bind(std::net::SocketAddr::new(ip, 0))?;
+    }
+    let mut s = sock.connect(addr).await?;
+    s.set_nodelay(true)?;
+    s.write_all(msg).await?;
+    s.read_exact(buf).await?;
+    if check && buf != msg {
+        return Err(std::io::Error::other("churn echo mismatch"));
+    }
+    // A plain close: the echo has been read whole, so nothing unread makes it a RST.
+    drop(s);
+    Ok(())
+}
+
+async fn churn_worker(
+    addr: std::net::SocketAddr,
+    sources: Arc<Vec<std::net::IpAddr>>,
+    first: usize,
+    stride: usize,
+    msg: Vec<u8>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; msg.len()];
+    let mut n: u64 = 0;
+    let mut k = first;
+    while !stop.load(Ordering::Relaxed) {
+        let src = if sources.is_empty() {
+            None
+        } else {
+            Some(sources[k % sources.len()])
+        };
+        k += stride;
+        churn_one(addr, src, &msg, &mut buf, n.is_multiple_of(64))
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{e} (from {src:?})")))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+async fn run_churn(
+    addr: std::net::SocketAddr,
+    sources: &Arc<Vec<std::net::IpAddr>>,
+    conns: usize,
+    size: usize,
+    dur: f64,
+    offset: usize,
+) -> Phase {
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = self_cpu();
+    let start = Instant::now();
+    let hs: Vec<_> = (0..conns)
+        .map(|i| {
+            tokio::spawn(churn_worker(
+                addr,
+                sources.clone(),
+                offset + i,
+                conns,
+                message(size, i),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(dur)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut requests = 0;
+    for h in hs {
+        match h.await.unwrap() {
+            Ok(n) => requests += n,
+            Err(e) => die(&format!("churn connection failed: {e}")),
+        }
+    }
+    Phase {
+        requests,
+        lost: 0,
+        elapsed: start.elapsed().as_secs_f64(),
+        cpu: self_cpu() - cpu0,
+    }
+}
+
 fn main() {
     raise_nofile();
     let a = Args::parse();
@@ -307,6 +437,24 @@ fn main() {
     rt.block_on(async {
         match a.mode.as_str() {
             "idle" => idle(&a).await,
+            "churn" => {
+                let addr: std::net::SocketAddr = a
+                    .req("addr")
+                    .parse()
+                    .unwrap_or_else(|e| die(&format!("bad --addr: {e}")));
+                let sources = Arc::new(churn_sources(addr));
+                let w = run_churn(addr, &sources, conns, size, warmup, 0).await;
+                say("WARM", &w, size);
+                if wait && !stdin_line() {
+                    return;
+                }
+                // The measured phase starts its rotation where the warm-up's ended.
+                let m = run_churn(addr, &sources, conns, size, duration, w.requests as usize).await;
+                say("RESULT", &m, size);
+                if wait {
+                    while stdin_line() {}
+                }
+            }
             "udp" => {
                 let mut socks = Vec::new();
                 for _ in 0..conns {

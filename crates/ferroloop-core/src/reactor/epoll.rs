@@ -45,6 +45,10 @@ pub struct Event {
     /// may not clear, so an edge-triggered reader must go back to level-triggered
     /// (`Poller::add_read_edge`).
     pub hangup: bool,
+    /// Of those, the ones that last: the peer closed its side, or the fd hung up or failed
+    /// (not urgent data alone). The fd stays readable from then on (a read returns the rest
+    /// of the data, then EOF or the error).
+    pub eof: bool,
 }
 
 /// An epoll instance: level-triggered, except the edge-triggered read watch of
@@ -193,6 +197,7 @@ impl Poller {
         let err_bits = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
         let hangup_bits =
             (libc::EPOLLERR | libc::EPOLLHUP | libc::EPOLLRDHUP | libc::EPOLLPRI) as u32;
+        let eof_bits = (libc::EPOLLERR | libc::EPOLLHUP | libc::EPOLLRDHUP) as u32;
         for ev in events.iter() {
             let bits = ev.events;
             let failed = bits & err_bits != 0;
@@ -201,6 +206,7 @@ impl Poller {
                 readable: failed || bits & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0,
                 writable: failed || bits & libc::EPOLLOUT as u32 != 0,
                 hangup: bits & hangup_bits != 0,
+                eof: bits & eof_bits != 0,
             });
         }
         Ok(())
@@ -236,6 +242,7 @@ mod tests {
             readable: true,
             writable: false,
             hangup: false,
+            eof: false,
         }];
         // SAFETY: writing one byte from a valid buffer to our own pipe.
         unsafe { libc::write(w, b"x".as_ptr().cast(), 1) };
@@ -307,6 +314,7 @@ mod tests {
                     readable: true,
                     writable: false,
                     hangup: false,
+                    eof: false,
                 }]
             );
         }

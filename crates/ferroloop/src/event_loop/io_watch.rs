@@ -6,9 +6,13 @@
 //! it is the fd's only watcher the kernel reports readability edge-triggered. A
 //! level-triggered fd is re-checked by the kernel on every wait after it was reported: a
 //! socket poll per ready connection per loop iteration, about 4% of a 1 KiB TCP echo.
-//! Edge-triggering is dropped for good as soon as the fd reports a hang-up, an error or
-//! urgent data (`Event::hangup`): a read that returns data can leave a pending EOF or the
-//! data behind an urgent mark, and no new edge would announce them. While a writer is also
+//! A read that returns data can leave a pending EOF or the data behind an urgent mark, and no
+//! new edge would announce them. So once the fd reports EOF, a hang-up or an error
+//! (`Event::eof`), which it keeps reporting until the reader removes itself, the native reader
+//! is queued on every iteration by the loop itself (`FdWatch::hup`, `run.rs`), as a
+//! level-triggered registration would have it, without a syscall to make it one (one per
+//! closed connection); urgent data alone, or a Python reader, drops edge-triggering for good
+//! (`Event::hangup`). While a writer is also
 //! registered (a transport with queued writes) the registration is level-triggered, so the
 //! writer keeps `selectors`' semantics.
 
@@ -164,9 +168,13 @@ impl LoopCore {
             let old_fileobj = w.fileobj.replace(fileobj.clone().unbind());
             let old_edge = w.reader_edge;
             let old_native = w.native_reader;
+            let old_hup = w.hup;
             if reader {
                 w.reader_edge = edge;
                 w.native_reader = native;
+                // A new reader: the kernel reports a hang-up again (a registration reports
+                // the fd's current state).
+                w.hup = false;
             }
             let r = self.register(fd, &w, existed);
             match r {
@@ -183,6 +191,7 @@ impl LoopCore {
                     let new_fileobj = std::mem::replace(&mut w.fileobj, old_fileobj);
                     w.reader_edge = old_edge;
                     w.native_reader = old_native;
+                    w.hup = old_hup;
                     if existed {
                         st.fds.insert(fd, w);
                     }
@@ -214,6 +223,7 @@ impl LoopCore {
         let old = if reader {
             w.reader_edge = false;
             w.native_reader = None;
+            w.hup = false;
             w.reader.take()
         } else {
             w.writer.take()

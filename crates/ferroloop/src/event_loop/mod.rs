@@ -129,6 +129,10 @@ pub(crate) struct FdWatch {
     /// The reader is a native transport's `_read_ready`: its events are queued as
     /// `Ready::Reader` and run without the call through Python (see `run.rs`).
     pub native_reader: Option<crate::transports::NativeReader>,
+    /// The edge-triggered native reader's fd reported EOF, a hang-up or an error: it stays
+    /// readable, so the reader is queued on every iteration from now on (`State::hup_next`),
+    /// as a level-triggered registration would have it, without a syscall to make it one.
+    pub hup: bool,
 }
 
 pub(crate) struct State {
@@ -152,6 +156,8 @@ pub(crate) struct State {
     /// dropped by `close`. It and the loop refer to each other; the collector sees that
     /// through `__traverse__`.
     pub loop_kwargs: Option<Py<pyo3::types::PyDict>>,
+    /// The fds whose readers (`FdWatch::hup`) are queued again in the next iteration.
+    pub hup_next: Vec<RawFd>,
 }
 
 /// An entry of the ready queue.
@@ -313,6 +319,7 @@ impl LoopCore {
                 pool: Vec::new(),
                 pool_surplus_since: None,
                 loop_kwargs: None,
+                hup_next: Vec::new(),
             }),
             shared: Arc::new(Shared {
                 debug: AtomicBool::new(false),

@@ -12,6 +12,7 @@
 //! 5. run exactly the callbacks that were ready at this point; callbacks they schedule wait for
 //!    the next iteration, after another poll.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -93,9 +94,18 @@ impl LoopCore {
         Ok((Some(timeout), has_fds))
     }
 
-    fn poll(&self, loop_obj: &Bound<'_, PyAny>, events: &mut Vec<Event>) -> PyResult<()> {
+    /// `busy`: work is queued for this iteration anyway (hung-up readers): do not sleep.
+    fn poll(
+        &self,
+        loop_obj: &Bound<'_, PyAny>,
+        events: &mut Vec<Event>,
+        busy: bool,
+    ) -> PyResult<()> {
         let py = loop_obj.py();
         let (mut timeout, has_fds) = self.compute_timeout(loop_obj)?;
+        if busy {
+            timeout = Some(0.0);
+        }
         if timeout == Some(0.0) && !has_fds {
             return Ok(());
         }
@@ -169,12 +179,26 @@ impl LoopCore {
                 let Some(w) = st.fds.get_mut(&fd) else {
                     continue;
                 };
+                let mut queued = false;
                 if ev.hangup && w.reader_edge {
-                    // EOF, an error or urgent data may outlast the reader's next read: from
-                    // now on the kernel reports the fd for as long as it is readable.
-                    self.level_trigger(fd, w).map_err(os_error)?;
+                    if ev.eof && w.native_reader.is_some() {
+                        // EOF or an error may outlast the reader's next read, and the fd stays
+                        // readable: the reader is queued on every iteration from now on
+                        // (`requeue_hung_up`), as level-triggering would have it. (Once
+                        // flagged, that is what queues it: not its events too.)
+                        queued = w.hup;
+                        if !w.hup {
+                            w.hup = true;
+                            st.hup_next.push(fd);
+                        }
+                    } else {
+                        // Urgent data may outlast the reader's next read (and a Python reader
+                        // is not known to finish at EOF): from now on the kernel reports the
+                        // fd for as long as it is readable.
+                        self.level_trigger(fd, w).map_err(os_error)?;
+                    }
                 }
-                if ev.readable {
+                if ev.readable && !queued {
                     if let Some(h) = &w.reader {
                         if h.get().is_cancelled() {
                             stale.push((fd, true));
@@ -203,6 +227,32 @@ impl LoopCore {
         Ok(())
     }
 
+    /// Queues again the native readers of hung-up fds (`FdWatch::hup`) that are still
+    /// registered: once per iteration, as a level-triggered fd that stays readable is
+    /// reported. A reader at EOF removes itself (the transport closes or half-closes).
+    fn requeue_hung_up(&self, py: Python<'_>, fds: Vec<RawFd>) -> PyResult<()> {
+        if fds.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.state.borrow_mut(py)?;
+        let st = &mut *st;
+        for fd in fds {
+            let Some(w) = st.fds.get(&fd) else {
+                continue;
+            };
+            if !w.hup || !w.reader_edge {
+                continue;
+            }
+            if let (Some(h), Some(n)) = (&w.reader, w.native_reader) {
+                if !h.get().is_cancelled() {
+                    st.ready.push_back(Ready::Reader(h.clone_ref(py), n));
+                    st.hup_next.push(fd);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn collect_due_timers(&self, loop_obj: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = loop_obj.py();
         if self.state.borrow_mut(py)?.timers.is_empty() {
@@ -225,15 +275,21 @@ impl LoopCore {
         // The event list is reused from one iteration to the next (no allocation per poll).
         let mut events = EVENTS.with(|e| e.take());
         events.clear();
-        let polled = self.poll(loop_obj, &mut events).and_then(|()| {
-            if events.is_empty() {
-                Ok(())
-            } else {
-                self.process_events(py, &events)
-            }
-        });
+        // The hung-up readers queued again this iteration: those pending before this poll
+        // (one hung up by an event of this poll was queued by it).
+        let hung_up = std::mem::take(&mut self.state.borrow_mut(py)?.hup_next);
+        let polled = self
+            .poll(loop_obj, &mut events, !hung_up.is_empty())
+            .and_then(|()| {
+                if events.is_empty() {
+                    Ok(())
+                } else {
+                    self.process_events(py, &events)
+                }
+            });
         EVENTS.with(|e| e.set(events));
         polled?;
+        self.requeue_hung_up(py, hung_up)?;
         self.collect_due_timers(loop_obj)?;
 
         let ntodo = self.state.borrow_mut(py)?.ready.len();

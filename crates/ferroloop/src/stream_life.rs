@@ -1,0 +1,1131 @@
+//! The native life of a stream transport (`python/ferroloop/_net/transports.py`): its
+//! construction, the start of reading, EOF, `close()` and `connection_lost`.
+//!
+//! A server under connection churn runs each of these once per connection, and as Python
+//! methods they were most of what a short connection cost besides the kernel (a dozen frames:
+//! two `__init__`s, `set_protocol`, `_add_reader`, `_read_ready__on_eof`, `close`, two
+//! `_call_connection_lost`s, `_complete_extra`, `_build_extra`, `_forget_fd`, the table's
+//! `discard`, `socket.close`, `_real_close`, `__del__`). Here they are the same steps on the
+//! same slots, in the same order, with the same errors.
+//!
+//! Ground rules:
+//! - Only an instance of exactly `StreamTransport` over exactly `socket.socket` takes these
+//!   paths; a subclass (`SocketMethodsStreamTransport`, a user's) or another call shape
+//!   forwards to the Python method, kept on the class as `_<name>_py`, which stays the
+//!   reference behaviour.
+//! - User code (the protocol's callbacks, `Server._attach`/`_detach`) is called exactly where
+//!   the Python methods call it; the loop is called through its native core.
+//! - Debug mode takes the Python paths where they log.
+
+use std::ffi::CStr;
+use std::os::raw::c_int;
+
+use pyo3::exceptions::{PyConnectionError, PyOSError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+use pyo3::{ffi, intern};
+
+use crate::event_loop::fastcall::trampoline;
+use crate::event_loop::LoopCore;
+use crate::slots::{small_int, truthy, SlotTable};
+use crate::transports::{forward, takes, Raw};
+
+/// The objects the paths need, taken from the Python module once.
+struct Life {
+    /// `StreamTransport`.
+    cls: Py<PyType>,
+    /// `socket.socket`.
+    socket_type: Py<PyType>,
+    buffered_protocol: Py<PyAny>,
+    /// `_NO_QUEUE`: the empty write queue.
+    no_queue: Py<PyAny>,
+    high_water: Py<PyAny>,
+    low_water: Py<PyAny>,
+    /// `_socket.socket.close`, the C method `socket.socket._real_close` calls.
+    raw_close: Py<PyAny>,
+    /// `StreamTransport._read_ready` and `_call_connection_lost` (the native descriptors).
+    read_ready: Py<PyAny>,
+    call_connection_lost: Py<PyAny>,
+    start_reading: Py<PyAny>,
+    /// `_CLOSED_EXTRA`: marks the tuple `_extra` holds after the native connection_lost.
+    closed_extra: Py<PyAny>,
+    /// `asyncio.Protocol.eof_received` (does nothing, returns None).
+    protocol_eof_received: Py<PyAny>,
+}
+
+static LIFE: PyOnceLock<Life> = PyOnceLock::new();
+
+/// The transport's slots these paths use (see `slots.rs`).
+static SLOTS: SlotTable<17> = SlotTable::new([
+    "_extra",
+    "_loop",
+    "_sock",
+    "_sock_fd",
+    "_protocol",
+    "_server",
+    "_buffer",
+    "_buffer_size",
+    "_conn_lost",
+    "_closing",
+    "_protocol_paused",
+    "_high_water",
+    "_low_water",
+    "_buffered",
+    "_eof",
+    "_paused",
+    "_empty_waiter",
+]);
+const EXTRA: usize = 0;
+const LOOP: usize = 1;
+const SOCK: usize = 2;
+const SOCK_FD: usize = 3;
+const PROTOCOL: usize = 4;
+const SERVER: usize = 5;
+const BUFFER: usize = 6;
+const BUFFER_SIZE: usize = 7;
+const CONN_LOST: usize = 8;
+const CLOSING: usize = 9;
+const PROTOCOL_PAUSED: usize = 10;
+const HIGH_WATER: usize = 11;
+const LOW_WATER: usize = 12;
+const BUFFERED: usize = 13;
+const EOF: usize = 14;
+const PAUSED: usize = 15;
+const EMPTY_WAITER: usize = 16;
+
+/// `socket.socket`'s own slots.
+static SOCKET_SLOTS: SlotTable<2> = SlotTable::new(["_io_refs", "_closed"]);
+const IO_REFS: usize = 0;
+const CLOSED: usize = 1;
+
+/// The head of CPython's `PySocketSockObject` (`Modules/socketmodule.h`, the same from 3.9 to
+/// 3.13 on POSIX, where `SOCKET_T` is an int).
+#[repr(C)]
+struct SockHead {
+    ob_base: ffi::PyObject,
+    fd: c_int,
+    family: c_int,
+    stype: c_int,
+    proto: c_int,
+}
+
+/// `tr` is exactly `StreamTransport` (then its native paths apply).
+#[inline(always)]
+fn exact(tr: &Bound<'_, PyAny>) -> Option<&'static Life> {
+    let l = LIFE.get(tr.py())?;
+    // SAFETY: a live object's type.
+    (unsafe { ffi::Py_TYPE(tr.as_ptr()) } == l.cls.as_ptr().cast()).then_some(l)
+}
+
+/// `sock` is exactly `socket.socket`: its C fields (family, type, proto), else None.
+/// The fd an exact `socket.socket` holds (its C field), else None.
+fn socket_fd(l: &Life, sock: &Bound<'_, PyAny>) -> Option<c_int> {
+    socket_fields(l, sock)?;
+    // SAFETY: an exact `socket.socket` (checked above) starts with `SockHead`.
+    Some(unsafe { (*sock.as_ptr().cast::<SockHead>()).fd })
+}
+
+fn socket_fields(l: &Life, sock: &Bound<'_, PyAny>) -> Option<(c_int, c_int, c_int)> {
+    // SAFETY: a live object's type; an exact `socket.socket` starts with `SockHead`.
+    unsafe {
+        if ffi::Py_TYPE(sock.as_ptr()) != l.socket_type.as_ptr().cast() {
+            return None;
+        }
+        let h = sock.as_ptr().cast::<SockHead>();
+        Some(((*h).family, (*h).stype, (*h).proto))
+    }
+}
+
+fn is_tcp((family, stype, proto): (c_int, c_int, c_int)) -> bool {
+    (family == libc::AF_INET || family == libc::AF_INET6)
+        && stype == libc::SOCK_STREAM
+        && proto == libc::IPPROTO_TCP
+}
+
+extern "C" {
+    // CPython's MRO lookup through the type's method cache (exported 3.9-3.13; see streams.rs):
+    // a borrowed reference or NULL, no exception, no code run.
+    fn _PyType_Lookup(ty: *mut ffi::PyTypeObject, name: *mut ffi::PyObject) -> *mut ffi::PyObject;
+}
+
+/// `LoopCore.call_soon` (the method descriptor).
+static CORE_CALL_SOON: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Whether `lp.call_soon` is the loop core's own method: nothing replaced it on the class or
+/// on the instance (where `ferroloop.Loop` may keep the core's method bound, before 3.12).
+fn native_call_soon(lp: &Bound<'_, PyAny>) -> bool {
+    let py = lp.py();
+    let Ok(descr) = CORE_CALL_SOON
+        .get_or_try_init(py, || {
+            py.get_type::<LoopCore>()
+                .getattr("call_soon")
+                .map(Bound::unbind)
+        })
+        .map(|d| d.as_ptr())
+    else {
+        return false;
+    };
+    let name = intern!(py, "call_soon");
+    // SAFETY: live objects; `_PyType_Lookup` returns a borrowed reference (only compared);
+    // `PyObject_GenericGetDict` returns a new reference or NULL with an exception set; an
+    // exact method descriptor and a builtin method have the layouts read.
+    unsafe {
+        if _PyType_Lookup(ffi::Py_TYPE(lp.as_ptr()), name.as_ptr()) != descr {
+            return false;
+        }
+        let d = ffi::PyObject_GenericGetDict(lp.as_ptr(), std::ptr::null_mut());
+        if d.is_null() {
+            drop(PyErr::take(py));
+            return false;
+        }
+        let d = Bound::from_owned_ptr(py, d);
+        let Ok(d) = d.cast::<PyDict>() else {
+            return false;
+        };
+        match d.get_item(name) {
+            Ok(None) => true,
+            Ok(Some(m)) => {
+                if ffi::Py_TYPE(m.as_ptr()) != std::ptr::addr_of_mut!(ffi::PyCFunction_Type)
+                    || ffi::Py_TYPE(descr) != std::ptr::addr_of_mut!(ffi::PyMethodDescr_Type)
+                {
+                    return false;
+                }
+                let f = m.as_ptr().cast::<ffi::PyCFunctionObject>();
+                let def = (*descr.cast::<ffi::PyMethodDescrObject>()).d_method;
+                (*f).m_self == lp.as_ptr() && (*f).m_ml == def
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// `loop.call_soon(callback, *args)` (the loop's own method: an override is honoured).
+fn call_soon(
+    lp: &Bound<'_, PyAny>,
+    callback: &Bound<'_, PyAny>,
+    args: &[&Bound<'_, PyAny>],
+) -> PyResult<()> {
+    if let Ok(core) = lp.cast::<LoopCore>() {
+        if native_call_soon(lp) {
+            let py = lp.py();
+            let a = match args {
+                [one] => crate::handles::Args::One((*one).clone().unbind()),
+                _ => crate::handles::Args::Many(PyTuple::new(py, args)?.unbind()),
+            };
+            core.get().call_soon_impl(py, callback, a, None)?;
+            return Ok(());
+        }
+    }
+    let mut v: Vec<*mut ffi::PyObject> = Vec::with_capacity(args.len() + 2);
+    v.push(lp.as_ptr());
+    v.push(callback.as_ptr());
+    v.extend(args.iter().map(|a| a.as_ptr()));
+    // SAFETY: live objects; `v` holds `self` then the arguments.
+    unsafe {
+        let r = ffi::PyObject_VectorcallMethod(
+            intern!(lp.py(), "call_soon").as_ptr(),
+            v.as_ptr(),
+            v.len() | ffi::PY_VECTORCALL_ARGUMENTS_OFFSET,
+            std::ptr::null_mut(),
+        );
+        Bound::from_owned_ptr_or_err(lp.py(), r).map(drop)
+    }
+}
+
+/// The loop's fd -> transport table (`loop._transports`), without creating it.
+fn transport_table<'py>(lp: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    instance_dict(lp)?.get_item(intern!(lp.py(), "_net_transports"))
+}
+
+/// `obj.__dict__` of an instance of a class with one (the loop, a server).
+fn instance_dict<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    // SAFETY: a live object; a new reference or NULL with an exception set.
+    let d = unsafe {
+        Bound::from_owned_ptr_or_err(
+            obj.py(),
+            ffi::PyObject_GenericGetDict(obj.as_ptr(), std::ptr::null_mut()),
+        )?
+    };
+    Ok(d.cast_into::<PyDict>()?)
+}
+
+// ---- the server's connection count -----------------------------------------------------------
+
+/// `Server` (`python/ferroloop/_net/server.py`) and its `_attach` / `_detach` functions.
+struct ServerClass {
+    cls: Py<PyType>,
+    attach: Py<PyAny>,
+    detach: Py<PyAny>,
+}
+
+static SERVER_CLASS: PyOnceLock<ServerClass> = PyOnceLock::new();
+
+/// Registers ferroloop's `Server` class: its `_attach` / `_detach` then run natively for
+/// an exact instance whose class and instance still have those functions.
+#[pyfunction]
+pub fn install_server_class(cls: &Bound<'_, PyType>) -> PyResult<()> {
+    let d = cls.getattr("__dict__")?;
+    let s = ServerClass {
+        cls: cls.clone().unbind(),
+        attach: d.get_item("_attach")?.unbind(),
+        detach: d.get_item("_detach")?.unbind(),
+    };
+    let _ = SERVER_CLASS.set(cls.py(), s);
+    Ok(())
+}
+
+/// The server's instance dict when `server.<name>` is `Server`'s own function `f`, unshadowed.
+fn plain_server<'py>(
+    server: &Bound<'py, PyAny>,
+    name: &Bound<'py, pyo3::types::PyString>,
+    pick: fn(&ServerClass) -> &Py<PyAny>,
+) -> Option<Bound<'py, PyDict>> {
+    let sv = SERVER_CLASS.get(server.py())?;
+    // SAFETY: a live object's type; `_PyType_Lookup` returns a borrowed reference (compared).
+    unsafe {
+        let ty = ffi::Py_TYPE(server.as_ptr());
+        if ty != sv.cls.as_ptr().cast() || _PyType_Lookup(ty, name.as_ptr()) != pick(sv).as_ptr() {
+            return None;
+        }
+    }
+    let d = instance_dict(server).ok()?;
+    match d.contains(name) {
+        Ok(false) => Some(d),
+        _ => None,
+    }
+}
+
+/// `server._attach(tr)`: `assert self._sockets is not None; self._active_count += 1`.
+fn server_attach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = server.py();
+    if let Some(d) = plain_server(server, intern!(py, "_attach"), |s| &s.attach) {
+        let sockets = d.get_item(intern!(py, "_sockets"))?;
+        let count = d.get_item(intern!(py, "_active_count"))?;
+        if let (Some(sockets), Some(count)) = (sockets, count) {
+            if !sockets.is_none() {
+                return d.set_item(intern!(py, "_active_count"), count.add(1)?);
+            }
+        }
+    }
+    // (Also what raises the AssertionError.)
+    server.call_method1(intern!(py, "_attach"), (tr,))?;
+    Ok(())
+}
+
+/// `server._detach(tr)`: one connection fewer; the last one of a closed server wakes
+/// `wait_closed()`.
+fn server_detach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = server.py();
+    if let Some(d) = plain_server(server, intern!(py, "_detach"), |s| &s.detach) {
+        if let Some(count) = d.get_item(intern!(py, "_active_count"))? {
+            let count = count.sub(1)?;
+            d.set_item(intern!(py, "_active_count"), &count)?;
+            if count.eq(0)? {
+                let closed = match d.get_item(intern!(py, "_sockets"))? {
+                    Some(s) => s.is_none(),
+                    None => server.getattr(intern!(py, "_sockets"))?.is_none(),
+                };
+                if closed {
+                    server.call_method0(intern!(py, "_wakeup"))?;
+                }
+            }
+            return Ok(());
+        }
+    }
+    server.call_method1(intern!(py, "_detach"), (tr,))?;
+    Ok(())
+}
+
+// ---- __init__ ----------------------------------------------------------------------------
+
+/// `StreamTransport.__init__(loop, sock, protocol, waiter, extra, server, peername)` with no
+/// waiter and no extra (an accepted connection): `SocketTransportBase.__init__` and
+/// `StreamTransport.__init__` in one.
+fn init(
+    l: &Life,
+    tr: &Bound<'_, PyAny>,
+    lp: &Bound<'_, PyAny>,
+    sock: &Bound<'_, PyAny>,
+    protocol: &Bound<'_, PyAny>,
+    server: &Bound<'_, PyAny>,
+    peername: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = tr.py();
+    let s = SLOTS.reader(tr);
+    let peername = if peername.is_none() {
+        match sock.call_method0(intern!(py, "getpeername")) {
+            Ok(p) => p,
+            Err(e) if e.is_instance_of::<PyOSError>(py) => py.None().into_bound(py),
+            Err(e) => return Err(e),
+        }
+    } else {
+        peername.clone()
+    };
+    s.set(EXTRA, &peername)?;
+    s.set(LOOP, lp)?;
+    s.set(SOCK, sock)?;
+    // sock.fileno()
+    let fd = match socket_fd(l, sock) {
+        Some(fd) => fd.into_pyobject(py)?.into_any(),
+        None => sock.call_method0(intern!(py, "fileno"))?,
+    };
+    s.set(SOCK_FD, &fd)?;
+    let none = py.None().into_bound(py);
+    s.set(PROTOCOL, &none)?;
+    // StreamTransport.set_protocol
+    let buffered = protocol.is_instance(l.buffered_protocol.bind(py))?;
+    s.set(
+        BUFFERED,
+        &pyo3::types::PyBool::new(py, buffered).to_owned().into_any(),
+    )?;
+    s.set(PROTOCOL, protocol)?;
+    s.set(SERVER, server)?;
+    s.set(BUFFER, l.no_queue.bind(py))?;
+    let zero = 0i32.into_pyobject(py)?.into_any();
+    s.set(BUFFER_SIZE, &zero)?;
+    s.set(CONN_LOST, &zero)?;
+    let false_ = pyo3::types::PyBool::new(py, false).to_owned().into_any();
+    s.set(CLOSING, &false_)?;
+    s.set(PROTOCOL_PAUSED, &false_)?;
+    s.set(HIGH_WATER, l.high_water.bind(py))?;
+    s.set(LOW_WATER, l.low_water.bind(py))?;
+    if !server.is_none() {
+        server_attach(server, tr)?;
+    }
+    let table = match transport_table(lp)? {
+        Some(t) => t,
+        None => lp.getattr(intern!(py, "_transports"))?,
+    };
+    let refs = table.getattr(intern!(py, "_refs"))?;
+    // SAFETY: `tr` is live and weakly referenceable (its class has `__weakref__`); a new
+    // reference or NULL with an exception set.
+    let wr = unsafe {
+        Bound::from_owned_ptr_or_err(py, ffi::PyWeakref_NewRef(tr.as_ptr(), std::ptr::null_mut()))?
+    };
+    refs.set_item(&fd, wr)?;
+    s.set(EOF, &false_)?;
+    s.set(PAUSED, &false_)?;
+    s.set(EMPTY_WAITER, &none)?;
+    if let Some(fields) = socket_fields(l, sock) {
+        if is_tcp(fields) {
+            let one: c_int = 1;
+            let fd = small_int(&fd)?;
+            // SAFETY: setsockopt with a properly sized int option value.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_NODELAY,
+                    (&one as *const c_int).cast(),
+                    std::mem::size_of::<c_int>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                return Err(crate::errors::os_error(std::io::Error::last_os_error()));
+            }
+        }
+    }
+    let made = protocol.getattr(intern!(py, "connection_made"))?;
+    call_soon(lp, &made, &[tr])?;
+    // Only start reading once connection_made() has been called.
+    call_soon(lp, l.start_reading.bind(py), &[tr])?;
+    Ok(())
+}
+
+unsafe extern "C" fn init_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        let fast = exact(&tr).filter(|_| unsafe { takes(7, nargsf, kwnames) });
+        let Some(l) = fast else {
+            // SAFETY: as above.
+            return unsafe { forward(&tr, intern!(py, "_init_py"), args, nargsf, kwnames) };
+        };
+        // SAFETY: seven positional arguments, live borrowed references.
+        let a = |i: usize| unsafe { Bound::from_borrowed_ptr(py, *args.add(i)) };
+        let (lp, sock, protocol, waiter, extra, server, peername) =
+            (a(0), a(1), a(2), a(3), a(4), a(5), a(6));
+        if !waiter.is_none() || !extra.is_none() || socket_fields(l, &sock).is_none() {
+            // SAFETY: as above.
+            return unsafe { forward(&tr, intern!(py, "_init_py"), args, nargsf, kwnames) };
+        }
+        init(l, &tr, &lp, &sock, &protocol, &server, &peername).map(|()| py.None())
+    })
+}
+
+// ---- reading starts ------------------------------------------------------------------------
+
+/// `_add_reader(fd, type(self)._read_ready, self)` as `__init__` schedules it: nothing if the
+/// protocol paused reading or closed the transport in connection_made.
+fn start_reading(l: &Life, tr: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = tr.py();
+    let s = SLOTS.reader(tr);
+    if truthy(&s.get(PAUSED)?)? || truthy(&s.get(CLOSING)?)? {
+        return Ok(());
+    }
+    let fd = s.get(SOCK_FD)?;
+    let sock = s.get(SOCK)?;
+    let lp = s.get(LOOP)?;
+    let args = PyTuple::new(py, [tr])?;
+    let edge = socket_fields(l, &sock)
+        .is_some_and(|(family, _, _)| family == libc::AF_INET || family == libc::AF_INET6);
+    match lp.cast::<LoopCore>() {
+        Ok(core) if edge => {
+            core.get()
+                ._add_reader_edge_impl(py, &fd, l.read_ready.bind(py), &args)?;
+        }
+        _ => {
+            tr.call_method1(intern!(py, "_add_reader"), (fd, l.read_ready.bind(py), tr))?;
+        }
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn start_reading_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        let fast = exact(&tr).filter(|_| unsafe { takes(0, nargsf, kwnames) });
+        let Some(l) = fast else {
+            // SAFETY: as above.
+            return unsafe {
+                forward(&tr, intern!(py, "_start_reading_py"), args, nargsf, kwnames)
+            };
+        };
+        start_reading(l, &tr).map(|()| py.None())
+    })
+}
+
+// ---- EOF and close -------------------------------------------------------------------------
+
+/// `_read_ready__on_eof`: the peer closed its side. Called by the native read paths.
+pub(crate) fn on_eof(tr: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = tr.py();
+    let Some(l) = exact(tr) else {
+        tr.call_method0(intern!(py, "_read_ready__on_eof"))?;
+        return Ok(());
+    };
+    let s = SLOTS.reader(tr);
+    let lp = s.get(LOOP)?;
+    let core = match lp.cast::<LoopCore>() {
+        Ok(c) if !c.get().shared.debug() => c.clone(),
+        // Debug mode logs the EOF.
+        _ => {
+            tr.call_method0(intern!(py, "_read_ready__on_eof"))?;
+            return Ok(());
+        }
+    };
+    let protocol = s.get(PROTOCOL)?;
+    let keep_open = if plain_eof_received(l, &protocol) {
+        // asyncio.Protocol's own eof_received: it does nothing and returns None.
+        Ok(py.None().into_bound(py))
+    } else {
+        protocol.call_method0(intern!(py, "eof_received"))
+    };
+    let keep_open = match keep_open {
+        Ok(k) => k,
+        Err(e) => {
+            return crate::transports::fatal(
+                tr,
+                e,
+                "Fatal error: protocol.eof_received() call failed.",
+            )
+        }
+    };
+    if truthy(&keep_open)? {
+        // Half-closed: stop reading, the protocol may still write.
+        core.get()._remove_reader_impl(py, &s.get(SOCK_FD)?)?;
+        Ok(())
+    } else {
+        close(l, tr)
+    }
+}
+
+extern "C" {
+    // What `obj.name(...)` does before a call (exported 3.9-3.13; see streams.rs).
+    fn _PyObject_GetMethod(
+        obj: *mut ffi::PyObject,
+        name: *mut ffi::PyObject,
+        method: *mut *mut ffi::PyObject,
+    ) -> c_int;
+}
+
+/// `protocol.eof_received` is `asyncio.Protocol.eof_received` itself (not replaced on the
+/// class, not shadowed on the instance).
+fn plain_eof_received(l: &Life, protocol: &Bound<'_, PyAny>) -> bool {
+    let py = protocol.py();
+    let mut found = std::ptr::null_mut();
+    // SAFETY: live objects; `found` receives a new reference or NULL (with an exception set,
+    // which is cleared: the call then runs and raises it again).
+    let unbound = unsafe {
+        _PyObject_GetMethod(
+            protocol.as_ptr(),
+            intern!(py, "eof_received").as_ptr(),
+            &mut found,
+        )
+    };
+    if found.is_null() {
+        drop(PyErr::take(py));
+        return false;
+    }
+    let same = unbound == 1 && found == l.protocol_eof_received.as_ptr();
+    // SAFETY: the new reference `_PyObject_GetMethod` returned.
+    unsafe { ffi::Py_DECREF(found) };
+    same
+}
+
+/// `close()`.
+fn close(l: &Life, tr: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = tr.py();
+    let s = SLOTS.reader(tr);
+    if truthy(&s.get(CLOSING)?)? {
+        return Ok(());
+    }
+    let lp = s.get(LOOP)?;
+    let Ok(core) = lp.cast::<LoopCore>() else {
+        tr.call_method0(intern!(py, "_close_py"))?;
+        return Ok(());
+    };
+    s.set(
+        CLOSING,
+        &pyo3::types::PyBool::new(py, true).to_owned().into_any(),
+    )?;
+    let fd = s.get(SOCK_FD)?;
+    core.get()._remove_reader_impl(py, &fd)?;
+    if !truthy(&s.get(BUFFER)?)? {
+        let n = s.get(CONN_LOST)?.add(1)?;
+        s.set(CONN_LOST, &n)?;
+        core.get()._remove_writer_impl(py, &fd)?;
+        call_soon(
+            &lp,
+            l.call_connection_lost.bind(py),
+            &[tr, &py.None().into_bound(py)],
+        )?;
+    }
+    Ok(())
+}
+
+/// `_fatal_error(exc, message)` for a routine error (an `OSError`: a reset, a broken pipe...)
+/// outside debug mode, where asyncio only closes the transport (`_force_close(exc)`): done
+/// here. Returns false when the Python method must run (another error, debug mode, another
+/// class).
+pub(crate) fn fatal_routine(tr: &Bound<'_, PyAny>, exc: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = tr.py();
+    let Some(l) = exact(tr) else {
+        return Ok(false);
+    };
+    if !exc.is_instance_of::<PyOSError>() {
+        return Ok(false);
+    }
+    let s = SLOTS.reader(tr);
+    let lp = s.get(LOOP)?;
+    let core = match lp.cast::<LoopCore>() {
+        Ok(c) if !c.get().shared.debug() => c.clone(),
+        _ => return Ok(false),
+    };
+    // _force_close(exc)
+    if truthy(&s.get(CONN_LOST)?)? {
+        return Ok(true);
+    }
+    let fd = s.get(SOCK_FD)?;
+    let buffer = s.get(BUFFER)?;
+    if truthy(&buffer)? {
+        buffer.call_method0(intern!(py, "clear"))?;
+        s.set(BUFFER_SIZE, &0i32.into_pyobject(py)?.into_any())?;
+        core.get()._remove_writer_impl(py, &fd)?;
+    }
+    if !truthy(&s.get(CLOSING)?)? {
+        s.set(
+            CLOSING,
+            &pyo3::types::PyBool::new(py, true).to_owned().into_any(),
+        )?;
+        core.get()._remove_reader_impl(py, &fd)?;
+    }
+    let n = s.get(CONN_LOST)?.add(1)?;
+    s.set(CONN_LOST, &n)?;
+    call_soon(&lp, l.call_connection_lost.bind(py), &[tr, exc])?;
+    Ok(true)
+}
+
+unsafe extern "C" fn close_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        let fast = exact(&tr).filter(|_| unsafe { takes(0, nargsf, kwnames) });
+        let Some(l) = fast else {
+            // SAFETY: as above.
+            return unsafe { forward(&tr, intern!(py, "_close_py"), args, nargsf, kwnames) };
+        };
+        close(l, &tr).map(|()| py.None())
+    })
+}
+
+// ---- connection_lost -----------------------------------------------------------------------
+
+/// `_call_connection_lost(exc)`: `StreamTransport`'s and `SocketTransportBase`'s.
+fn call_connection_lost(l: &Life, tr: &Bound<'_, PyAny>, exc: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = tr.py();
+    let s = SLOTS.reader(tr);
+    let lost = (|| {
+        // `self._protocol_connected`: a class attribute (the instance has no __dict__).
+        // SAFETY: a live object's type; a borrowed reference or NULL, no code run.
+        let connected = unsafe {
+            _PyType_Lookup(
+                ffi::Py_TYPE(tr.as_ptr()),
+                intern!(py, "_protocol_connected").as_ptr(),
+            )
+        };
+        let connected = if connected.is_null() {
+            tr.getattr(intern!(py, "_protocol_connected"))?
+        } else {
+            // SAFETY: non-NULL, borrowed from the type's dict for this call.
+            unsafe { Bound::from_borrowed_ptr(py, connected) }
+        };
+        if truthy(&connected)? {
+            s.get(PROTOCOL)?
+                .call_method1(intern!(py, "connection_lost"), (exc,))?;
+        }
+        Ok(())
+    })();
+    // The `finally:` of SocketTransportBase._call_connection_lost.
+    let teardown = teardown(l, tr, &s);
+    // The `finally:` of StreamTransport._call_connection_lost.
+    let waiter = (|| {
+        let w = s.get(EMPTY_WAITER)?;
+        if !w.is_none() {
+            let err = PyConnectionError::new_err("Connection is closed by peer");
+            w.call_method1(intern!(py, "set_exception"), (err.into_value(py),))?;
+        }
+        Ok(())
+    })();
+    // As with nested try/finally: the last exception raised is the one that propagates.
+    waiter.and(teardown.and(lost))
+}
+
+fn teardown(
+    l: &Life,
+    tr: &Bound<'_, PyAny>,
+    s: &crate::slots::SlotReader<'_, '_, 17>,
+) -> PyResult<()> {
+    let py = tr.py();
+    let extra = s.get(EXTRA)?;
+    if !extra.is_instance_of::<PyDict>() {
+        // _complete_extra(), while the socket can still tell its name.
+        complete_extra(l, s, &extra)?;
+    }
+    let lp = s.get(LOOP)?;
+    let fd = s.get(SOCK_FD)?;
+    // _forget_fd(loop): TransportTable.discard(fd, self)
+    if let Some(table) = transport_table(&lp)? {
+        let refs = table.getattr(intern!(py, "_refs"))?;
+        let refs = refs.cast::<PyDict>()?;
+        if let Some(r) = refs.get_item(&fd)? {
+            let mut obj = std::ptr::null_mut();
+            // SAFETY: `r` is live; PyWeakref_GetRef checks its type, and returns a new
+            // reference (1), NULL for a dead referent (0) or -1 with an exception set.
+            let got = unsafe { ffi::compat::PyWeakref_GetRef(r.as_ptr(), &mut obj) };
+            if got < 0 {
+                return Err(PyErr::fetch(py));
+            }
+            let same = obj.is_null() || obj == tr.as_ptr();
+            if !obj.is_null() {
+                // SAFETY: the new reference just returned.
+                unsafe { ffi::Py_DECREF(obj) };
+            }
+            if same {
+                refs.del_item(&fd)?;
+            }
+        }
+    }
+    let sock = s.get(SOCK)?;
+    close_socket(l, &sock)?;
+    let none = py.None().into_bound(py);
+    s.set(SOCK, &none)?;
+    s.set(PROTOCOL, &none)?;
+    s.set(LOOP, &none)?;
+    let server = s.get(SERVER)?;
+    if !server.is_none() {
+        server_detach(&server, tr)?;
+        s.set(SERVER, &none)?;
+    }
+    Ok(())
+}
+
+/// What `_complete_extra()` would need later, taken while the socket is open: `_extra`
+/// becomes `(_CLOSED_EXTRA, peername, sockname, socket)` and `_complete_extra` builds
+/// asyncio's dict from it if anyone asks (most closed transports are freed unasked).
+fn complete_extra(
+    l: &Life,
+    s: &crate::slots::SlotReader<'_, '_, 17>,
+    peername: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = peername.py();
+    let sock = s.get(SOCK)?;
+    if sock.is_none() {
+        let extra = PyDict::new(py);
+        extra.set_item(intern!(py, "peername"), peername)?;
+        return s.set(EXTRA, extra.as_any());
+    }
+    let name = match socket_fields(l, &sock) {
+        // Accepted by a server listening on one IPv4 address: that address.
+        Some((family, _, _)) if family == libc::AF_INET && server_local_name(s).is_some() => {
+            Ok(server_local_name(s))
+        }
+        // An inet socket's name read and formatted here (as the socket module does).
+        Some((family, _, _)) if family == libc::AF_INET || family == libc::AF_INET6 => {
+            let fd = small_int(&s.get(SOCK_FD)?)?;
+            crate::sock_io::local_address(py, fd).map(|a| a.map(|a| a.into_bound(py)))
+        }
+        _ => Ok(None),
+    };
+    let name = match name {
+        Ok(Some(n)) => Ok(n),
+        Ok(None) => sock.call_method0(intern!(py, "getsockname")),
+        Err(e) => Err(e),
+    };
+    let name = match name {
+        Ok(n) => n,
+        Err(e) if e.is_instance_of::<PyOSError>(py) => py.None().into_bound(py),
+        Err(e) => return Err(e),
+    };
+    let held = PyTuple::new(py, [l.closed_extra.bind(py), peername, &name, &sock])?;
+    s.set(EXTRA, held.as_any())
+}
+
+/// The `_local_name` of the transport's server (ferroloop's `Server`): the local address of
+/// every connection it accepted, when it listens on one IPv4 address.
+fn server_local_name<'py>(s: &crate::slots::SlotReader<'_, 'py, 17>) -> Option<Bound<'py, PyAny>> {
+    let server = s.get(SERVER).ok()?;
+    let sv = SERVER_CLASS.get(server.py())?;
+    // SAFETY: a live object's type.
+    if unsafe { ffi::Py_TYPE(server.as_ptr()) } != sv.cls.as_ptr().cast() {
+        return None;
+    }
+    let name = instance_dict(&server)
+        .ok()?
+        .get_item(intern!(server.py(), "_local_name"))
+        .ok()??;
+    name.is_exact_instance_of::<PyTuple>().then_some(name)
+}
+
+/// `sock.close()` for exactly `socket.socket`: `_closed = True`, then the C close unless a
+/// `makefile()` object still uses the socket.
+fn close_socket(l: &Life, sock: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = sock.py();
+    if socket_fields(l, sock).is_none() {
+        sock.call_method0(intern!(py, "close"))?;
+        return Ok(());
+    }
+    let s = SOCKET_SLOTS.reader(sock);
+    s.set(
+        CLOSED,
+        &pyo3::types::PyBool::new(py, true).to_owned().into_any(),
+    )?;
+    let io_refs = s.get(IO_REFS)?;
+    if io_refs.le(0)? {
+        l.raw_close.bind(py).call1((sock,))?;
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn call_connection_lost_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        let fast = exact(&tr).filter(|_| unsafe { takes(1, nargsf, kwnames) });
+        let Some(l) = fast else {
+            // SAFETY: as above.
+            return unsafe {
+                forward(
+                    &tr,
+                    intern!(py, "_call_connection_lost_py"),
+                    args,
+                    nargsf,
+                    kwnames,
+                )
+            };
+        };
+        // SAFETY: one positional argument, a live borrowed reference.
+        let exc = unsafe { Bound::from_borrowed_ptr(py, *args) };
+        call_connection_lost(l, &tr, &exc).map(|()| py.None())
+    })
+}
+
+// ---- __del__ -------------------------------------------------------------------------------
+
+unsafe extern "C" fn del_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: CPython passes a valid vectorcall triple.
+        if exact(&tr).is_some() && unsafe { takes(0, nargsf, kwnames) } {
+            // A closed transport (or one whose __init__ never set the socket): nothing to do.
+            if SLOTS.reader(&tr).get_or_none(SOCK)?.is_none() {
+                return Ok(py.None());
+            }
+        }
+        // SAFETY: as above.
+        unsafe { forward(&tr, intern!(py, "_del_py"), args, nargsf, kwnames) }
+    })
+}
+
+const METHODS: [(&CStr, Raw, &CStr); 5] = [
+    (
+        c"__init__",
+        init_raw,
+        c"__init__($self, loop, sock, protocol, waiter=None, extra=None, server=None, peername=None)\n--\n\n",
+    ),
+    (
+        c"_start_reading",
+        start_reading_raw,
+        c"_start_reading($self, /)\n--\n\nStart watching the socket for reading (after connection_made).",
+    ),
+    (
+        c"close",
+        close_raw,
+        c"close($self, /)\n--\n\nClose the transport: connection_lost follows in a later iteration.",
+    ),
+    (
+        c"_call_connection_lost",
+        call_connection_lost_raw,
+        c"_call_connection_lost($self, exc, /)\n--\n\n",
+    ),
+    (c"__del__", del_raw, c"__del__($self, /)\n--\n\n"),
+];
+
+/// Installs the native lifecycle on `StreamTransport` (the Python methods must already be
+/// kept as `_init_py`, `_start_reading_py`, `_close_py`, `_call_connection_lost_py` and
+/// `_del_py`).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn install_stream_lifecycle(
+    cls: &Bound<'_, PyType>,
+    socket_type: &Bound<'_, PyType>,
+    buffered_protocol: &Bound<'_, PyAny>,
+    no_queue: &Bound<'_, PyAny>,
+    high_water: &Bound<'_, PyAny>,
+    low_water: &Bound<'_, PyAny>,
+    raw_close: &Bound<'_, PyAny>,
+    closed_extra: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = cls.py();
+    crate::transports::install_methods_on_class(cls, &METHODS)?;
+    let l = Life {
+        cls: cls.clone().unbind(),
+        socket_type: socket_type.clone().unbind(),
+        buffered_protocol: buffered_protocol.clone().unbind(),
+        no_queue: no_queue.clone().unbind(),
+        high_water: high_water.clone().unbind(),
+        low_water: low_water.clone().unbind(),
+        raw_close: raw_close.clone().unbind(),
+        read_ready: cls.getattr("_read_ready")?.unbind(),
+        call_connection_lost: cls.getattr("_call_connection_lost")?.unbind(),
+        start_reading: cls.getattr("_start_reading")?.unbind(),
+        closed_extra: closed_extra.clone().unbind(),
+        protocol_eof_received: py
+            .import("asyncio.protocols")?
+            .getattr("Protocol")?
+            .getattr("__dict__")?
+            .get_item("eof_received")?
+            .unbind(),
+    };
+    let _ = LIFE.set(py, l);
+    Ok(())
+}
+
+// ---- accepting -----------------------------------------------------------------------------
+
+/// `socket.socket(family, type, proto, fd)` for a descriptor just accepted: the C socket's
+/// `__init__`, then the two slots `socket.socket.__init__` sets, without its Python frame.
+fn new_socket<'py>(
+    py: Python<'py>,
+    socket_type: &Bound<'py, PyType>,
+    family: c_int,
+    stype: c_int,
+    proto: c_int,
+    fd: c_int,
+) -> PyResult<Bound<'py, PyAny>> {
+    let args = PyTuple::new(
+        py,
+        [
+            family.into_pyobject(py)?,
+            stype.into_pyobject(py)?,
+            proto.into_pyobject(py)?,
+            fd.into_pyobject(py)?,
+        ],
+    )?;
+    // SAFETY: a live type (a subclass of `_socket.socket`): its `tp_new` and its base's
+    // `tp_init` are called as `type.__call__` and `_socket.socket.__init__` call them; each
+    // returns a new reference (or 0) or NULL (or -1) with an exception set.
+    let obj = unsafe {
+        let tp = socket_type.as_type_ptr();
+        let base = (*tp).tp_base;
+        let (Some(new), Some(init)) = ((*tp).tp_new, (*base).tp_init) else {
+            return Err(pyo3::exceptions::PyTypeError::new_err("not a socket type"));
+        };
+        let obj = Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), std::ptr::null_mut()))?;
+        if init(obj.as_ptr(), args.as_ptr(), std::ptr::null_mut()) != 0 {
+            return Err(PyErr::fetch(py));
+        }
+        obj
+    };
+    let s = SOCKET_SLOTS.reader(&obj);
+    s.set(IO_REFS, &0i32.into_pyobject(py)?.into_any())?;
+    s.set(
+        CLOSED,
+        &pyo3::types::PyBool::new(py, false).to_owned().into_any(),
+    )?;
+    Ok(obj)
+}
+
+/// One `accept4()` on a TCP listener (`sock_io::accept_inet`), the connection wrapped in a
+/// `socket.socket` of the given family, type and proto: `(sock, peer address)`, or None when
+/// there is nothing to accept.
+#[pyfunction]
+pub fn accept_socket<'py>(
+    py: Python<'py>,
+    fd: c_int,
+    socket_type: &Bound<'py, PyType>,
+    family: c_int,
+    stype: c_int,
+    proto: c_int,
+) -> PyResult<Option<(Bound<'py, PyAny>, Py<PyAny>)>> {
+    let Some((conn, addr)) = crate::sock_io::accept_inet(py, fd)? else {
+        return Ok(None);
+    };
+    match new_socket(py, socket_type, family, stype, proto, conn) {
+        Ok(sock) => Ok(Some((sock, addr))),
+        Err(e) => {
+            // SAFETY: `conn` was just accepted and no socket object took it.
+            unsafe { libc::close(conn) };
+            Err(e)
+        }
+    }
+}
+
+/// `_accept_plain_connection` (`python/ferroloop/_net/server.py`) for a loop whose
+/// `_make_socket_transport` is ferroloop's: the protocol factory, then the transport (for an
+/// exact `socket.socket`, `StreamTransport(...)` as `_make_socket_transport` calls it). An
+/// error is handled as asyncio's accept task handles it: reported in debug mode only, and the
+/// socket closed if no transport owns it.
+#[pyfunction]
+pub fn accept_plain_connection(
+    lp: &Bound<'_, PyAny>,
+    protocol_factory: &Bound<'_, PyAny>,
+    conn: &Bound<'_, PyAny>,
+    addr: &Bound<'_, PyAny>,
+    server: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = lp.py();
+    let mut protocol = None;
+    let mut transport = None;
+    let r = (|| {
+        let p = protocol_factory.call0()?;
+        protocol = Some(p.clone());
+        let t = match LIFE.get(py) {
+            Some(l) if socket_fields(l, conn).is_some() => {
+                let none = py.None().into_bound(py);
+                l.cls
+                    .bind(py)
+                    .call1((lp, conn, &p, &none, &none, server, addr))?
+            }
+            _ => {
+                let kw = PyDict::new(py);
+                kw.set_item(intern!(py, "server"), server)?;
+                kw.set_item(intern!(py, "peername"), addr)?;
+                lp.getattr(intern!(py, "_make_socket_transport"))?
+                    .call((conn, &p), Some(&kw))?
+            }
+        };
+        transport = Some(t);
+        Ok(())
+    })();
+    let Err(err) = r else {
+        return Ok(());
+    };
+    if crate::stdlib::is_exit_exception(py, &err) {
+        return Err(err);
+    }
+    if truthy(&lp.call_method0(intern!(py, "get_debug"))?)? {
+        let context = PyDict::new(py);
+        context.set_item(
+            intern!(py, "message"),
+            "Error on transport creation for incoming connection",
+        )?;
+        context.set_item(intern!(py, "exception"), err.into_value(py))?;
+        if let Some(p) = &protocol {
+            context.set_item(intern!(py, "protocol"), p)?;
+        }
+        if let Some(t) = &transport {
+            context.set_item(intern!(py, "transport"), t)?;
+        }
+        lp.call_method1(intern!(py, "call_exception_handler"), (context,))?;
+    }
+    if transport.is_none() {
+        conn.call_method0(intern!(py, "close"))?; // nobody else owns the socket
+    }
+    Ok(())
+}
+
+/// `_accept_connection`'s loop for a plain TCP listener outside debug mode: up to `backlog`
+/// connections accepted, each wrapped in a `socket.socket` (`accept_socket`) and its set-up
+/// scheduled as `loop.call_soon(setup, loop, protocol_factory, sock, addr, server)`. Returns
+/// when nothing more is pending; an error of `accept4` (out of fds...) is raised for the
+/// caller to handle, after the connections accepted before it were scheduled.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn accept_connections(
+    lp: &Bound<'_, PyAny>,
+    fd: c_int,
+    socket_type: &Bound<'_, PyType>,
+    family: c_int,
+    stype: c_int,
+    proto: c_int,
+    backlog: usize,
+    setup: &Bound<'_, PyAny>,
+    protocol_factory: &Bound<'_, PyAny>,
+    server: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = lp.py();
+    for _ in 0..backlog {
+        let Some((sock, addr)) = accept_socket(py, fd, socket_type, family, stype, proto)? else {
+            return Ok(());
+        };
+        call_soon(
+            lp,
+            setup,
+            &[lp, protocol_factory, &sock, addr.bind(py), server],
+        )?;
+    }
+    Ok(())
+}
