@@ -49,7 +49,8 @@ sys.path.insert(0, BENCH)
 import loops as loops_mod  # noqa: E402
 from _common import parse_list, save_results, table  # noqa: E402
 
-PY_LOOPS = list(loops_mod.LOOPS)  # asyncio, uvloop, rloop, ferroloop
+PY_LOOPS = list(loops_mod.LOOPS)  # asyncio, uvloop, rloop, rsloop, ferroloop
+PEERS = [n for n in PY_LOOPS if n not in ("asyncio", "ferroloop")]  # what ferroloop is held against
 SERVERS = PY_LOOPS + ["native"]
 BASELINE = "uvloop"
 BUILDS: Dict[str, set] = {}  # server -> extension builds seen in READY lines (a rebuild mid-run is flagged)
@@ -806,7 +807,7 @@ def report(meta: Dict[str, Any], probes: Dict[str, Dict[str, Any]], servers: Lis
                 rows.append([c.name, st(c, "ferroloop"), "", "", "", "", ""])
                 continue
             key = "kib_per_conn" if c.client == "idle" else "cpu_us_per_req"
-            peers = [(s, cell(c, s)) for s in ("uvloop", "rloop") if s in servers and cell(c, s)]
+            peers = [(s, cell(c, s)) for s in PEERS if s in servers and cell(c, s)]
             best = min(peers, key=lambda p: p[1][key]) if peers else None
             b = cell(c, BASELINE)
             nat = cell(c, "native")
