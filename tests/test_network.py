@@ -2392,6 +2392,10 @@ def test_accepted_connection_callback_error_is_reported_and_the_connection_still
 
 @pytest.mark.parametrize("action", ["pause_reading", "close"])
 def test_accepted_connection_made_may_pause_or_close_before_reading_starts(loop, action):
+    if action == "pause_reading" and sys.version_info < (3, 11) and not isinstance(loop, ferroloop.Loop):
+        # asyncio before 3.11 adds the reader even when connection_made paused reading
+        # (its `_add_reader` checked only `_closing`); ferroloop honours the pause there too.
+        pytest.skip("asyncio before 3.11 starts reading a transport paused in connection_made")
     async def main():
         events = []
         lost = loop.create_future()
