@@ -2326,7 +2326,9 @@ def test_churned_connections_run_every_callback_once_and_free_everything(loop):
         while len(lost) < n and loop.time() < deadline:
             await asyncio.sleep(0.01)
         assert len(lost) == n
-        assert server._active_count == 0  # (asyncio's private counter: every one counted out)
+        # Every connection counted out: asyncio's private counter (a set of clients from 3.13).
+        active = getattr(server, "_active_count", None)
+        assert (len(server._clients) if active is None else active) == 0
         assert all(calls == ["made", "data", "eof", ("lost", None, True, True)] for calls in log.values())
         for tr in lost:
             assert tr.is_closing()
