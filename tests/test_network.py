@@ -2742,3 +2742,45 @@ def test_accepted_connection_eof_received_inherited_or_set_on_the_instance(loop,
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
 
     run(loop, main())
+
+
+def test_server_closed_before_an_accepted_connection_is_set_up(loop, monkeypatch):
+    # The server is closed by the protocol factory, before the accepted connection's
+    # transport is made: the transport's constructor fails (Server._attach asserts the server
+    # is open) and the connection is dropped. The half-made transport is collected without an
+    # error from its __del__ (its repr must work with the attributes set so far); the server
+    # counts no connection, so wait_closed() returns; the peer sees the connection closed.
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    async def main():
+        made = []
+        server = None
+
+        class Proto(asyncio.Protocol):
+            def __init__(self):
+                server.close()
+
+            def connection_made(self, transport):
+                made.append(transport)
+
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        client = socket.create_connection(address)
+        try:
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+            gc.collect()
+            await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+            client.settimeout(TIMEOUT)
+            assert client.recv(10) == b""
+        finally:
+            client.close()
+        assert made == []
+
+    # (Both loops warn of the unclosed half-made transport, asyncio's when the collector frees
+    # it, ferroloop's as soon as its constructor failed.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        run(loop, main())
+    assert [u.exc_value for u in unraisable] == []
