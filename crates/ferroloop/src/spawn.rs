@@ -466,7 +466,15 @@ mod imp {
         fn drop(&mut self) {
             if self.data.is_some() {
                 // The child may still run on our data: wait until it exec'd or exits.
-                let _ = self.poll(true);
+                if self.poll(true).is_err() {
+                    // The pipe cannot tell (its fd was closed behind our back, and that
+                    // number may be another file's now: not closed here): the child may still
+                    // be running on the data, so it is leaked rather than freed.
+                    if let Some(data) = self.data.take() {
+                        std::mem::forget(data);
+                    }
+                    self.err_r = -1;
+                }
                 self.release();
             }
         }
