@@ -2784,3 +2784,64 @@ def test_server_closed_before_an_accepted_connection_is_set_up(loop, monkeypatch
         warnings.simplefilter("ignore", ResourceWarning)
         run(loop, main())
     assert [u.exc_value for u in unraisable] == []
+
+
+@pytest.mark.parametrize("how", ["eof_kept_open", "paused_at_eof", "closed_in_data"])
+def test_connection_at_eof_leaves_the_loop_idle(loop, how):
+    # The peer's data and FIN arrive together. However the protocol leaves the connection at
+    # EOF (half-closed by eof_received returning True, reading paused and never resumed, or
+    # closed from data_received with the FIN still unread), the loop must sleep afterwards, not
+    # poll the finished fd in a busy loop; each protocol callback runs as asyncio calls it.
+    async def main():
+        events = []
+        transports = []
+        settled = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                transports.append(transport)
+
+            def data_received(self, data):
+                events.append(("data", data))
+                if how == "paused_at_eof":
+                    self.transport.pause_reading()
+                    settled.set_result(None)
+                elif how == "closed_in_data":
+                    self.transport.close()
+
+            def eof_received(self):
+                events.append("eof")
+                settled.set_result(None)
+                return True
+
+            def connection_lost(self, exc):
+                events.append(("lost", exc))
+                if not settled.done():
+                    settled.set_result(None)
+
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        client = socket.create_connection(address, timeout=TIMEOUT)
+        try:
+            client.sendall(b"abc")
+            client.shutdown(socket.SHUT_WR)
+            await asyncio.wait_for(settled, TIMEOUT)
+            await asyncio.sleep(0.05)
+            cpu = time.process_time()
+            await asyncio.sleep(0.5)
+            cpu = time.process_time() - cpu
+        finally:
+            client.close()
+        server.close()
+        if how == "closed_in_data":
+            assert events == [("data", b"abc"), ("lost", None)]
+        elif how == "eof_kept_open":
+            assert events == [("data", b"abc"), "eof"]
+        else:
+            assert events == [("data", b"abc")]
+        assert cpu < 0.25, f"the loop used {cpu:.2f}s of CPU in 0.5s while idle"
+        transports[0].close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
