@@ -372,3 +372,55 @@ def test_cancelled_while_the_child_starts(loop, spawn_path, tmp_path, program):
         assert len(made) == 1
         with pytest.raises(ChildProcessError):
             os.waitpid(made[0], os.WNOHANG)
+
+
+def test_many_children_at_once_and_cancellations_at_every_step(loop, spawn_path):
+    # Sixty children started together, each fed and read through its pipes; then starts
+    # cancelled after 0 to 3 iterations (while the child is being started, its pipes
+    # connected, or after). Every child is reaped (no zombie, none left running) and, as the
+    # `loop` fixture checks, no fd is left open.
+    async def one(i):
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/cat", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        out, _ = await proc.communicate(b"child %d" % i)
+        return out, proc.returncode
+
+    async def main():
+        results = await asyncio.gather(*(one(i) for i in range(60)))
+        assert results == [(b"child %d" % i, 0) for i in range(60)]
+        pids = []
+        for step in range(24):
+            task = asyncio.ensure_future(asyncio.create_subprocess_exec(
+                PY, "-c", "import time; time.sleep(30)", stdout=subprocess.PIPE))
+            for _ in range(step % 4):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                proc = await task
+            except asyncio.CancelledError:
+                continue
+            pids.append(proc.pid)
+            proc.kill()
+            assert await proc.wait() == -signal.SIGKILL
+        return pids
+
+    before = _children()
+    run(loop, main())
+    assert _children() <= before
+
+
+def _children():
+    """The pids of this process's children (running or zombies)."""
+    me = str(os.getpid())
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[1] == me:
+            found.add(int(entry))
+    return found
