@@ -2845,3 +2845,40 @@ def test_connection_at_eof_leaves_the_loop_idle(loop, how):
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
 
     run(loop, main())
+
+
+def test_accepted_transport_sockname_after_close_transparent_listener(loop):
+    # A transparent proxy's listener (IP_TRANSPARENT, for TPROXY) accepts connections
+    # addressed to other hosts: a closed connection's local address is its own, never assumed
+    # to be the listener's (ferroloop does not take the listener's address for it then).
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_IP, getattr(socket, "IP_TRANSPARENT", 19), 1)
+    except PermissionError:
+        listener.close()
+        pytest.skip("IP_TRANSPARENT needs CAP_NET_ADMIN")
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    async def main():
+        lost = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                lost.set_result(self.transport)
+
+        server = await loop.create_server(Proto, sock=listener)
+        assert getattr(server, "_local_name", None) is None
+        assert await loop.run_in_executor(None, _churn_client, ("127.0.0.1", port)) == b"ping"
+        tr = await asyncio.wait_for(lost, TIMEOUT)
+        assert tr.get_extra_info("sockname") == ("127.0.0.1", port)
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
