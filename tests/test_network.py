@@ -2882,3 +2882,45 @@ def test_accepted_transport_sockname_after_close_transparent_listener(loop):
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
 
     run(loop, main())
+
+
+def test_accepted_sockets_are_made_by_a_replaced_socket_class(loop, monkeypatch):
+    # `socket.socket` replaced by a subclass (instrumentation, test tooling): asyncio's accept
+    # makes each connection's socket by calling it (socket.accept() calls the module's
+    # `socket`), so the subclass's __init__ runs for every accepted connection.
+    made = []
+
+    class Instrumented(socket.socket):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    async def main():
+        lost = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                self.sock = transport.get_extra_info("socket")._sock
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                lost.set_result(self.sock)
+
+        monkeypatch.setattr(socket, "socket", Instrumented)
+        try:
+            server = await loop.create_server(Proto, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            echoed = await loop.run_in_executor(None, _churn_client, ("127.0.0.1", port))
+            accepted = await asyncio.wait_for(lost, TIMEOUT)
+        finally:
+            monkeypatch.undo()
+        assert echoed == b"ping"
+        assert type(accepted) is Instrumented
+        assert any(s is accepted for s in made)
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
