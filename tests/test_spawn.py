@@ -424,3 +424,27 @@ def _children():
         if stat.rsplit(")", 1)[1].split()[1] == me:
             found.add(int(entry))
     return found
+
+
+def test_a_process_forked_while_a_child_starts_leaves_its_outcome_to_the_parent(loop_impl):
+    # os.fork() while a natively spawned child has not reported yet: the forked process's
+    # copy of the pending spawn, dropped there, must not read the child's report (nor wait
+    # for it): the parent still learns that the exec failed, with its errno.
+    if loop_impl.name == "asyncio":
+        pytest.skip("CPython's loop spawns with Popen, which waits for the exec")
+    from ferroloop import _ferroloop
+
+    missing = b"/nonexistent/ferro-no-such-program"
+    pending, pid, *_ = _ferroloop.spawn(
+        [missing], [missing], None, None, (-1, -1, -1), True, True, False, False)
+    forked = os.fork()
+    if forked == 0:
+        try:
+            del pending  # (drops this process's copy)
+        finally:
+            os._exit(0)
+    assert os.waitpid(forked, 0)[1] == 0
+    outcome = pending.result(True)
+    assert outcome == (2, errno.ENOENT)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # (reaped by the spawn, as Popen reaps a failed child)
