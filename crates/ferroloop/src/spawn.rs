@@ -367,14 +367,28 @@ mod imp {
         data: Option<Box<ChildData>>,
         err_r: i32,
         pid: i32,
+        /// The process that cloned the child. In a process forked from it meanwhile, the data
+        /// is a copy the child does not use, and the error pipe's report is not ours to read
+        /// (reading it would take it from the parent, which would then see a failed exec as a
+        /// successful one).
+        owner: i32,
     }
 
     impl Spawn {
+        fn forked(&self) -> bool {
+            // SAFETY: getpid has no preconditions.
+            (unsafe { libc::getpid() }) != self.owner
+        }
+
         /// Reads the error pipe: `None` while nothing is known yet (with `block`: waits),
         /// `Some(None)` once the child exec'd, `Some(Some((stage, errno)))` if it failed.
         fn poll(&mut self, block: bool) -> std::io::Result<Option<Option<(i32, i32)>>> {
             if self.data.is_none() {
                 return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+            }
+            if self.forked() {
+                // (The child is the parent process's, not this one's.)
+                return Err(std::io::Error::from_raw_os_error(libc::ECHILD));
             }
             let mut msg = [0u8; 8];
             let mut got = 0usize;
@@ -464,9 +478,20 @@ mod imp {
 
     impl Drop for Spawn {
         fn drop(&mut self) {
-            if self.data.is_some() {
+            if self.data.is_some() && self.forked() {
+                // A forked copy: the child runs on the parent's data, not on this copy.
+                self.release();
+            } else if self.data.is_some() {
                 // The child may still run on our data: wait until it exec'd or exits.
-                let _ = self.poll(true);
+                if self.poll(true).is_err() {
+                    // The pipe cannot tell (its fd was closed behind our back, and that
+                    // number may be another file's now: not closed here): the child may still
+                    // be running on the data, so it is leaked rather than freed.
+                    if let Some(data) = self.data.take() {
+                        std::mem::forget(data);
+                    }
+                    self.err_r = -1;
+                }
                 self.release();
             }
         }
@@ -537,6 +562,8 @@ mod imp {
                         data: Some(data),
                         err_r: spawn_fd,
                         pid,
+                        // SAFETY: getpid has no preconditions.
+                        owner: unsafe { libc::getpid() },
                     },
                     pid,
                     ends[0],

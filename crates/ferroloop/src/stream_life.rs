@@ -390,6 +390,11 @@ fn init(
     s.set(PROTOCOL_PAUSED, &false_)?;
     s.set(HIGH_WATER, l.high_water.bind(py))?;
     s.set(LOW_WATER, l.low_water.bind(py))?;
+    // StreamTransport's own attributes before the server's `_attach`, which may fail (a closed
+    // server): the half-made transport's __del__ and repr read them.
+    s.set(EOF, &false_)?;
+    s.set(PAUSED, &false_)?;
+    s.set(EMPTY_WAITER, &none)?;
     if !server.is_none() {
         server_attach(server, tr)?;
     }
@@ -404,9 +409,6 @@ fn init(
         Bound::from_owned_ptr_or_err(py, ffi::PyWeakref_NewRef(tr.as_ptr(), std::ptr::null_mut()))?
     };
     refs.set_item(&fd, wr)?;
-    s.set(EOF, &false_)?;
-    s.set(PAUSED, &false_)?;
-    s.set(EMPTY_WAITER, &none)?;
     if let Some(fields) = socket_fields(l, sock) {
         if is_tcp(fields) {
             let one: c_int = 1;

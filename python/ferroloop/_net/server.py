@@ -197,6 +197,9 @@ class Server(events.AbstractServer):
         await self.wait_closed()
 
 
+_IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)  # (Linux's value; 3.11 names it)
+
+
 def _one_local_name(sockets):
     if len(sockets) != 1 or type(sockets[0]) is not socket.socket:
         return None
@@ -205,6 +208,10 @@ def _one_local_name(sockets):
         return None
     try:
         name = sock.getsockname()
+        if sock.getsockopt(socket.SOL_IP, _IP_TRANSPARENT):
+            # A transparent proxy's listener (TPROXY) accepts connections addressed to other
+            # hosts: each has its own local address.
+            return None
     except OSError:
         return None
     if name[0] == "0.0.0.0" or not name[1]:

@@ -349,10 +349,12 @@ class StreamTransport(SocketTransportBase):
     _lazy_extra = True
 
     def __init__(self, loop, sock, protocol, waiter=None, extra=None, server=None, peername=None):
-        SocketTransportBase.__init__(self, loop, sock, protocol, extra, server, peername)
+        # Set first: if the base's constructor fails (Server._attach on a closed server), the
+        # half-made transport's __del__ and repr still find them.
         self._eof = False
         self._paused = False
         self._empty_waiter = None
+        SocketTransportBase.__init__(self, loop, sock, protocol, extra, server, peername)
         if type(sock) is socket.socket:
             # set_nodelay() in this frame (it runs for every accepted connection).
             if (
