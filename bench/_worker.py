@@ -85,14 +85,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_run = sub.add_parser("run")
-    p_run.add_argument("--loop", required=True, choices=sorted(loops.LOOPS))
+    p_run.add_argument("--loop", required=True, choices=sorted(list(loops.LOOPS) + list(loops.EXTRA_LOOPS)))
     p_run.add_argument("--workload", required=True, choices=list(WORKLOADS))
     p_run.add_argument("--quick", action="store_true")
     p_run.add_argument("--deadline", type=float, default=0,
                        help="dump all thread stacks to stderr and exit after this many seconds")
     p_run.add_argument("--gc-off", action="store_true", help="disable the cyclic GC in the measured run")
     p_probe = sub.add_parser("probe")
-    p_probe.add_argument("names", nargs="+", choices=sorted(loops.LOOPS))
+    p_probe.add_argument("names", nargs="+", choices=sorted(list(loops.LOOPS) + list(loops.EXTRA_LOOPS)))
     args = ap.parse_args(argv)
 
     if args.cmd == "probe":

@@ -19,6 +19,9 @@ class LoopSpec:
     module: str
     factory: str = "new_event_loop"
     dist: Optional[str] = None  # distribution name for importlib.metadata, if not `module`
+    # Undo what importing the module does to asyncio's stream functions (rsloop replaces
+    # asyncio.open_connection/start_server with its own classes), so asyncio's run.
+    keep_asyncio_streams: bool = False
 
 
 LOOPS: Dict[str, LoopSpec] = {
@@ -28,6 +31,12 @@ LOOPS: Dict[str, LoopSpec] = {
     "rloop": LoopSpec("rloop", "rloop"),
     # rsloop has no wheel and its sdist needs a pinned nightly Rust; see bench/README.md.
     "rsloop": LoopSpec("rsloop", "rsloop"),
+}
+
+# Variants that are not run unless asked for by name (--loops).
+EXTRA_LOOPS: Dict[str, LoopSpec] = {
+    # rsloop with asyncio's own streams (StreamReader/StreamWriter), as every other loop runs.
+    "rsloop-std": LoopSpec("rsloop-std", "rsloop", dist="rsloop", keep_asyncio_streams=True),
     "ferroloop": LoopSpec("ferroloop", "ferroloop"),
 }
 
@@ -38,13 +47,30 @@ class LoopUnavailable(Exception):
     pass
 
 
+def spec_of(name: str) -> LoopSpec:
+    return LOOPS[name] if name in LOOPS else EXTRA_LOOPS[name]
+
+
+_STREAM_FUNCTIONS = ("open_connection", "start_server", "open_unix_connection", "start_unix_server")
+
+
 def factory(name: str) -> Callable[[], Any]:
     """Return the loop factory for `name`, or raise LoopUnavailable."""
-    spec = LOOPS[name]
+    spec = spec_of(name)
+    saved = []
+    if spec.keep_asyncio_streams:
+        import asyncio
+        import asyncio.streams
+
+        saved = [(m, f, getattr(m, f)) for m in (asyncio, asyncio.streams) for f in _STREAM_FUNCTIONS
+                 if hasattr(m, f)]
     try:
         mod = importlib.import_module(spec.module)
     except Exception as e:  # ImportError, or a broken extension module
         raise LoopUnavailable(f"import {spec.module}: {type(e).__name__}: {e}") from None
+    finally:
+        for m, f, fn in saved:
+            setattr(m, f, fn)
     fn = getattr(mod, spec.factory, None)
     if not callable(fn):
         raise LoopUnavailable(f"{spec.module}.{spec.factory} missing")
@@ -52,7 +78,7 @@ def factory(name: str) -> Callable[[], Any]:
 
 
 def version(name: str) -> str:
-    spec = LOOPS[name]
+    spec = spec_of(name)
     if spec.module == "asyncio":
         return f"CPython {platform.python_version()}"
     mod = importlib.import_module(spec.module)
@@ -93,7 +119,7 @@ def probe(name: str) -> Dict[str, Any]:
         finally:
             loop.close()
         info["version"] = version(name)
-        mod = importlib.import_module(LOOPS[name].module)
+        mod = importlib.import_module(spec_of(name).module)
         mod_dir = os.path.dirname(getattr(mod, "__file__", "") or "")
         info["module_file"] = mod_dir
         info["build"] = _extension_stamp(mod_dir)

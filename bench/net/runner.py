@@ -50,7 +50,9 @@ import loops as loops_mod  # noqa: E402
 from _common import parse_list, save_results, table  # noqa: E402
 
 PY_LOOPS = list(loops_mod.LOOPS)  # asyncio, uvloop, rloop, rsloop, ferroloop
-PEERS = [n for n in PY_LOOPS if n not in ("asyncio", "ferroloop")]  # what ferroloop is held against
+EXTRA_LOOPS = list(loops_mod.EXTRA_LOOPS)  # run only when named in --loops (rsloop-std)
+# What ferroloop is held against.
+PEERS = [n for n in PY_LOOPS + EXTRA_LOOPS if n not in ("asyncio", "ferroloop")]
 SERVERS = PY_LOOPS + ["native"]
 BASELINE = "uvloop"
 BUILDS: Dict[str, set] = {}  # server -> extension builds seen in READY lines (a rebuild mid-run is flagged)
@@ -932,7 +934,9 @@ def main(argv=None) -> int:
         print("Servers:", ", ".join(SERVERS))
         return 0
 
-    servers = parse_list(args.loops, SERVERS, "server")
+    servers = parse_list(args.loops, SERVERS + EXTRA_LOOPS, "server")
+    if not args.loops:
+        servers = list(SERVERS)
     cases = select_cases(args.cases)
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 5)
     if repeat < 1:

@@ -173,7 +173,7 @@ def say(tag: str, obj) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--loop", required=True, choices=sorted(loops.LOOPS))
+    ap.add_argument("--loop", required=True, choices=sorted(list(loops.LOOPS) + list(loops.EXTRA_LOOPS)))
     ap.add_argument("--kind", required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
         say("UNSUPPORTED", {"reason": f"{type(e).__name__}: {e}"})
         return 3
     cls = type(loop)
-    mod = sys.modules.get(loops.LOOPS[args.loop].module)
+    mod = sys.modules.get(loops.spec_of(args.loop).module)
     build = loops._extension_stamp(os.path.dirname(getattr(mod, "__file__", "") or ""))
     say("READY", {"addr": addr, "pid": os.getpid(), "loop_class": f"{cls.__module__}.{cls.__qualname__}",
                   "build": build})
