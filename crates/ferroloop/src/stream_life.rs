@@ -23,7 +23,7 @@ use std::os::raw::c_int;
 use pyo3::exceptions::{PyConnectionError, PyOSError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple, PyType};
+use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 use pyo3::{ffi, intern};
 
 use crate::event_loop::fastcall::trampoline;
@@ -435,31 +435,64 @@ fn init(
     Ok(())
 }
 
+/// What the native methods below share: on an exact `StreamTransport` called with `N`
+/// positional arguments and no keywords, `body` gets them and returns `Ok(true)` when it has
+/// done the call; any other call, or `Ok(false)` (a case `body` leaves to Python), goes
+/// unchanged to the Python method named by `fallback`, the reference implementation.
+///
+/// # Safety
+/// `slf`, `args`, `nargsf` and `kwnames` must be CPython's vectorcall method call.
+unsafe fn entry<const N: usize>(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+    fallback: for<'py> fn(Python<'py>) -> &'py Bound<'py, PyString>,
+    body: impl for<'py> FnOnce(
+        &'static Life,
+        &Bound<'py, PyAny>,
+        [Bound<'py, PyAny>; N],
+    ) -> PyResult<bool>,
+) -> *mut ffi::PyObject {
+    trampoline(|py| {
+        // SAFETY: CPython passes a live `self`.
+        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
+        // SAFETY: per the caller, a valid vectorcall triple.
+        if let Some(l) = exact(&tr).filter(|_| unsafe { takes(N, nargsf, kwnames) }) {
+            // SAFETY: `N` positional arguments (checked), live borrowed references.
+            let a = std::array::from_fn(|i| unsafe { Bound::from_borrowed_ptr(py, *args.add(i)) });
+            if body(l, &tr, a)? {
+                return Ok(py.None());
+            }
+        }
+        // SAFETY: as above.
+        unsafe { forward(&tr, fallback(py), args, nargsf, kwnames) }
+    })
+}
+
 unsafe extern "C" fn init_raw(
     slf: *mut ffi::PyObject,
     args: *const *mut ffi::PyObject,
     nargsf: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    trampoline(|py| {
-        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
-        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
-        // SAFETY: CPython passes a valid vectorcall triple.
-        let fast = exact(&tr).filter(|_| unsafe { takes(7, nargsf, kwnames) });
-        let Some(l) = fast else {
-            // SAFETY: as above.
-            return unsafe { forward(&tr, intern!(py, "_init_py"), args, nargsf, kwnames) };
-        };
-        // SAFETY: seven positional arguments, live borrowed references.
-        let a = |i: usize| unsafe { Bound::from_borrowed_ptr(py, *args.add(i)) };
-        let (lp, sock, protocol, waiter, extra, server, peername) =
-            (a(0), a(1), a(2), a(3), a(4), a(5), a(6));
-        if !waiter.is_none() || !extra.is_none() || socket_fields(l, &sock).is_none() {
-            // SAFETY: as above.
-            return unsafe { forward(&tr, intern!(py, "_init_py"), args, nargsf, kwnames) };
-        }
-        init(l, &tr, &lp, &sock, &protocol, &server, &peername).map(|()| py.None())
-    })
+    // SAFETY: CPython's vectorcall method call.
+    unsafe {
+        entry(
+            slf,
+            args,
+            nargsf,
+            kwnames,
+            |py| intern!(py, "_init_py"),
+            |l, tr, a| {
+                let [lp, sock, protocol, waiter, extra, server, peername] = a;
+                if !waiter.is_none() || !extra.is_none() || socket_fields(l, &sock).is_none() {
+                    return Ok(false);
+                }
+                init(l, tr, &lp, &sock, &protocol, &server, &peername).map(|()| true)
+            },
+        )
+    }
 }
 
 // ---- reading starts ------------------------------------------------------------------------
@@ -496,19 +529,17 @@ unsafe extern "C" fn start_reading_raw(
     nargsf: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    trampoline(|py| {
-        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
-        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
-        // SAFETY: CPython passes a valid vectorcall triple.
-        let fast = exact(&tr).filter(|_| unsafe { takes(0, nargsf, kwnames) });
-        let Some(l) = fast else {
-            // SAFETY: as above.
-            return unsafe {
-                forward(&tr, intern!(py, "_start_reading_py"), args, nargsf, kwnames)
-            };
-        };
-        start_reading(l, &tr).map(|()| py.None())
-    })
+    // SAFETY: CPython's vectorcall method call.
+    unsafe {
+        entry(
+            slf,
+            args,
+            nargsf,
+            kwnames,
+            |py| intern!(py, "_start_reading_py"),
+            |l, tr, []| start_reading(l, tr).map(|()| true),
+        )
+    }
 }
 
 // ---- EOF and close -------------------------------------------------------------------------
@@ -668,17 +699,17 @@ unsafe extern "C" fn close_raw(
     nargsf: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    trampoline(|py| {
-        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
-        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
-        // SAFETY: CPython passes a valid vectorcall triple.
-        let fast = exact(&tr).filter(|_| unsafe { takes(0, nargsf, kwnames) });
-        let Some(l) = fast else {
-            // SAFETY: as above.
-            return unsafe { forward(&tr, intern!(py, "_close_py"), args, nargsf, kwnames) };
-        };
-        close(l, &tr).map(|()| py.None())
-    })
+    // SAFETY: CPython's vectorcall method call.
+    unsafe {
+        entry(
+            slf,
+            args,
+            nargsf,
+            kwnames,
+            |py| intern!(py, "_close_py"),
+            |l, tr, []| close(l, tr).map(|()| true),
+        )
+    }
 }
 
 // ---- connection_lost -----------------------------------------------------------------------
@@ -855,27 +886,17 @@ unsafe extern "C" fn call_connection_lost_raw(
     nargsf: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    trampoline(|py| {
-        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
-        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
-        // SAFETY: CPython passes a valid vectorcall triple.
-        let fast = exact(&tr).filter(|_| unsafe { takes(1, nargsf, kwnames) });
-        let Some(l) = fast else {
-            // SAFETY: as above.
-            return unsafe {
-                forward(
-                    &tr,
-                    intern!(py, "_call_connection_lost_py"),
-                    args,
-                    nargsf,
-                    kwnames,
-                )
-            };
-        };
-        // SAFETY: one positional argument, a live borrowed reference.
-        let exc = unsafe { Bound::from_borrowed_ptr(py, *args) };
-        call_connection_lost(l, &tr, &exc).map(|()| py.None())
-    })
+    // SAFETY: CPython's vectorcall method call.
+    unsafe {
+        entry(
+            slf,
+            args,
+            nargsf,
+            kwnames,
+            |py| intern!(py, "_call_connection_lost_py"),
+            |l, tr, [exc]| call_connection_lost(l, tr, &exc).map(|()| true),
+        )
+    }
 }
 
 // ---- __del__ -------------------------------------------------------------------------------
@@ -886,19 +907,20 @@ unsafe extern "C" fn del_raw(
     nargsf: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    trampoline(|py| {
-        // SAFETY: CPython passes a live `self` and a valid vectorcall triple.
-        let tr = unsafe { Bound::from_borrowed_ptr(py, slf) };
-        // SAFETY: CPython passes a valid vectorcall triple.
-        if exact(&tr).is_some() && unsafe { takes(0, nargsf, kwnames) } {
-            // A closed transport (or one whose __init__ never set the socket): nothing to do.
-            if SLOTS.reader(&tr).get_or_none(SOCK)?.is_none() {
-                return Ok(py.None());
-            }
-        }
-        // SAFETY: as above.
-        unsafe { forward(&tr, intern!(py, "_del_py"), args, nargsf, kwnames) }
-    })
+    // SAFETY: CPython's vectorcall method call.
+    unsafe {
+        entry(
+            slf,
+            args,
+            nargsf,
+            kwnames,
+            |py| intern!(py, "_del_py"),
+            |_, tr, []| {
+                // A closed transport (or one whose __init__ never set the socket): nothing to do.
+                Ok(SLOTS.reader(tr).get_or_none(SOCK)?.is_none())
+            },
+        )
+    }
 }
 
 const METHODS: [(&CStr, Raw, &CStr); 5] = [
@@ -1038,8 +1060,7 @@ pub fn accept_socket<'py>(
 /// `_accept_plain_connection` (`python/ferroloop/_net/server.py`) for a loop whose
 /// `_make_socket_transport` is ferroloop's: the protocol factory, then the transport (for an
 /// exact `socket.socket`, `StreamTransport(...)` as `_make_socket_transport` calls it). An
-/// error is handled as asyncio's accept task handles it: reported in debug mode only, and the
-/// socket closed if no transport owns it.
+/// error goes to the Python `_accepted_setup_failed`, as asyncio's accept task handles it.
 #[pyfunction]
 pub fn accept_plain_connection(
     lp: &Bound<'_, PyAny>,
@@ -1078,24 +1099,18 @@ pub fn accept_plain_connection(
     if crate::stdlib::is_exit_exception(py, &err) {
         return Err(err);
     }
-    if truthy(&lp.call_method0(intern!(py, "get_debug"))?)? {
-        let context = PyDict::new(py);
-        context.set_item(
-            intern!(py, "message"),
-            "Error on transport creation for incoming connection",
-        )?;
-        context.set_item(intern!(py, "exception"), err.into_value(py))?;
-        if let Some(p) = &protocol {
-            context.set_item(intern!(py, "protocol"), p)?;
-        }
-        if let Some(t) = &transport {
-            context.set_item(intern!(py, "transport"), t)?;
-        }
-        lp.call_method1(intern!(py, "call_exception_handler"), (context,))?;
-    }
-    if transport.is_none() {
-        conn.call_method0(intern!(py, "close"))?; // nobody else owns the socket
-    }
+    // The error path is the Python one (`Loop._accepted_setup_failed`): reported in debug mode
+    // only, the socket closed if no transport owns it.
+    let none = || py.None().into_bound(py);
+    lp.call_method1(
+        intern!(py, "_accepted_setup_failed"),
+        (
+            err.into_value(py),
+            conn,
+            protocol.unwrap_or_else(none),
+            transport.unwrap_or_else(none),
+        ),
+    )?;
     Ok(())
 }
 

@@ -375,6 +375,22 @@ class ServingMixin:
             ssl_shutdown_timeout,
         )
 
+    def _accepted_setup_failed(self, exc, conn, protocol, transport) -> None:
+        # What asyncio's accept task does when an accepted connection cannot be set up:
+        # report it in debug mode only, and close the socket if no transport owns it yet.
+        if self.get_debug():
+            context = {
+                "message": "Error on transport creation for incoming connection",
+                "exception": exc,
+            }
+            if protocol is not None:
+                context["protocol"] = protocol
+            if transport is not None:
+                context["transport"] = transport
+            self.call_exception_handler(context)
+        if transport is None:
+            conn.close()  # nobody else owns the socket
+
     def _accept_plain_connection(self, protocol_factory, conn, addr, server) -> None:
         """_accept_connection2 for a connection without TLS, as a plain callback (the native
         `accept_plain_connection` does the same when `_make_socket_transport` is ours)."""
@@ -388,18 +404,7 @@ class ServingMixin:
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            if self.get_debug():
-                context = {
-                    "message": "Error on transport creation for incoming connection",
-                    "exception": exc,
-                }
-                if protocol is not None:
-                    context["protocol"] = protocol
-                if transport is not None:
-                    context["transport"] = transport
-                self.call_exception_handler(context)
-            if transport is None:
-                conn.close()  # nobody else owns the socket
+            self._accepted_setup_failed(exc, conn, protocol, transport)
 
     async def _accept_connection2(
         self,
@@ -444,18 +449,7 @@ class ServingMixin:
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            if self.get_debug():
-                context = {
-                    "message": "Error on transport creation for incoming connection",
-                    "exception": exc,
-                }
-                if protocol is not None:
-                    context["protocol"] = protocol
-                if transport is not None:
-                    context["transport"] = transport
-                self.call_exception_handler(context)
-            if transport is None:
-                conn.close()  # the protocol factory failed: nobody else owns the socket
+            self._accepted_setup_failed(exc, conn, protocol, transport)
 
     # ---- factories ----------------------------------------------------------------------
 
