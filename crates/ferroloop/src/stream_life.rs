@@ -435,6 +435,31 @@ fn init(
     Ok(())
 }
 
+/// A native method's vectorcall entry (`extern "C"`): [`entry`] with the name of the Python
+/// method to fall back on and the body.
+macro_rules! native_method {
+    ($name:ident, $fallback:literal, $body:expr) => {
+        unsafe extern "C" fn $name(
+            slf: *mut ffi::PyObject,
+            args: *const *mut ffi::PyObject,
+            nargsf: ffi::Py_ssize_t,
+            kwnames: *mut ffi::PyObject,
+        ) -> *mut ffi::PyObject {
+            // SAFETY: CPython's vectorcall method call.
+            unsafe {
+                entry(
+                    slf,
+                    args,
+                    nargsf,
+                    kwnames,
+                    |py| intern!(py, $fallback),
+                    $body,
+                )
+            }
+        }
+    };
+}
+
 /// What the native methods below share: on an exact `StreamTransport` called with `N`
 /// positional arguments and no keywords, `body` gets them and returns `Ok(true)` when it has
 /// done the call; any other call, or `Ok(false)` (a case `body` leaves to Python), goes
@@ -470,30 +495,13 @@ unsafe fn entry<const N: usize>(
     })
 }
 
-unsafe extern "C" fn init_raw(
-    slf: *mut ffi::PyObject,
-    args: *const *mut ffi::PyObject,
-    nargsf: ffi::Py_ssize_t,
-    kwnames: *mut ffi::PyObject,
-) -> *mut ffi::PyObject {
-    // SAFETY: CPython's vectorcall method call.
-    unsafe {
-        entry(
-            slf,
-            args,
-            nargsf,
-            kwnames,
-            |py| intern!(py, "_init_py"),
-            |l, tr, a| {
-                let [lp, sock, protocol, waiter, extra, server, peername] = a;
-                if !waiter.is_none() || !extra.is_none() || socket_fields(l, &sock).is_none() {
-                    return Ok(false);
-                }
-                init(l, tr, &lp, &sock, &protocol, &server, &peername).map(|()| true)
-            },
-        )
+native_method!(init_raw, "_init_py", |l, tr, a| {
+    let [lp, sock, protocol, waiter, extra, server, peername] = a;
+    if !waiter.is_none() || !extra.is_none() || socket_fields(l, &sock).is_none() {
+        return Ok(false);
     }
-}
+    init(l, tr, &lp, &sock, &protocol, &server, &peername).map(|()| true)
+});
 
 // ---- reading starts ------------------------------------------------------------------------
 
@@ -523,24 +531,9 @@ fn start_reading(l: &Life, tr: &Bound<'_, PyAny>) -> PyResult<()> {
     Ok(())
 }
 
-unsafe extern "C" fn start_reading_raw(
-    slf: *mut ffi::PyObject,
-    args: *const *mut ffi::PyObject,
-    nargsf: ffi::Py_ssize_t,
-    kwnames: *mut ffi::PyObject,
-) -> *mut ffi::PyObject {
-    // SAFETY: CPython's vectorcall method call.
-    unsafe {
-        entry(
-            slf,
-            args,
-            nargsf,
-            kwnames,
-            |py| intern!(py, "_start_reading_py"),
-            |l, tr, []| start_reading(l, tr).map(|()| true),
-        )
-    }
-}
+native_method!(start_reading_raw, "_start_reading_py", |l, tr, []| {
+    start_reading(l, tr).map(|()| true)
+});
 
 // ---- EOF and close -------------------------------------------------------------------------
 
@@ -693,24 +686,9 @@ pub(crate) fn fatal_routine(tr: &Bound<'_, PyAny>, exc: &Bound<'_, PyAny>) -> Py
     Ok(true)
 }
 
-unsafe extern "C" fn close_raw(
-    slf: *mut ffi::PyObject,
-    args: *const *mut ffi::PyObject,
-    nargsf: ffi::Py_ssize_t,
-    kwnames: *mut ffi::PyObject,
-) -> *mut ffi::PyObject {
-    // SAFETY: CPython's vectorcall method call.
-    unsafe {
-        entry(
-            slf,
-            args,
-            nargsf,
-            kwnames,
-            |py| intern!(py, "_close_py"),
-            |l, tr, []| close(l, tr).map(|()| true),
-        )
-    }
-}
+native_method!(close_raw, "_close_py", |l, tr, []| {
+    close(l, tr).map(|()| true)
+});
 
 // ---- connection_lost -----------------------------------------------------------------------
 
@@ -880,48 +858,18 @@ fn close_socket(l: &Life, sock: &Bound<'_, PyAny>) -> PyResult<()> {
     Ok(())
 }
 
-unsafe extern "C" fn call_connection_lost_raw(
-    slf: *mut ffi::PyObject,
-    args: *const *mut ffi::PyObject,
-    nargsf: ffi::Py_ssize_t,
-    kwnames: *mut ffi::PyObject,
-) -> *mut ffi::PyObject {
-    // SAFETY: CPython's vectorcall method call.
-    unsafe {
-        entry(
-            slf,
-            args,
-            nargsf,
-            kwnames,
-            |py| intern!(py, "_call_connection_lost_py"),
-            |l, tr, [exc]| call_connection_lost(l, tr, &exc).map(|()| true),
-        )
-    }
-}
+native_method!(
+    call_connection_lost_raw,
+    "_call_connection_lost_py",
+    |l, tr, [exc]| call_connection_lost(l, tr, &exc).map(|()| true)
+);
 
 // ---- __del__ -------------------------------------------------------------------------------
 
-unsafe extern "C" fn del_raw(
-    slf: *mut ffi::PyObject,
-    args: *const *mut ffi::PyObject,
-    nargsf: ffi::Py_ssize_t,
-    kwnames: *mut ffi::PyObject,
-) -> *mut ffi::PyObject {
-    // SAFETY: CPython's vectorcall method call.
-    unsafe {
-        entry(
-            slf,
-            args,
-            nargsf,
-            kwnames,
-            |py| intern!(py, "_del_py"),
-            |_, tr, []| {
-                // A closed transport (or one whose __init__ never set the socket): nothing to do.
-                Ok(SLOTS.reader(tr).get_or_none(SOCK)?.is_none())
-            },
-        )
-    }
-}
+native_method!(del_raw, "_del_py", |_, tr, []| {
+    // A closed transport (or one whose __init__ never set the socket): nothing to do.
+    Ok(SLOTS.reader(tr).get_or_none(SOCK)?.is_none())
+});
 
 const METHODS: [(&CStr, Raw, &CStr); 5] = [
     (
