@@ -19,6 +19,8 @@ import sys
 
 import pytest
 
+import ferroloop
+
 TIMEOUT = 10
 PY = sys.executable
 
@@ -378,9 +380,15 @@ def test_cancelled_while_the_child_starts(loop, spawn_path, tmp_path, program):
     else:
         with pytest.raises(asyncio.CancelledError):
             loop.run_until_complete(main())
-        assert len(made) == 1
-        with pytest.raises(ChildProcessError):
-            os.waitpid(made[0], os.WNOHANG)
+        if isinstance(loop, ferroloop.Loop):
+            assert len(made) == 1
+        else:
+            # CPython's loop connects the protocol from a separate pipe-connecting task, which
+            # may not have reached connection_made when the cancellation propagates.
+            assert len(made) <= 1
+        for pid in made:
+            with pytest.raises(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 def test_many_children_at_once_and_cancellations_at_every_step(loop, spawn_path):
