@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -486,3 +487,67 @@ def test_a_process_forked_while_a_child_starts_leaves_its_outcome_to_the_parent(
     assert outcome == (2, errno.ENOENT)
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # (reaped by the spawn, as Popen reaps a failed child)
+
+
+def _state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_cancelled_start_waits_for_the_exec_without_blocking_the_loop(loop, monkeypatch):
+    # A start cancelled while the child has not exec'd yet (here: stopped by SIGSTOP before
+    # its exec) waits for the child's outcome on the loop, not in it: timers keep firing
+    # until the child is continued; then the cancellation propagates and the child is reaped.
+    if not isinstance(loop, ferroloop.Loop):
+        pytest.skip("CPython's loop spawns with Popen, which waits for the exec")
+    from ferroloop._unix import subprocess as fsub
+
+    native_spawn = fsub._native_spawn
+    spawned = []
+
+    def spawn_and_stop(*args):
+        result = native_spawn(*args)
+        pid = result[1]
+        os.kill(pid, signal.SIGSTOP)
+        for _ in range(2000):
+            if _state(pid) in "tT":
+                break
+            time.sleep(0.0005)
+        # Before its exec the child (sharing our memory) still runs our interpreter.
+        before_exec = os.readlink(f"/proc/{pid}/exe") == os.readlink("/proc/self/exe")
+        if not before_exec:
+            os.kill(pid, signal.SIGCONT)
+        spawned.append((pid, before_exec))
+        return result
+
+    monkeypatch.setattr(fsub, "_native_spawn", spawn_and_stop)
+
+    async def attempt():
+        task = asyncio.ensure_future(loop.subprocess_exec(
+            asyncio.SubprocessProtocol, "/bin/sleep", "30"))
+        await asyncio.sleep(0)
+        pid, before_exec = spawned[-1]
+        task.cancel()
+        if before_exec:
+            ticks = 0
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert ticks == 5 and not task.done()
+            assert _state(pid) in "tT"
+            os.kill(pid, signal.SIGCONT)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return before_exec
+
+    async def main():
+        # The stop usually lands before the exec; try until it did.
+        for _ in range(50):
+            if await attempt():
+                return True
+        return False
+
+    if not run(loop, main(), timeout=30):
+        pytest.skip("the child exec'd before SIGSTOP reached it in 50 attempts")

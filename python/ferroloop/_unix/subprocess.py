@@ -744,14 +744,24 @@ class SubprocessMixin:
         interrupted = None
         if outcome is None:
             fd = pending.fd
-            fut = self.create_future()
-            self._add_reader(fd, _set_done, fut)
-            try:
-                await fut
-            except BaseException as exc:
-                interrupted = exc
-            finally:
-                self._remove_reader(fd)
+            while True:
+                fut = self.create_future()
+                self._add_reader(fd, _set_done, fut)
+                try:
+                    await fut
+                    break
+                except (SystemExit, KeyboardInterrupt) as exc:
+                    # Leaving now: the wait below is the child's exec (or exit), not the
+                    # loop's.
+                    interrupted = exc
+                    break
+                except BaseException as exc:
+                    # A cancellation: go on waiting for the outcome on the loop, so a child
+                    # that is slow to exec (or stopped before it) never blocks the loop.
+                    if interrupted is None:
+                        interrupted = exc
+                finally:
+                    self._remove_reader(fd)
             outcome = pending.result(True)
         if outcome == 0:
             transport._spawned = None
