@@ -31,13 +31,13 @@ LOOPS: Dict[str, LoopSpec] = {
     "rloop": LoopSpec("rloop", "rloop"),
     # rsloop has no wheel and its sdist needs a pinned nightly Rust; see bench/README.md.
     "rsloop": LoopSpec("rsloop", "rsloop"),
+    "ferroloop": LoopSpec("ferroloop", "ferroloop"),
 }
 
 # Variants that are not run unless asked for by name (--loops).
 EXTRA_LOOPS: Dict[str, LoopSpec] = {
     # rsloop with asyncio's own streams (StreamReader/StreamWriter), as every other loop runs.
     "rsloop-std": LoopSpec("rsloop-std", "rsloop", dist="rsloop", keep_asyncio_streams=True),
-    "ferroloop": LoopSpec("ferroloop", "ferroloop"),
 }
 
 BASELINE = "uvloop"
