@@ -149,6 +149,17 @@ impl Args {
         }
     }
 
+    /// Drops the arguments with a plain decref: dropping a `Py` asks PyO3 whether the GIL is
+    /// held (a thread-local lookup), which `Handle::run` would pay once per callback.
+    #[inline(always)]
+    pub(crate) fn release(self, py: Python<'_>) {
+        match self {
+            Args::Empty => {}
+            Args::One(o) => drop(o.into_bound(py)),
+            Args::Many(t) => drop(t.into_bound(py)),
+        }
+    }
+
     pub(crate) fn clone_ref(&self, py: Python<'_>) -> Args {
         match self {
             Args::Empty => Args::Empty,
@@ -379,11 +390,12 @@ impl Handle {
                 })
             };
             match c {
-                Some(c) => (c.func, c.args),
+                // A `Bound`: dropping it is a plain decref (see `run_native_reader`).
+                Some(c) => (c.func.into_bound(py), c.args),
                 None => return Ok(()),
             }
         };
-        let result = this.call_in_context(py, || args.call_discard(func.bind(py)));
+        let result = this.call_in_context(py, || args.call_discard(&func));
         Self::finish(slf, func, args, result, loop_obj)
     }
 
@@ -418,7 +430,7 @@ impl Handle {
         } else {
             Args::One(target.unbind())
         };
-        Self::finish(slf, func.unbind(), args, result, loop_obj)
+        Self::finish(slf, func, args, result, loop_obj)
     }
 
     /// Calls `body` inside the handle's context (`Ok` without calling it if the handle has
@@ -471,7 +483,9 @@ impl Handle {
         body: impl FnOnce() -> PyResult<()>,
     ) -> PyResult<()> {
         let (context, shared) = self.shared.enter_empty_context(py)?;
-        *self.context.borrow_mut(py)? = Some(context.clone_ref(py));
+        // Bound, not Py, for a plain decref (see `run_native_reader`).
+        let context = context.into_bound(py);
+        *self.context.borrow_mut(py)? = Some(context.clone().unbind());
         // SAFETY: `context` is an owned reference kept alive for the whole block; Enter and Exit
         // as in `call_in_context`.
         let result = unsafe {
@@ -497,7 +511,7 @@ impl Handle {
             self.ctx_empty.store(false, Ordering::Relaxed);
         } else {
             let ours = self.context.borrow_mut(py)?.take();
-            drop(ours); // the loop (or `context`) still holds it
+            drop(ours.map(|c| c.into_bound(py))); // the loop (or `context`) still holds it
         }
         self.shared.leave_empty_context(py, shared, keep)?;
         result
@@ -507,7 +521,7 @@ impl Handle {
     /// to the loop's exception handler with this handle.
     fn finish(
         slf: &Bound<'_, Handle>,
-        func: Py<PyAny>,
+        func: Bound<'_, PyAny>,
         args: Args,
         result: PyResult<()>,
         loop_obj: &Bound<'_, PyAny>,
@@ -515,7 +529,10 @@ impl Handle {
         let py = slf.py();
         let this = slf.get();
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                args.release(py);
+                Ok(())
+            }
             Err(err) if is_exit_exception(py, &err) => Err(err),
             Err(err) => {
                 // Put a taken callback back so the handle in the error context still names it.
@@ -523,7 +540,7 @@ impl Handle {
                     let mut cb = this.callback.borrow_mut(py)?;
                     if cb.is_none() && !this.is_cancelled() {
                         *cb = Some(Callback {
-                            func: func.clone_ref(py),
+                            func: func.clone().unbind(),
                             args: args.clone_ref(py),
                         });
                         // The handle holds its callback again and whoever keeps it (the
@@ -532,6 +549,7 @@ impl Handle {
                         track(slf.as_any());
                     }
                 }
+                let func = func.unbind();
                 report_callback_error(slf.as_any(), &func, &args.to_tuple(py)?, err, loop_obj)
             }
         }

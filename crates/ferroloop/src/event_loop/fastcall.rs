@@ -38,6 +38,10 @@ struct Call<'py> {
 ///
 /// # Safety
 /// `args`/`nargsf`/`kwnames` must be a valid vectorcall argument triple and the GIL held.
+///
+/// Inlined into each entry point: with its constant leading count, the positional-only call
+/// (`call_soon_threadsafe(cb, arg)` from a thread) compiles to a few loads.
+#[inline(always)]
 unsafe fn parse<'py>(
     py: Python<'py>,
     method: &str,
