@@ -10,7 +10,7 @@
 //! - Handles point at the loop's [`Shared`] block (atomics only), never at the Python loop, so
 //!   they create no reference cycle with it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::PyTypeError;
@@ -324,7 +324,15 @@ impl Handle {
     }
 
     /// Gives a context we hid from the garbage collector back to it.
+    #[inline]
     pub(crate) fn retrack_context(&self, py: Python<'_>) {
+        if self.ctx_untracked.load(Ordering::Relaxed) {
+            self.retrack_context_now(py);
+        }
+    }
+
+    #[cold]
+    fn retrack_context_now(&self, py: Python<'_>) {
         if self.ctx_untracked.swap(false, Ordering::Relaxed) {
             if let Ok(ctx) = self.context.borrow_mut(py) {
                 if let Some(c) = ctx.as_ref() {
@@ -348,10 +356,20 @@ impl Handle {
         args: Args,
         context: FreshContext,
     ) -> PyResult<()> {
-        *self.callback.borrow_mut(py)? = Some(Callback { func, args });
+        // A pooled handle holds nothing (see `empty_for_reuse`): the checks spare the calls to
+        // the drop glue on this hot path.
+        if let Some(old) = self
+            .callback
+            .borrow_mut(py)?
+            .replace(Callback { func, args })
+        {
+            drop(old);
+        }
         let (ctx, untracked) = context.into_parts();
         self.ctx_empty.store(ctx.is_none(), Ordering::Relaxed);
-        *self.context.borrow_mut(py)? = ctx;
+        if let Some(old) = std::mem::replace(&mut *self.context.borrow_mut(py)?, ctx) {
+            drop(old);
+        }
         self.ctx_untracked.store(untracked, Ordering::Relaxed);
         self.cancelled.store(false, Ordering::Relaxed);
         Ok(())
@@ -836,6 +854,7 @@ impl TimerHandle {
 }
 
 /// `call_soon`'s argument check (asyncio's `_check_callback`).
+#[inline]
 pub(crate) fn check_callback(
     py: Python<'_>,
     callback: &Bound<'_, PyAny>,
@@ -847,12 +866,24 @@ pub(crate) fn check_callback(
     // are the common case: only their code's flags matter.
     if tp == std::ptr::addr_of_mut!(ffi::PyFunction_Type) {
         if code_is_coroutine(py, callback)? {
-            return Err(PyTypeError::new_err(format!(
-                "coroutines cannot be used with {method}()"
-            )));
+            return Err(coroutine_error(method));
         }
         return Ok(());
     }
+    check_other_callback(py, callback, tp, method)
+}
+
+#[cold]
+fn coroutine_error(method: &str) -> PyErr {
+    PyTypeError::new_err(format!("coroutines cannot be used with {method}()"))
+}
+
+fn check_other_callback(
+    py: Python<'_>,
+    callback: &Bound<'_, PyAny>,
+    tp: *mut ffi::PyTypeObject,
+    method: &str,
+) -> PyResult<()> {
     // C methods (the C Task's step and wakeup, Future.set_result ...) are the other common case
     // and can be neither coroutines nor coroutine functions.
     // SAFETY: type checks on a live object pointer.
@@ -883,25 +914,35 @@ pub(crate) fn check_callback(
 
 const CO_COROUTINE: i64 = 0x0080;
 
-/// One-entry cache of "is this code object a coroutine's": a `call_soon` chain or a timer
-/// storm schedules the same function over and over. The entry holds a strong reference, so the
-/// cached pointer can never be reused by another code object.
-static LAST_CODE: GilCell<Option<(Py<PyAny>, bool)>> = GilCell::new(None);
+/// One-entry cache of "is this code object a coroutine's": a `call_soon` chain, a timer storm
+/// or a producer thread schedules the same function over and over. `LAST_CODE` holds a strong
+/// reference, so the cached pointer can never be reused by another code object; the pointer
+/// and its flag are copies of it that the hot path reads without a borrow (they are only
+/// written with the GIL held, as every reader holds it).
+static LAST_CODE: GilCell<Option<Py<PyAny>>> = GilCell::new(None);
+static LAST_CODE_PTR: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
+static LAST_CODE_IS_CORO: AtomicBool = AtomicBool::new(false);
 
+#[inline]
 fn code_is_coroutine(py: Python<'_>, func: &Bound<'_, PyAny>) -> PyResult<bool> {
-    // SAFETY: `func` is a live function object (checked by the caller); PyFunction_GET_CODE
-    // returns a borrowed reference to its code object, alive as long as `func` is.
+    // SAFETY: `func` is a live function object (checked by the caller); its code object is a
+    // borrowed reference, alive as long as `func` is.
     let code_ptr = unsafe { ffi::PyFunction_GET_CODE(func.as_ptr()) };
-    if let Some((code, flag)) = LAST_CODE.borrow_mut(py)?.as_ref() {
-        if code.as_ptr() == code_ptr {
-            return Ok(*flag);
-        }
+    if code_ptr == LAST_CODE_PTR.load(Ordering::Relaxed) {
+        return Ok(LAST_CODE_IS_CORO.load(Ordering::Relaxed));
     }
+    code_is_coroutine_uncached(py, code_ptr)
+}
+
+#[cold]
+fn code_is_coroutine_uncached(py: Python<'_>, code_ptr: *mut ffi::PyObject) -> PyResult<bool> {
     // SAFETY: `code_ptr` is a valid borrowed reference (see above); we take a new strong one.
     let code = unsafe { Bound::from_borrowed_ptr(py, code_ptr) };
     let flags: i64 = code.getattr(intern!(py, "co_flags"))?.extract()?;
     let is_coro = flags & CO_COROUTINE != 0;
-    let old = LAST_CODE.borrow_mut(py)?.replace((code.unbind(), is_coro));
+    let old = LAST_CODE.borrow_mut(py)?.replace(code.unbind());
+    LAST_CODE_PTR.store(code_ptr, Ordering::Relaxed);
+    LAST_CODE_IS_CORO.store(is_coro, Ordering::Relaxed);
     drop(old);
     Ok(is_coro)
 }

@@ -38,6 +38,7 @@ impl LoopCore {
         Ok(())
     }
 
+    #[inline]
     fn context_or_current(
         py: Python<'_>,
         context: Option<&Bound<'_, PyAny>>,
@@ -48,6 +49,7 @@ impl LoopCore {
         }
     }
 
+    #[inline]
     fn source_traceback(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         if self.shared.debug() {
             Ok(Some(
