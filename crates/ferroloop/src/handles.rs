@@ -91,7 +91,7 @@ impl FreshContext {
         // SAFETY: `ctx` is a live, exact Context object we just created and nobody else has
         // seen; PyObject_Length on it cannot fail; untracking a tracked object is allowed.
         let untracked = unsafe {
-            if ffi::PyObject_Length(ctx.as_ptr()) == 0 {
+            if crate::context::len(ctx.as_ptr()) == 0 {
                 ffi::PyObject_GC_UnTrack(ctx.as_ptr().cast());
                 true
             } else {
@@ -477,7 +477,7 @@ impl Handle {
             }
             let r = body();
             let exit = ffi::PyContext_Exit(ctx);
-            if self.ctx_untracked.load(Ordering::Relaxed) && ffi::PyObject_Length(ctx) != 0 {
+            if self.ctx_untracked.load(Ordering::Relaxed) && crate::context::len(ctx) != 0 {
                 // The callback set a context variable: the context may now be part of a
                 // cycle, so the collector must see it again.
                 self.retrack_context(py);
@@ -521,8 +521,8 @@ impl Handle {
         };
         // The handle keeps the context if the callback set a variable in it or Python code
         // asked for it; else it goes back to sharing.
-        // SAFETY: `context` is a live Context; its length cannot fail.
-        let set_var = unsafe { ffi::PyObject_Length(context.as_ptr()) } != 0;
+        // SAFETY: `context` is a live, exact Context (made by PyContext_New).
+        let set_var = unsafe { crate::context::len(context.as_ptr()) } != 0;
         let asked = !self.ctx_empty.load(Ordering::Relaxed);
         let keep = set_var || asked;
         if keep {

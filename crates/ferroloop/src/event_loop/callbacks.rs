@@ -38,7 +38,7 @@ impl LoopCore {
         Ok(())
     }
 
-    #[inline]
+    #[inline(always)]
     fn context_or_current(
         py: Python<'_>,
         context: Option<&Bound<'_, PyAny>>,
@@ -49,7 +49,7 @@ impl LoopCore {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn source_traceback(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         if self.shared.debug() {
             Ok(Some(
@@ -78,6 +78,7 @@ impl LoopCore {
         ))
     }
 
+    #[inline]
     pub(crate) fn push_ready(&self, py: Python<'_>, h: Py<Handle>) -> PyResult<()> {
         self.state
             .borrow_mut(py)?
