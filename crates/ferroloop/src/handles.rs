@@ -73,14 +73,19 @@ impl FreshContext {
         (this.ctx.take(), this.untracked)
     }
 
+    /// An empty caller context: the handle runs in its loop's shared empty context.
+    pub(crate) fn empty() -> FreshContext {
+        FreshContext {
+            ctx: None,
+            untracked: false,
+        }
+    }
+
     /// A copy of the caller's context, or none at all when that context is empty.
     #[inline]
     pub(crate) fn of_caller(py: Python<'_>) -> PyResult<FreshContext> {
         if crate::context::current_is_empty(py) == Some(true) {
-            return Ok(FreshContext {
-                ctx: None,
-                untracked: false,
-            });
+            return Ok(FreshContext::empty());
         }
         FreshContext::copy_current(py)
     }
@@ -871,6 +876,22 @@ pub(crate) fn check_callback(
         return Ok(());
     }
     check_other_callback(py, callback, tp, method)
+}
+
+/// A callback that [`check_callback`] accepts without running Python code: a plain function
+/// whose code the one-entry cache knows is not a coroutine's, or a C function.
+#[inline(always)]
+pub(crate) fn is_plain_callback(callback: *mut ffi::PyObject) -> bool {
+    // SAFETY: type checks on a live object pointer; a function's code is a live borrowed
+    // reference.
+    unsafe {
+        let tp = ffi::Py_TYPE(callback);
+        if tp == std::ptr::addr_of_mut!(ffi::PyFunction_Type) {
+            return ffi::PyFunction_GET_CODE(callback) == LAST_CODE_PTR.load(Ordering::Relaxed)
+                && !LAST_CODE_IS_CORO.load(Ordering::Relaxed);
+        }
+        tp == std::ptr::addr_of_mut!(ffi::PyCFunction_Type)
+    }
 }
 
 #[cold]

@@ -176,6 +176,61 @@ impl LoopCore {
         Ok(h)
     }
 
+    /// `call_soon(callback[, arg])` and `call_soon_threadsafe(...)` in their common case, in one
+    /// step: outside debug mode, a plain function whose code is known not to be a coroutine's
+    /// (or a C function) as callback, an empty caller context, an open loop and a spent handle
+    /// in the pool. `None` when any of that does not hold (nothing was done): the general path
+    /// then makes asyncio's checks in asyncio's order and raises their errors.
+    ///
+    /// # Safety
+    /// `args` must point to `nargs` live object pointers, and the GIL be held.
+    #[inline(always)]
+    pub(crate) unsafe fn schedule_soon_pooled(
+        &self,
+        py: Python<'_>,
+        args: *const *mut ffi::PyObject,
+        nargs: usize,
+    ) -> Option<Py<Handle>> {
+        if nargs == 0 || nargs > 2 || self.shared.debug() {
+            return None;
+        }
+        // SAFETY: `args[..nargs]` are live borrowed references (the caller's contract).
+        let callback = unsafe { *args };
+        if !crate::handles::is_plain_callback(callback)
+            || crate::context::current_is_empty(py) != Some(true)
+        {
+            return None;
+        }
+        // No Python code runs under this borrow: a pooled handle holds nothing to release.
+        let mut st = self.state.borrow_mut(py).ok()?;
+        if st.closed {
+            return None;
+        }
+        let h = st.pool.pop()?;
+        // SAFETY: as above; each takes a new reference.
+        let (callback, args) = unsafe {
+            (
+                Bound::from_borrowed_ptr(py, callback).unbind(),
+                if nargs == 2 {
+                    Args::One(Bound::from_borrowed_ptr(py, *args.add(1)).unbind())
+                } else {
+                    Args::Empty
+                },
+            )
+        };
+        if h.get()
+            .refill(py, callback, args, FreshContext::empty())
+            .is_err()
+        {
+            // (Cannot happen: nothing else borrows a pooled handle.)
+            st.pool.push(h);
+            return None;
+        }
+        untrack(&h);
+        st.ready.push_back(super::Ready::Handle(h.clone_ref(py)));
+        Some(h)
+    }
+
     pub(crate) fn call_soon_threadsafe_impl(
         &self,
         py: Python<'_>,
