@@ -177,20 +177,20 @@ impl LoopCore {
     }
 
     /// `call_soon(callback[, arg])` and `call_soon_threadsafe(...)` in their common case, in one
-    /// step: outside debug mode, a plain function whose code is known not to be a coroutine's
-    /// (or a C function) as callback, an empty caller context, an open loop and a spent handle
-    /// in the pool. `None` when any of that does not hold (nothing was done): the general path
-    /// then makes asyncio's checks in asyncio's order and raises their errors.
+    /// step: outside debug mode, with a plain function whose code is known not to be a
+    /// coroutine's (or a C function) as callback, from an empty caller context, on an open loop.
+    /// `None` when any of that does not hold (nothing was done): the general path then makes
+    /// asyncio's checks in asyncio's order and raises their errors.
     ///
     /// # Safety
     /// `args` must point to `nargs` live object pointers, and the GIL be held.
     #[inline(always)]
-    pub(crate) unsafe fn schedule_soon_pooled(
+    pub(crate) unsafe fn schedule_soon_plain(
         &self,
         py: Python<'_>,
         args: *const *mut ffi::PyObject,
         nargs: usize,
-    ) -> Option<Py<Handle>> {
+    ) -> Option<PyResult<Py<Handle>>> {
         if nargs == 0 || nargs > 2 || self.shared.debug() {
             return None;
         }
@@ -201,12 +201,10 @@ impl LoopCore {
         {
             return None;
         }
-        // No Python code runs under this borrow: a pooled handle holds nothing to release.
         let mut st = self.state.borrow_mut(py).ok()?;
         if st.closed {
             return None;
         }
-        let h = st.pool.pop()?;
         // SAFETY: as above; each takes a new reference.
         let (callback, args) = unsafe {
             (
@@ -218,17 +216,41 @@ impl LoopCore {
                 },
             )
         };
-        if h.get()
-            .refill(py, callback, args, FreshContext::empty())
-            .is_err()
-        {
-            // (Cannot happen: nothing else borrows a pooled handle.)
-            st.pool.push(h);
-            return None;
-        }
+        let h = match st.pool.pop() {
+            Some(h) => {
+                // No Python code runs under the borrow: a pooled handle holds nothing, and
+                // nothing else borrows its cells (so the refill cannot fail).
+                let refilled = h.get().refill(py, callback, args, FreshContext::empty());
+                if let Err(e) = refilled {
+                    st.pool.push(h);
+                    return Some(Err(e));
+                }
+                h
+            }
+            None => {
+                // Allocating may run the garbage collector: not under the borrow.
+                drop(st);
+                let handle = Handle::new(
+                    callback,
+                    args,
+                    FreshContext::empty(),
+                    self.shared.clone(),
+                    None,
+                );
+                let h = match Py::new(py, handle) {
+                    Ok(h) => h,
+                    Err(e) => return Some(Err(e)),
+                };
+                st = match self.state.borrow_mut(py) {
+                    Ok(st) => st,
+                    Err(e) => return Some(Err(e)),
+                };
+                h
+            }
+        };
         untrack(&h);
         st.ready.push_back(super::Ready::Handle(h.clone_ref(py)));
-        Some(h)
+        Some(Ok(h))
     }
 
     pub(crate) fn call_soon_threadsafe_impl(

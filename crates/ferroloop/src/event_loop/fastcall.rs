@@ -284,7 +284,7 @@ entry!(
     args,
     nargs | {
         // SAFETY: `args` holds `nargs` live positional arguments (vectorcall contract).
-        unsafe { lp.schedule_soon_pooled(py, args, nargs) }.map(|h| Ok(h.into_any()))
+        unsafe { lp.schedule_soon_plain(py, args, nargs) }.map(|h| h.map(Py::into_any))
     },
     |py, _slf, lp, c| {
         if let Some(context) = &c.context {
@@ -357,7 +357,8 @@ entry!(
     args,
     nargs | {
         // SAFETY: `args` holds `nargs` live positional arguments (vectorcall contract).
-        unsafe { lp.schedule_soon_pooled(py, args, nargs) }.map(|h| {
+        unsafe { lp.schedule_soon_plain(py, args, nargs) }.map(|h| {
+            let h = h?;
             lp.shared.wake_if_sleeping();
             Ok(h.into_any())
         })
