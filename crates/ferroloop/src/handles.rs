@@ -354,6 +354,7 @@ impl Handle {
     }
 
     /// Refills a handle taken from the pool.
+    #[inline(always)]
     pub(crate) fn refill(
         &self,
         py: Python<'_>,
@@ -542,6 +543,7 @@ impl Handle {
 
     /// The end of `run`: SystemExit and KeyboardInterrupt propagate, any other exception goes
     /// to the loop's exception handler with this handle.
+    #[inline(always)]
     fn finish(
         slf: &Bound<'_, Handle>,
         func: Bound<'_, PyAny>,
@@ -549,33 +551,44 @@ impl Handle {
         result: PyResult<()>,
         loop_obj: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let py = slf.py();
-        let this = slf.get();
         match result {
             Ok(()) => {
-                args.release(py);
+                args.release(slf.py());
                 Ok(())
             }
-            Err(err) if is_exit_exception(py, &err) => Err(err),
-            Err(err) => {
-                // Put a taken callback back so the handle in the error context still names it.
-                {
-                    let mut cb = this.callback.borrow_mut(py)?;
-                    if cb.is_none() && !this.is_cancelled() {
-                        *cb = Some(Callback {
-                            func: func.clone().unbind(),
-                            args: args.clone_ref(py),
-                        });
-                        // The handle holds its callback again and whoever keeps it (the
-                        // callback's own object, an error context) may close a cycle through
-                        // it: the collector must see it, as it sees asyncio's handles.
-                        track(slf.as_any());
-                    }
-                }
-                let func = func.unbind();
-                report_callback_error(slf.as_any(), &func, &args.to_tuple(py)?, err, loop_obj)
+            Err(err) => Self::finish_error(slf, func, args, err, loop_obj),
+        }
+    }
+
+    #[cold]
+    fn finish_error(
+        slf: &Bound<'_, Handle>,
+        func: Bound<'_, PyAny>,
+        args: Args,
+        err: PyErr,
+        loop_obj: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        if is_exit_exception(py, &err) {
+            return Err(err);
+        }
+        // Put a taken callback back so the handle in the error context still names it.
+        {
+            let mut cb = this.callback.borrow_mut(py)?;
+            if cb.is_none() && !this.is_cancelled() {
+                *cb = Some(Callback {
+                    func: func.clone().unbind(),
+                    args: args.clone_ref(py),
+                });
+                // The handle holds its callback again and whoever keeps it (the callback's own
+                // object, an error context) may close a cycle through it: the collector must
+                // see it, as it sees asyncio's handles.
+                track(slf.as_any());
             }
         }
+        let func = func.unbind();
+        report_callback_error(slf.as_any(), &func, &args.to_tuple(py)?, err, loop_obj)
     }
 
     fn repr_info(slf: &Bound<'_, PyAny>, this: &Handle, when: Option<f64>) -> PyResult<String> {
