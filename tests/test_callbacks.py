@@ -472,6 +472,75 @@ def test_call_soon_threadsafe_from_thread_wakes_sleeping_loop_promptly(loop):
     assert elapsed < 1.0, f"loop woke up only after {elapsed:.3f}s"
 
 
+def test_call_soon_threadsafe_from_a_thread_honours_its_context_after_handles_were_reused(loop):
+    # Spent handles are reused for later calls (ferroloop); each call still takes the caller's
+    # context of the moment: empty, then with a variable set, then an explicit one.
+    seen = []
+
+    def cb(tag):
+        seen.append((tag, cvar.get()))
+        cvar.set("set-by-callback")
+
+    for i in range(20):
+        loop.call_soon(cb, "warm")
+    run_once(loop)
+    given = contextvars.Context()
+    given.run(cvar.set, "given")
+
+    def worker():
+        loop.call_soon_threadsafe(cb, "empty")
+        cvar.set("thread")
+        loop.call_soon_threadsafe(cb, "thread")
+        loop.call_soon_threadsafe(cb, "given", context=given)
+        loop.call_soon_threadsafe(cb, "empty-again", context=contextvars.Context())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    run_once(loop)
+    assert seen[20:] == [
+        ("empty", "default"),
+        ("thread", "thread"),
+        ("given", "given"),
+        ("empty-again", "default"),
+    ]
+    assert given[cvar] == "set-by-callback"
+    # Copies made for the calls without context= are the callbacks' own.
+    assert cvar.get() == "default"
+
+
+def test_call_soon_threadsafe_checks_callback_and_closed_loop_after_handles_were_reused(loop):
+    ran = []
+
+    def plain(i):
+        ran.append(i)
+
+    async def coro_fn():
+        pass
+
+    for i in range(5):
+        loop.call_soon_threadsafe(plain, i)
+    run_once(loop)
+    h = loop.call_soon_threadsafe(plain, 5)
+    assert not h.cancelled()
+    h.cancel()
+    assert h.cancelled()
+    loop.set_debug(True)  # asyncio checks callbacks in debug mode
+    for method in (loop.call_soon, loop.call_soon_threadsafe):
+        with pytest.raises(TypeError):
+            method(coro_fn)
+        with pytest.raises(TypeError):
+            method(42)
+    loop.set_debug(False)
+    run_once(loop)
+    assert ran == [0, 1, 2, 3, 4]
+    loop.close()
+    with pytest.raises(RuntimeError):
+        loop.call_soon_threadsafe(plain, 6)
+    with pytest.raises(RuntimeError):
+        loop.call_soon(plain, 6)
+
+
 def test_call_soon_threadsafe_from_many_threads_runs_every_callback(loop):
     n_threads, per_thread = 8, 200
     got = []

@@ -26,11 +26,12 @@ impl<T> GilCell<T> {
         GilCell(RefCell::new(value))
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn borrow_mut<'a>(&'a self, _py: Python<'_>) -> PyResult<RefMut<'a, T>> {
-        self.0
-            .try_borrow_mut()
-            .map_err(|_| PyRuntimeError::new_err("ferroloop: re-entrant access to loop state"))
+        match self.0.try_borrow_mut() {
+            Ok(r) => Ok(r),
+            Err(_) => Err(reentrant_access()),
+        }
     }
 
     /// For `__traverse__`, which runs during garbage collection with the GIL held but without a
@@ -38,4 +39,9 @@ impl<T> GilCell<T> {
     pub fn try_borrow_for_gc(&self) -> Option<std::cell::Ref<'_, T>> {
         self.0.try_borrow().ok()
     }
+}
+
+#[cold]
+fn reentrant_access() -> PyErr {
+    PyRuntimeError::new_err("ferroloop: re-entrant access to loop state")
 }

@@ -10,7 +10,7 @@
 //! - Handles point at the loop's [`Shared`] block (atomics only), never at the Python loop, so
 //!   they create no reference cycle with it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::PyTypeError;
@@ -73,14 +73,19 @@ impl FreshContext {
         (this.ctx.take(), this.untracked)
     }
 
+    /// An empty caller context: the handle runs in its loop's shared empty context.
+    pub(crate) fn empty() -> FreshContext {
+        FreshContext {
+            ctx: None,
+            untracked: false,
+        }
+    }
+
     /// A copy of the caller's context, or none at all when that context is empty.
     #[inline]
     pub(crate) fn of_caller(py: Python<'_>) -> PyResult<FreshContext> {
         if crate::context::current_is_empty(py) == Some(true) {
-            return Ok(FreshContext {
-                ctx: None,
-                untracked: false,
-            });
+            return Ok(FreshContext::empty());
         }
         FreshContext::copy_current(py)
     }
@@ -91,7 +96,7 @@ impl FreshContext {
         // SAFETY: `ctx` is a live, exact Context object we just created and nobody else has
         // seen; PyObject_Length on it cannot fail; untracking a tracked object is allowed.
         let untracked = unsafe {
-            if ffi::PyObject_Length(ctx.as_ptr()) == 0 {
+            if crate::context::len(ctx.as_ptr()) == 0 {
                 ffi::PyObject_GC_UnTrack(ctx.as_ptr().cast());
                 true
             } else {
@@ -146,6 +151,17 @@ impl Args {
                     Args::Many(PyTuple::new(py, objs)?.unbind())
                 }
             })
+        }
+    }
+
+    /// Drops the arguments with a plain decref: dropping a `Py` asks PyO3 whether the GIL is
+    /// held (a thread-local lookup), which `Handle::run` would pay once per callback.
+    #[inline(always)]
+    pub(crate) fn release(self, py: Python<'_>) {
+        match self {
+            Args::Empty => {}
+            Args::One(o) => drop(o.into_bound(py)),
+            Args::Many(t) => drop(t.into_bound(py)),
         }
     }
 
@@ -313,7 +329,15 @@ impl Handle {
     }
 
     /// Gives a context we hid from the garbage collector back to it.
+    #[inline]
     pub(crate) fn retrack_context(&self, py: Python<'_>) {
+        if self.ctx_untracked.load(Ordering::Relaxed) {
+            self.retrack_context_now(py);
+        }
+    }
+
+    #[cold]
+    fn retrack_context_now(&self, py: Python<'_>) {
         if self.ctx_untracked.swap(false, Ordering::Relaxed) {
             if let Ok(ctx) = self.context.borrow_mut(py) {
                 if let Some(c) = ctx.as_ref() {
@@ -330,6 +354,7 @@ impl Handle {
     }
 
     /// Refills a handle taken from the pool.
+    #[inline(always)]
     pub(crate) fn refill(
         &self,
         py: Python<'_>,
@@ -337,10 +362,20 @@ impl Handle {
         args: Args,
         context: FreshContext,
     ) -> PyResult<()> {
-        *self.callback.borrow_mut(py)? = Some(Callback { func, args });
+        // A pooled handle holds nothing (see `empty_for_reuse`): the checks spare the calls to
+        // the drop glue on this hot path.
+        if let Some(old) = self
+            .callback
+            .borrow_mut(py)?
+            .replace(Callback { func, args })
+        {
+            drop(old);
+        }
         let (ctx, untracked) = context.into_parts();
         self.ctx_empty.store(ctx.is_none(), Ordering::Relaxed);
-        *self.context.borrow_mut(py)? = ctx;
+        if let Some(old) = std::mem::replace(&mut *self.context.borrow_mut(py)?, ctx) {
+            drop(old);
+        }
         self.ctx_untracked.store(untracked, Ordering::Relaxed);
         self.cancelled.store(false, Ordering::Relaxed);
         Ok(())
@@ -379,11 +414,12 @@ impl Handle {
                 })
             };
             match c {
-                Some(c) => (c.func, c.args),
+                // A `Bound`: dropping it is a plain decref (see `run_native_reader`).
+                Some(c) => (c.func.into_bound(py), c.args),
                 None => return Ok(()),
             }
         };
-        let result = this.call_in_context(py, || args.call_discard(func.bind(py)));
+        let result = this.call_in_context(py, || args.call_discard(&func));
         Self::finish(slf, func, args, result, loop_obj)
     }
 
@@ -418,7 +454,7 @@ impl Handle {
         } else {
             Args::One(target.unbind())
         };
-        Self::finish(slf, func.unbind(), args, result, loop_obj)
+        Self::finish(slf, func, args, result, loop_obj)
     }
 
     /// Calls `body` inside the handle's context (`Ok` without calling it if the handle has
@@ -447,7 +483,7 @@ impl Handle {
             }
             let r = body();
             let exit = ffi::PyContext_Exit(ctx);
-            if self.ctx_untracked.load(Ordering::Relaxed) && ffi::PyObject_Length(ctx) != 0 {
+            if self.ctx_untracked.load(Ordering::Relaxed) && crate::context::len(ctx) != 0 {
                 // The callback set a context variable: the context may now be part of a
                 // cycle, so the collector must see it again.
                 self.retrack_context(py);
@@ -471,7 +507,9 @@ impl Handle {
         body: impl FnOnce() -> PyResult<()>,
     ) -> PyResult<()> {
         let (context, shared) = self.shared.enter_empty_context(py)?;
-        *self.context.borrow_mut(py)? = Some(context.clone_ref(py));
+        // Bound, not Py, for a plain decref (see `run_native_reader`).
+        let context = context.into_bound(py);
+        *self.context.borrow_mut(py)? = Some(context.clone().unbind());
         // SAFETY: `context` is an owned reference kept alive for the whole block; Enter and Exit
         // as in `call_in_context`.
         let result = unsafe {
@@ -489,15 +527,15 @@ impl Handle {
         };
         // The handle keeps the context if the callback set a variable in it or Python code
         // asked for it; else it goes back to sharing.
-        // SAFETY: `context` is a live Context; its length cannot fail.
-        let set_var = unsafe { ffi::PyObject_Length(context.as_ptr()) } != 0;
+        // SAFETY: `context` is a live, exact Context (made by PyContext_New).
+        let set_var = unsafe { crate::context::len(context.as_ptr()) } != 0;
         let asked = !self.ctx_empty.load(Ordering::Relaxed);
         let keep = set_var || asked;
         if keep {
             self.ctx_empty.store(false, Ordering::Relaxed);
         } else {
             let ours = self.context.borrow_mut(py)?.take();
-            drop(ours); // the loop (or `context`) still holds it
+            drop(ours.map(|c| c.into_bound(py))); // the loop (or `context`) still holds it
         }
         self.shared.leave_empty_context(py, shared, keep)?;
         result
@@ -505,36 +543,52 @@ impl Handle {
 
     /// The end of `run`: SystemExit and KeyboardInterrupt propagate, any other exception goes
     /// to the loop's exception handler with this handle.
+    #[inline(always)]
     fn finish(
         slf: &Bound<'_, Handle>,
-        func: Py<PyAny>,
+        func: Bound<'_, PyAny>,
         args: Args,
         result: PyResult<()>,
         loop_obj: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
+        match result {
+            Ok(()) => {
+                args.release(slf.py());
+                Ok(())
+            }
+            Err(err) => Self::finish_error(slf, func, args, err, loop_obj),
+        }
+    }
+
+    #[cold]
+    fn finish_error(
+        slf: &Bound<'_, Handle>,
+        func: Bound<'_, PyAny>,
+        args: Args,
+        err: PyErr,
+        loop_obj: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
-        match result {
-            Ok(()) => Ok(()),
-            Err(err) if is_exit_exception(py, &err) => Err(err),
-            Err(err) => {
-                // Put a taken callback back so the handle in the error context still names it.
-                {
-                    let mut cb = this.callback.borrow_mut(py)?;
-                    if cb.is_none() && !this.is_cancelled() {
-                        *cb = Some(Callback {
-                            func: func.clone_ref(py),
-                            args: args.clone_ref(py),
-                        });
-                        // The handle holds its callback again and whoever keeps it (the
-                        // callback's own object, an error context) may close a cycle through
-                        // it: the collector must see it, as it sees asyncio's handles.
-                        track(slf.as_any());
-                    }
-                }
-                report_callback_error(slf.as_any(), &func, &args.to_tuple(py)?, err, loop_obj)
+        if is_exit_exception(py, &err) {
+            return Err(err);
+        }
+        // Put a taken callback back so the handle in the error context still names it.
+        {
+            let mut cb = this.callback.borrow_mut(py)?;
+            if cb.is_none() && !this.is_cancelled() {
+                *cb = Some(Callback {
+                    func: func.clone().unbind(),
+                    args: args.clone_ref(py),
+                });
+                // The handle holds its callback again and whoever keeps it (the callback's own
+                // object, an error context) may close a cycle through it: the collector must
+                // see it, as it sees asyncio's handles.
+                track(slf.as_any());
             }
         }
+        let func = func.unbind();
+        report_callback_error(slf.as_any(), &func, &args.to_tuple(py)?, err, loop_obj)
     }
 
     fn repr_info(slf: &Bound<'_, PyAny>, this: &Handle, when: Option<f64>) -> PyResult<String> {
@@ -818,6 +872,7 @@ impl TimerHandle {
 }
 
 /// `call_soon`'s argument check (asyncio's `_check_callback`).
+#[inline]
 pub(crate) fn check_callback(
     py: Python<'_>,
     callback: &Bound<'_, PyAny>,
@@ -829,12 +884,40 @@ pub(crate) fn check_callback(
     // are the common case: only their code's flags matter.
     if tp == std::ptr::addr_of_mut!(ffi::PyFunction_Type) {
         if code_is_coroutine(py, callback)? {
-            return Err(PyTypeError::new_err(format!(
-                "coroutines cannot be used with {method}()"
-            )));
+            return Err(coroutine_error(method));
         }
         return Ok(());
     }
+    check_other_callback(py, callback, tp, method)
+}
+
+/// A callback that [`check_callback`] accepts without running Python code: a plain function
+/// whose code the one-entry cache knows is not a coroutine's, or a C function.
+#[inline(always)]
+pub(crate) fn is_plain_callback(callback: *mut ffi::PyObject) -> bool {
+    // SAFETY: type checks on a live object pointer; a function's code is a live borrowed
+    // reference.
+    unsafe {
+        let tp = ffi::Py_TYPE(callback);
+        if tp == std::ptr::addr_of_mut!(ffi::PyFunction_Type) {
+            return ffi::PyFunction_GET_CODE(callback) == LAST_CODE_PTR.load(Ordering::Relaxed)
+                && !LAST_CODE_IS_CORO.load(Ordering::Relaxed);
+        }
+        tp == std::ptr::addr_of_mut!(ffi::PyCFunction_Type)
+    }
+}
+
+#[cold]
+fn coroutine_error(method: &str) -> PyErr {
+    PyTypeError::new_err(format!("coroutines cannot be used with {method}()"))
+}
+
+fn check_other_callback(
+    py: Python<'_>,
+    callback: &Bound<'_, PyAny>,
+    tp: *mut ffi::PyTypeObject,
+    method: &str,
+) -> PyResult<()> {
     // C methods (the C Task's step and wakeup, Future.set_result ...) are the other common case
     // and can be neither coroutines nor coroutine functions.
     // SAFETY: type checks on a live object pointer.
@@ -865,25 +948,35 @@ pub(crate) fn check_callback(
 
 const CO_COROUTINE: i64 = 0x0080;
 
-/// One-entry cache of "is this code object a coroutine's": a `call_soon` chain or a timer
-/// storm schedules the same function over and over. The entry holds a strong reference, so the
-/// cached pointer can never be reused by another code object.
-static LAST_CODE: GilCell<Option<(Py<PyAny>, bool)>> = GilCell::new(None);
+/// One-entry cache of "is this code object a coroutine's": a `call_soon` chain, a timer storm
+/// or a producer thread schedules the same function over and over. `LAST_CODE` holds a strong
+/// reference, so the cached pointer can never be reused by another code object; the pointer
+/// and its flag are copies of it that the hot path reads without a borrow (they are only
+/// written with the GIL held, as every reader holds it).
+static LAST_CODE: GilCell<Option<Py<PyAny>>> = GilCell::new(None);
+static LAST_CODE_PTR: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
+static LAST_CODE_IS_CORO: AtomicBool = AtomicBool::new(false);
 
+#[inline]
 fn code_is_coroutine(py: Python<'_>, func: &Bound<'_, PyAny>) -> PyResult<bool> {
-    // SAFETY: `func` is a live function object (checked by the caller); PyFunction_GET_CODE
-    // returns a borrowed reference to its code object, alive as long as `func` is.
+    // SAFETY: `func` is a live function object (checked by the caller); its code object is a
+    // borrowed reference, alive as long as `func` is.
     let code_ptr = unsafe { ffi::PyFunction_GET_CODE(func.as_ptr()) };
-    if let Some((code, flag)) = LAST_CODE.borrow_mut(py)?.as_ref() {
-        if code.as_ptr() == code_ptr {
-            return Ok(*flag);
-        }
+    if code_ptr == LAST_CODE_PTR.load(Ordering::Relaxed) {
+        return Ok(LAST_CODE_IS_CORO.load(Ordering::Relaxed));
     }
+    code_is_coroutine_uncached(py, code_ptr)
+}
+
+#[cold]
+fn code_is_coroutine_uncached(py: Python<'_>, code_ptr: *mut ffi::PyObject) -> PyResult<bool> {
     // SAFETY: `code_ptr` is a valid borrowed reference (see above); we take a new strong one.
     let code = unsafe { Bound::from_borrowed_ptr(py, code_ptr) };
     let flags: i64 = code.getattr(intern!(py, "co_flags"))?.extract()?;
     let is_coro = flags & CO_COROUTINE != 0;
-    let old = LAST_CODE.borrow_mut(py)?.replace((code.unbind(), is_coro));
+    let old = LAST_CODE.borrow_mut(py)?.replace(code.unbind());
+    LAST_CODE_PTR.store(code_ptr, Ordering::Relaxed);
+    LAST_CODE_IS_CORO.store(is_coro, Ordering::Relaxed);
     drop(old);
     Ok(is_coro)
 }

@@ -38,6 +38,7 @@ impl LoopCore {
         Ok(())
     }
 
+    #[inline(always)]
     fn context_or_current(
         py: Python<'_>,
         context: Option<&Bound<'_, PyAny>>,
@@ -48,6 +49,7 @@ impl LoopCore {
         }
     }
 
+    #[inline(always)]
     fn source_traceback(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         if self.shared.debug() {
             Ok(Some(
@@ -76,6 +78,7 @@ impl LoopCore {
         ))
     }
 
+    #[inline]
     pub(crate) fn push_ready(&self, py: Python<'_>, h: Py<Handle>) -> PyResult<()> {
         self.state
             .borrow_mut(py)?
@@ -171,6 +174,83 @@ impl LoopCore {
         }
         self.push_ready(py, h.clone_ref(py))?;
         Ok(h)
+    }
+
+    /// `call_soon(callback[, arg])` and `call_soon_threadsafe(...)` in their common case, in one
+    /// step: outside debug mode, with a plain function whose code is known not to be a
+    /// coroutine's (or a C function) as callback, from an empty caller context, on an open loop.
+    /// `None` when any of that does not hold (nothing was done): the general path then makes
+    /// asyncio's checks in asyncio's order and raises their errors.
+    ///
+    /// # Safety
+    /// `args` must point to `nargs` live object pointers, and the GIL be held.
+    #[inline(always)]
+    pub(crate) unsafe fn schedule_soon_plain(
+        &self,
+        py: Python<'_>,
+        args: *const *mut ffi::PyObject,
+        nargs: usize,
+    ) -> Option<PyResult<Py<Handle>>> {
+        if nargs == 0 || nargs > 2 || self.shared.debug() {
+            return None;
+        }
+        // SAFETY: `args[..nargs]` are live borrowed references (the caller's contract).
+        let callback = unsafe { *args };
+        if !crate::handles::is_plain_callback(callback)
+            || crate::context::current_is_empty(py) != Some(true)
+        {
+            return None;
+        }
+        let mut st = self.state.borrow_mut(py).ok()?;
+        if st.closed {
+            return None;
+        }
+        // SAFETY: as above; each takes a new reference.
+        let (callback, args) = unsafe {
+            (
+                Bound::from_borrowed_ptr(py, callback).unbind(),
+                if nargs == 2 {
+                    Args::One(Bound::from_borrowed_ptr(py, *args.add(1)).unbind())
+                } else {
+                    Args::Empty
+                },
+            )
+        };
+        let h = match st.pool.pop() {
+            Some(h) => {
+                // No Python code runs under the borrow: a pooled handle holds nothing, and
+                // nothing else borrows its cells (so the refill cannot fail).
+                let refilled = h.get().refill(py, callback, args, FreshContext::empty());
+                if let Err(e) = refilled {
+                    st.pool.push(h);
+                    return Some(Err(e));
+                }
+                h
+            }
+            None => {
+                // Allocating may run the garbage collector: not under the borrow.
+                drop(st);
+                let handle = Handle::new(
+                    callback,
+                    args,
+                    FreshContext::empty(),
+                    self.shared.clone(),
+                    None,
+                );
+                let h = match Py::new(py, handle) {
+                    Ok(h) => h,
+                    Err(e) => return Some(Err(e)),
+                };
+                st = match self.state.borrow_mut(py) {
+                    Ok(st) => st,
+                    Err(e) => return Some(Err(e)),
+                };
+                h
+            }
+        };
+        untrack(&h);
+        st.ready.push_back(super::Ready::Handle(h.clone_ref(py)));
+        Some(Ok(h))
     }
 
     pub(crate) fn call_soon_threadsafe_impl(

@@ -38,6 +38,10 @@ struct Call<'py> {
 ///
 /// # Safety
 /// `args`/`nargsf`/`kwnames` must be a valid vectorcall argument triple and the GIL held.
+///
+/// Inlined into each entry point: with its constant leading count, the positional-only call
+/// (`call_soon_threadsafe(cb, arg)` from a thread) compiles to a few loads.
+#[inline(always)]
 unsafe fn parse<'py>(
     py: Python<'py>,
     method: &str,
@@ -236,6 +240,11 @@ macro_rules! entry {
         entry!($fname, $method, $n_leading, [$($lead),*], |$py, _slf, $loop, $call| $body);
     };
     ($fname:ident, $method:literal, $n_leading:expr, [$($lead:literal),*], |$py:ident, $slf:ident, $loop:ident, $call:ident| $body:expr) => {
+        entry!($fname, $method, $n_leading, [$($lead),*], fast |_py, _loop, _args, _nargs| None, |$py, $slf, $loop, $call| $body);
+    };
+    // `fast` is tried first for a call without keywords: `Some(result)` is the call's result,
+    // `None` goes on to the parsed, general path.
+    ($fname:ident, $method:literal, $n_leading:expr, [$($lead:literal),*], fast |$fpy:ident, $floop:ident, $fargs:ident, $fnargs:ident| $fast:expr, |$py:ident, $slf:ident, $loop:ident, $call:ident| $body:expr) => {
         unsafe extern "C" fn $fname(
             slf: *mut ffi::PyObject,
             args: *const *mut ffi::PyObject,
@@ -248,6 +257,15 @@ macro_rules! entry {
                 // SAFETY: the method descriptor (see `install`) checked that `self` is a
                 // LoopCore or a subclass of it before calling us.
                 let $loop = unsafe { $slf.cast_unchecked::<LoopCore>() }.get();
+                if kwnames.is_null() {
+                    let ($fpy, $floop, $fargs) = ($py, $loop, args);
+                    // SAFETY: `nargsf` comes from the vectorcall protocol.
+                    let $fnargs = unsafe { ffi::PyVectorcall_NARGS(nargsf as usize) } as usize;
+                    let fast: Option<PyResult<Py<PyAny>>> = $fast;
+                    if let Some(result) = fast {
+                        return result;
+                    }
+                }
                 // SAFETY: as above.
                 let $call = unsafe { parse($py, $method, $n_leading, &[$($lead),*], args, nargsf, kwnames)? };
                 $body
@@ -256,17 +274,30 @@ macro_rules! entry {
     };
 }
 
-entry!(call_soon, "call_soon", 0, [], |py, lp, c| {
-    if let Some(context) = &c.context {
-        if !lp.shared.debug() && is_c_task_callback(&c.callback) {
-            // The C Task and Future discard what call_soon returns: no Handle is made.
-            lp.push_task_step(py, &c.callback, c.args, context)?;
-            return Ok(py.None());
+entry!(
+    call_soon,
+    "call_soon",
+    0,
+    [],
+    fast | py,
+    lp,
+    args,
+    nargs | {
+        // SAFETY: `args` holds `nargs` live positional arguments (vectorcall contract).
+        unsafe { lp.schedule_soon_plain(py, args, nargs) }.map(|h| h.map(Py::into_any))
+    },
+    |py, _slf, lp, c| {
+        if let Some(context) = &c.context {
+            if !lp.shared.debug() && is_c_task_callback(&c.callback) {
+                // The C Task and Future discard what call_soon returns: no Handle is made.
+                lp.push_task_step(py, &c.callback, c.args, context)?;
+                return Ok(py.None());
+            }
         }
+        lp.call_soon_impl(py, &c.callback, c.args, c.context.as_ref())
+            .map(Py::into_any)
     }
-    lp.call_soon_impl(py, &c.callback, c.args, c.context.as_ref())
-        .map(Py::into_any)
-});
+);
 
 /// The type of CPython's C Task step callback (`TaskStepMethWrapper`), once seen.
 static TASK_STEP_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(std::ptr::null_mut());
@@ -321,7 +352,18 @@ entry!(
     "call_soon_threadsafe",
     0,
     [],
-    |py, lp, c| {
+    fast | py,
+    lp,
+    args,
+    nargs | {
+        // SAFETY: `args` holds `nargs` live positional arguments (vectorcall contract).
+        unsafe { lp.schedule_soon_plain(py, args, nargs) }.map(|h| {
+            let h = h?;
+            lp.shared.wake_if_sleeping();
+            Ok(h.into_any())
+        })
+    },
+    |py, _slf, lp, c| {
         lp.call_soon_threadsafe_impl(py, &c.callback, c.args, c.context.as_ref())
             .map(Py::into_any)
     }

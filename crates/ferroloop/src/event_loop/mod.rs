@@ -61,6 +61,7 @@ impl Shared {
 
     /// The empty context for a handle's run: the shared one (and `true`) if no callback runs
     /// in it, else a new one. Must be followed by [`Shared::leave_empty_context`].
+    #[inline(always)]
     pub(crate) fn enter_empty_context(&self, py: Python<'_>) -> PyResult<(Py<PyAny>, bool)> {
         if !self.empty_ctx_busy.load(Ordering::Relaxed) {
             let mut slot = self.empty_ctx.borrow_mut(py)?;
@@ -81,6 +82,7 @@ impl Shared {
     /// After a run in a context from [`Shared::enter_empty_context`]: `keep` says the handle
     /// keeps that context for good (a callback set a variable in it, or Python code got hold
     /// of it), so it is no longer the shared one.
+    #[inline(always)]
     pub(crate) fn leave_empty_context(
         &self,
         py: Python<'_>,

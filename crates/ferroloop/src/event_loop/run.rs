@@ -400,7 +400,15 @@ impl LoopCore {
                 st.pool.push(h.unbind());
             }
         }
-        drop(held); // the callback and context may run __del__ code: outside the borrow
+        // The callback and context may run __del__ code: outside the borrow. (A handle that
+        // ran gave up its callback already: checked here, without a call to the drop glue.)
+        let (cb, ctx) = held;
+        if let Some(cb) = cb {
+            drop(cb);
+        }
+        if let Some(ctx) = ctx {
+            drop(ctx);
+        }
         Ok(())
     }
 
