@@ -160,6 +160,46 @@ def run_python_c(script, *args):
     )
 
 
+def _main_thread_sleeps_in_poll(tid: int) -> bool:
+    """Whether thread `tid` of this process is blocked in epoll_wait (a loop sleeping in its poll)."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/self/task/{tid}/wchan") as f:
+            wchan = f.read().strip()
+    except OSError:
+        return False
+    # A kernel that hides wait channels shows "0": then a sleeping thread is taken as idle.
+    return state == "S" and wchan in ("do_epoll_wait", "ep_poll", "0")
+
+
+def kill_self_when_idle(signum, delay, timeout=10.0):
+    """Send `signum` to this process once this (the loop's) thread sleeps in its poll.
+
+    The signal goes `delay` seconds after the call at the earliest, and only when this thread
+    is blocked in epoll_wait (at most `timeout` seconds later), so it always reaches a loop
+    that is idle. A plain timer started here may fire before the loop even runs: under load
+    the calling thread may not be back from Thread.start() `delay` seconds later, and a SIGINT
+    raised there, outside the test's pytest.raises, interrupts the whole session (seen on 3.9).
+    Returns the thread, to be joined.
+    """
+    import threading
+    import time
+
+    tid = threading.get_native_id()
+
+    def kill():
+        time.sleep(delay)
+        deadline = time.monotonic() + timeout
+        while not _main_thread_sleeps_in_poll(tid) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signum)
+
+    t = threading.Thread(target=kill)
+    t.start()
+    return t
+
+
 @pytest.fixture(params=LOOP_PARAMS)
 def loop_impl(request) -> LoopImpl:
     """The implementation under test (``asyncio`` or ``ferroloop``)."""

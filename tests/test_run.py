@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import requires_py311, run_once, run_python_c
+from conftest import kill_self_when_idle, requires_py311, run_once, run_python_c
 
 cvar = contextvars.ContextVar("run_cvar", default="default")
 
@@ -699,21 +699,12 @@ def test_slow_callback_duration_defaults_to_100ms(loop):
 # -- signals while idle -----------------------------------------------------
 
 
-def _kill_self_later(signum, delay):
-    import os
-    import threading
-
-    t = threading.Timer(delay, os.kill, (os.getpid(), signum))
-    t.start()
-    return t
-
-
 def test_sigint_while_loop_is_idle_raises_keyboard_interrupt_promptly(loop):
     import signal
 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     safety = loop.call_later(10, loop.stop)
-    t = _kill_self_later(signal.SIGINT, 0.05)
+    t = kill_self_when_idle(signal.SIGINT, 0.05)
     t0 = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -738,7 +729,7 @@ def test_python_signal_handler_exception_while_idle_leaves_run_forever(loop):
     old = signal.signal(signal.SIGUSR1, handler)
     try:
         safety = loop.call_later(10, loop.stop)
-        t = _kill_self_later(signal.SIGUSR1, 0.05)
+        t = kill_self_when_idle(signal.SIGUSR1, 0.05)
         t0 = time.monotonic()
         try:
             with pytest.raises(Interrupted):
@@ -762,7 +753,7 @@ def test_python_signal_handler_runs_while_loop_is_idle(loop):
 
     old = signal.signal(signal.SIGUSR1, handler)
     try:
-        t = _kill_self_later(signal.SIGUSR1, 0.02)
+        t = kill_self_when_idle(signal.SIGUSR1, 0.02)
         t0 = time.monotonic()
         try:
             loop.call_later(0.5, loop.stop)
@@ -930,9 +921,7 @@ def test_close_with_watchers_and_timers_still_registered(loop):
 
 
 def test_run_entry_point_turns_sigint_into_cancellation_of_main(loop_impl):
-    import os
     import signal
-    import threading
 
     cancelled = []
 
@@ -943,9 +932,8 @@ def test_run_entry_point_turns_sigint_into_cancellation_of_main(loop_impl):
             cancelled.append(True)
             raise
 
-    t = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
     t0 = time.monotonic()
-    t.start()
+    t = kill_self_when_idle(signal.SIGINT, 0.05)
     try:
         with pytest.raises(KeyboardInterrupt):
             loop_impl.run(main())

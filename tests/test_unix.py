@@ -25,7 +25,7 @@ import warnings
 
 import pytest
 
-from conftest import requires_py311
+from conftest import kill_self_when_idle, requires_py311
 
 TIMEOUT = 10
 PY = sys.executable
@@ -41,12 +41,6 @@ def run_until(loop, predicate, timeout=TIMEOUT):
             await asyncio.sleep(0.005)
 
     run(loop, wait(), timeout)
-
-
-def kill_self_later(signum, delay):
-    t = threading.Timer(delay, os.kill, (os.getpid(), signum))
-    t.start()
-    return t
 
 
 def assert_reaped(pid):
@@ -102,7 +96,7 @@ def test_signal_wakes_a_sleeping_loop_at_once(loop):
 
     loop.add_signal_handler(signal.SIGUSR2, handler)
     safety = loop.call_later(30, loop.stop)
-    t = kill_self_later(signal.SIGUSR2, 0.05)
+    t = kill_self_when_idle(signal.SIGUSR2, 0.05)
     t0 = time.monotonic()
     try:
         loop.run_forever()
@@ -258,7 +252,7 @@ def test_signal_handler_and_runner_sigint(loop_impl):
         finally:
             loop.remove_signal_handler(signal.SIGUSR1)
 
-    t = kill_self_later(signal.SIGINT, 0.1)
+    t = kill_self_when_idle(signal.SIGINT, 0.1)
     t0 = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
