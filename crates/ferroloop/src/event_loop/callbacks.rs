@@ -245,6 +245,12 @@ impl LoopCore {
                     Ok(st) => st,
                     Err(e) => return Some(Err(e)),
                 };
+                if st.closed {
+                    // Closed by code the collector ran meanwhile: the general path raises.
+                    drop(st);
+                    drop(h);
+                    return None;
+                }
                 h
             }
         };
