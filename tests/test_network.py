@@ -2273,6 +2273,22 @@ def test_no_fd_leak(loop_impl):
 # ---- the accepted connection's whole life (connection churn) ---------------------------------
 
 
+class _EchoReportingLost(asyncio.Protocol):
+    """Echoes what it reads; the future `lost` gets the transport once the connection is lost."""
+
+    def __init__(self, lost):
+        self.lost = lost
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+    def connection_lost(self, exc):
+        self.lost.set_result(self.transport)
+
+
 def _churn_client(address, payload=b"ping"):
     """Connect, send, read the echo, close first with a plain close (FIN)."""
     with socket.create_connection(address, timeout=TIMEOUT) as s:
@@ -2485,20 +2501,14 @@ def test_accepted_transport_extra_info_other_keys_and_later_ones(loop):
         seen = {}
         lost = loop.create_future()
 
-        class Proto(asyncio.Protocol):
+        class Proto(_EchoReportingLost):
             def connection_made(self, transport):
-                self.transport = transport
+                super().connection_made(transport)
                 seen["sslcontext"] = transport.get_extra_info("sslcontext")
                 seen["missing"] = transport.get_extra_info("no such key", "dflt")
                 seen["peername"] = transport.get_extra_info("peername")
 
-            def data_received(self, data):
-                self.transport.write(data)
-
-            def connection_lost(self, exc):
-                lost.set_result(self.transport)
-
-        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        server = await loop.create_server(lambda: Proto(lost), "127.0.0.1", 0)
         address = server.sockets[0].getsockname()
         assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
         tr = await asyncio.wait_for(lost, TIMEOUT)
@@ -2591,15 +2601,8 @@ def test_accepted_transport_sockname_after_close_specific_and_wildcard_listener(
     async def main():
         lost = loop.create_future()
 
-        class Proto(asyncio.Protocol):
-            def connection_made(self, transport):
-                self.transport = transport
-
-            def data_received(self, data):
-                self.transport.write(data)
-
-            def connection_lost(self, exc):
-                lost.set_result(self.transport)
+        def Proto():
+            return _EchoReportingLost(lost)
 
         server = await loop.create_server(Proto, bind, 0)
         port = server.sockets[0].getsockname()[1]
@@ -2872,15 +2875,8 @@ def test_accepted_transport_sockname_after_close_transparent_listener(loop):
     async def main():
         lost = loop.create_future()
 
-        class Proto(asyncio.Protocol):
-            def connection_made(self, transport):
-                self.transport = transport
-
-            def data_received(self, data):
-                self.transport.write(data)
-
-            def connection_lost(self, exc):
-                lost.set_result(self.transport)
+        def Proto():
+            return _EchoReportingLost(lost)
 
         server = await loop.create_server(Proto, sock=listener)
         assert getattr(server, "_local_name", None) is None

@@ -21,6 +21,7 @@ import time
 import pytest
 
 import ferroloop
+from conftest import fd_count
 
 TIMEOUT = 10
 PY = sys.executable
@@ -374,7 +375,7 @@ def test_cancelled_while_the_child_starts(loop, spawn_path, tmp_path, program):
             PY, "-c", "import time; time.sleep(30)"]
         await loop.subprocess_exec(factory, *args)
 
-    fds_before = len(os.listdir("/proc/self/fd"))
+    fds_before = fd_count()
     if program == "missing":
         with pytest.raises(FileNotFoundError):
             loop.run_until_complete(main())
@@ -425,7 +426,7 @@ def test_many_children_at_once_and_cancellations_at_every_step(loop, spawn_path)
         return pids
 
     before = _children()
-    fds_before = len(os.listdir("/proc/self/fd"))
+    fds_before = fd_count()
     # 84 children: the hang guard is test_unix.py's for its 30 and 40 concurrent children
     # (TIMEOUT, 10 s, was exceeded by the first 60 alone on 3.9 on a starved machine).
     run(loop, main(), timeout=30)
@@ -445,7 +446,7 @@ def _settle_cpython_pipes(loop, fds_before):
     if isinstance(loop, ferroloop.Loop):
         return
     for _ in range(500):
-        if len(os.listdir("/proc/self/fd")) <= fds_before and not asyncio.all_tasks(loop):
+        if fd_count() <= fds_before and not asyncio.all_tasks(loop):
             return
         loop.run_until_complete(asyncio.sleep(0.01))
 
