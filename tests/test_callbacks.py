@@ -1212,3 +1212,63 @@ def test_scheduling_on_a_closed_loop_from_a_finalizer_at_interpreter_exit_raises
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["raised Event loop is closed"] * 3, proc.stderr
     assert "panicked" not in proc.stderr
+
+
+def test_handle_kept_by_debug_mode_in_a_reference_cycle_is_garbage_collected(loop):
+    # Debug mode keeps a handle's callback after it runs, so the collector must see the handle
+    # (ferroloop allocates handles itself, tracked as PyType_GenericAlloc would).
+    import gc
+    import weakref
+
+    loop.set_debug(True)
+    payload = _Payload()
+    ref = weakref.ref(payload)
+    payload.handle = loop.call_soon(lambda p: None, payload)
+    payload.timer = loop.call_later(0, lambda p: None, payload)
+    del payload
+    run_for(loop, 0.01)
+    gc.collect()
+    assert ref() is None
+
+
+def test_handles_do_not_start_garbage_collections():
+    # A burst of handles (a producer thread far ahead of the loop, 100k call_later) must not
+    # make CPython's collector walk its generations: ferroloop's handles are outside the
+    # young-generation count, where the running CPython's layout is known.
+    import gc
+
+    import ferroloop
+    from ferroloop import _ferroloop
+
+    if not _ferroloop._HANDLES_OUTSIDE_GC_COUNT:
+        pytest.skip("handles use CPython's own allocator on this Python")
+    loop = ferroloop.new_event_loop()
+    started = []
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started.append(info["generation"])
+
+    keep = []
+
+    def burst():
+        for _ in range(5000):
+            keep.append(loop.call_soon(int))
+            keep.append(loop.call_later(60, int))
+
+    gc.collect()
+    gc.callbacks.append(on_gc)
+    try:
+        # In an empty context, as a fresh thread's: a handle then shares the loop's empty
+        # context instead of copying the caller's (a context copy is an object of its own).
+        contextvars.Context().run(burst)
+    finally:
+        gc.callbacks.remove(on_gc)
+    assert started == []
+    assert gc.is_tracked(keep[0]) is False  # queued one-shot handles stay hidden (untrack)
+    for h in keep:
+        h.cancel()
+    loop.close()
+    del keep
+    gc.collect()
+

@@ -23,9 +23,12 @@ __all__ = [
     "accept_plain_connection",
     "install_datagram_fast_paths",
     "__version__",
+    "_HANDLES_OUTSIDE_GC_COUNT",
 ]
 
 __version__: str
+# Whether Handle/TimerHandle allocations are kept out of the collector's generation count.
+_HANDLES_OUTSIDE_GC_COUNT: bool
 
 def read_bytes(fd: int, max_size: int = ...) -> bytes: ...
 def recvfrom_inet(fd: int, max_size: int = ...) -> tuple[bytes, Any]: ...

@@ -7,6 +7,7 @@ mod context;
 mod datagram_fast;
 mod errors;
 mod event_loop;
+mod gc_alloc;
 mod gil;
 mod handles;
 mod slots;
@@ -26,6 +27,12 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     event_loop::fastcall::install(m.py(), &m.py().get_type::<event_loop::LoopCore>())?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
+    // Both, unconditionally (no short circuit); the flag is for the tests.
+    let uncounted = [
+        gc_alloc::install::<handles::Handle>(m.py()),
+        gc_alloc::install::<handles::TimerHandle>(m.py()),
+    ];
+    m.add("_HANDLES_OUTSIDE_GC_COUNT", uncounted.iter().all(|&b| b))?;
     m.add_function(wrap_pyfunction!(sock_io::read_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(sock_io::recvfrom_inet, m)?)?;
     m.add_function(wrap_pyfunction!(sock_io::accept_inet, m)?)?;
