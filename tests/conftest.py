@@ -160,11 +160,20 @@ def run_python_c(script, *args):
     )
 
 
+def proc_stat(path: str) -> list:
+    """The fields of a `/proc/.../stat` file after the command name: [state, ppid, ...].
+
+    The name is in parentheses and may hold spaces and parentheses itself, so the fields start
+    after the last ')'. Raises OSError when the process or thread is gone.
+    """
+    with open(path) as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def _main_thread_sleeps_in_poll(tid: int) -> bool:
     """Whether thread `tid` of this process is blocked in epoll_wait (a loop sleeping in its poll)."""
     try:
-        with open(f"/proc/self/task/{tid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+        state = proc_stat(f"/proc/self/task/{tid}/stat")[0]
         with open(f"/proc/self/task/{tid}/wchan") as f:
             wchan = f.read().strip()
     except OSError:

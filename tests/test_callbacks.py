@@ -1269,6 +1269,6 @@ def test_handles_do_not_start_garbage_collections():
     for h in keep:
         h.cancel()
     loop.close()
-    del keep
+    keep.clear()
     gc.collect()
 

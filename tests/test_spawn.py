@@ -21,7 +21,7 @@ import time
 import pytest
 
 import ferroloop
-from conftest import fd_count
+from conftest import fd_count, proc_stat
 
 TIMEOUT = 10
 PY = sys.executable
@@ -459,11 +459,10 @@ def _children():
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
+            ppid = proc_stat(f"/proc/{entry}/stat")[1]
         except OSError:
             continue
-        if stat.rsplit(")", 1)[1].split()[1] == me:
+        if ppid == me:
             found.add(int(entry))
     return found
 
@@ -493,8 +492,7 @@ def test_a_process_forked_while_a_child_starts_leaves_its_outcome_to_the_parent(
 
 
 def _state(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+    return proc_stat(f"/proc/{pid}/stat")[0]
 
 
 def test_a_cancelled_start_waits_for_the_exec_without_blocking_the_loop(loop, monkeypatch):
