@@ -208,9 +208,12 @@ class DatagramMixin:
         reuse_address, reuse_port, allow_broadcast, sock,
     ):
         if sock is not None:
-            if sock.type != socket.SOCK_DGRAM:
-                what = "A datagram socket" if sys.version_info >= (3, 13) else "A UDP Socket"
-                raise ValueError(f"{what} was expected, got {sock!r}")
+            # 3.13 takes any socket but a stream one (SOCK_SEQPACKET, SOCK_RAW ...).
+            if sys.version_info >= (3, 13):
+                if sock.type == socket.SOCK_STREAM:
+                    raise ValueError(f"A datagram socket was expected, got {sock!r}")
+            elif sock.type != socket.SOCK_DGRAM:
+                raise ValueError(f"A UDP Socket was expected, got {sock!r}")
             if local_addr or remote_addr or family or proto or flags or reuse_port or allow_broadcast:
                 opts = dict(
                     local_addr=local_addr,
