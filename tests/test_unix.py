@@ -668,6 +668,27 @@ def test_subprocess_shell_returncode(loop):
     assert_reaped(proc.pid)
 
 
+def test_process_wait_while_a_grandchild_holds_stdout_by_python_version(loop):
+    # Before 3.11, Process.wait() returns when the child exits; from 3.11 it also waits for
+    # the pipes to close (here: until the grandchild, which inherited stdout, is gone).
+    async def main():
+        proc = await asyncio.create_subprocess_shell("sleep 30 & echo $!", stdout=subprocess.PIPE)
+        grandchild = int(await proc.stdout.readline())
+        try:
+            waiter = asyncio.ensure_future(proc.wait())
+            while proc.returncode is None:  # the shell has exited
+                await asyncio.sleep(0.005)
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+            assert waiter.done() == (sys.version_info < (3, 11))
+        finally:
+            os.kill(grandchild, signal.SIGKILL)
+        assert await waiter == 0
+        assert await proc.stdout.read() == b""
+
+    run(loop, main())
+
+
 def test_communicate_one_megabyte_through_cat(loop):
     payload = os.urandom(1024 * 1024)
 
