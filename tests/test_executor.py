@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
 
 import pytest
@@ -99,6 +100,18 @@ def test_set_default_executor_rejects_non_thread_pool_executor(loop):
         loop.set_default_executor(InlineExecutor())
     with pytest.raises(TypeError):
         loop.set_default_executor(object())
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 11), reason="Python 3.11 raises TypeError instead")
+def test_set_default_executor_of_another_kind_is_deprecated_but_used_before_py311(loop):
+    with pytest.warns(DeprecationWarning, match="not an instance of ThreadPoolExecutor") as caught:
+        loop.set_default_executor(InlineExecutor())
+    assert caught[0].filename == __file__  # reported at the caller, as asyncio's stacklevel=2
+
+    async def main():
+        return await loop.run_in_executor(None, sum, [1, 2, 3])
+
+    assert loop.run_until_complete(main()) == 6
 
 
 def test_shutdown_default_executor_joins_worker_threads(loop):

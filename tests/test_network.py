@@ -1839,6 +1839,62 @@ def test_datagram_endpoint_argument_errors(loop):
     run(loop, main())
 
 
+def test_datagram_endpoint_on_a_seqpacket_socket_by_python_version(loop):
+    # 3.13 refuses only stream sockets; before, anything but SOCK_DGRAM.
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    async def main():
+        received = loop.create_future()
+
+        class Proto(asyncio.DatagramProtocol):
+            def datagram_received(self, data, addr):
+                received.set_result(data)
+
+        if sys.version_info < (3, 13):
+            with pytest.raises(ValueError, match="A UDP Socket was expected"):
+                await loop.create_datagram_endpoint(Proto, sock=a)
+            return
+        transport, _ = await loop.create_datagram_endpoint(Proto, sock=a)
+        try:
+            b.send(b"packet")
+            assert await asyncio.wait_for(received, TIMEOUT) == b"packet"
+        finally:
+            transport.close()
+            await asyncio.sleep(0)
+
+    with a, b:
+        run(loop, main())
+
+
+def test_datagram_endpoint_reuse_address_by_python_version(loop):
+    # bpo-37228: 3.9 and 3.10 still take reuse_address (True is refused, False deprecated);
+    # 3.11 removed the parameter.
+    async def main():
+        if sys.version_info >= (3, 11):
+            with pytest.raises(TypeError, match="reuse_address"):
+                await loop.create_datagram_endpoint(
+                    asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0), reuse_address=False
+                )
+            return
+        with pytest.raises(ValueError, match="reuse_address=True. is no longer supported"):
+            await loop.create_datagram_endpoint(
+                asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0), reuse_address=True
+            )
+        with pytest.warns(DeprecationWarning, match="reuse_address") as caught:
+            transport, _ = await loop.create_datagram_endpoint(
+                asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0), reuse_address=False
+            )
+        transport.close()
+        assert caught[0].filename == __file__  # reported at the caller
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            with pytest.raises(ValueError, match=r"\(family=2, reuse_address=True\)"):
+                await loop.create_datagram_endpoint(
+                    asyncio.DatagramProtocol, sock=sock, family=socket.AF_INET, reuse_address=True
+                )
+
+    run(loop, main())
+
+
 # ---- sock_* -----------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import gc
 import logging
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -568,6 +569,34 @@ def test_event_loop_policy_creates_loops_of_the_implementation(loop_impl):
         assert isinstance(lp, loop_impl.loop_class)
         assert lp.is_closed()
     finally:
+        asyncio.set_event_loop_policy(old)
+
+
+
+@pytest.mark.skipif(
+    not hasattr(asyncio, "AbstractChildWatcher"), reason="no child watchers (Python 3.14+)"
+)
+def test_asyncio_loop_spawns_subprocesses_while_the_policy_is_installed(loop_impl):
+    # asyncio's own loops ask the policy for a child watcher each time they start a
+    # subprocess (e.g. uvicorn --loop asyncio in a process that installed ferroloop).
+    old = asyncio.get_event_loop_policy()
+    policy = loop_impl.policy_class()
+    asyncio.set_event_loop_policy(policy)
+    stdlib_loop = asyncio.SelectorEventLoop()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12 deprecated watchers
+            assert isinstance(policy.get_child_watcher(), asyncio.AbstractChildWatcher)
+
+        async def main():
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "print('hi')", stdout=asyncio.subprocess.PIPE
+            )
+            return await proc.communicate()
+
+        assert stdlib_loop.run_until_complete(main()) == (b"hi\n", None)
+    finally:
+        stdlib_loop.close()
         asyncio.set_event_loop_policy(old)
 
 

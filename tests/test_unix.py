@@ -668,6 +668,34 @@ def test_subprocess_shell_returncode(loop):
     assert_reaped(proc.pid)
 
 
+def test_process_wait_while_a_grandchild_holds_stdout_by_python_version(loop):
+    # Before 3.11, Process.wait() returns when the child exits; from 3.11 it also waits for
+    # the pipes to close (here: until the grandchild, which inherited stdout, is gone).
+    # (On every version a wait() that starts after the exit was seen returns at once: the shell
+    # here exits only once wait() is pending, when its stdin closes.)
+    async def main():
+        proc = await asyncio.create_subprocess_shell(
+            "sleep 30 & echo $!; read line; exit 0", stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        grandchild = int(await proc.stdout.readline())
+        try:
+            waiter = asyncio.ensure_future(proc.wait())
+            await asyncio.sleep(0)
+            assert proc.returncode is None and not waiter.done()
+            proc.stdin.close()
+            while proc.returncode is None:  # the shell has exited
+                await asyncio.sleep(0.005)
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+            assert waiter.done() == (sys.version_info < (3, 11))
+        finally:
+            os.kill(grandchild, signal.SIGKILL)
+        assert await waiter == 0
+        assert await proc.stdout.read() == b""
+
+    run(loop, main())
+
+
 def test_communicate_one_megabyte_through_cat(loop):
     payload = os.urandom(1024 * 1024)
 

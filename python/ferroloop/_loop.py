@@ -208,7 +208,16 @@ class Loop(_ferroloop.LoopCore, NetworkMixin, UnixMixin, asyncio.AbstractEventLo
 
     def set_default_executor(self, executor) -> None:
         if not isinstance(executor, concurrent.futures.ThreadPoolExecutor):
-            raise TypeError("executor must be ThreadPoolExecutor instance")
+            if sys.version_info >= (3, 11):
+                raise TypeError("executor must be ThreadPoolExecutor instance")
+            # Before 3.11 asyncio only deprecated it (with the message 3.8 wrote).
+            warnings.warn(
+                "Using the default executor that is not an instance of "
+                "ThreadPoolExecutor is deprecated and will be prohibited "
+                "in Python 3.9",
+                DeprecationWarning,
+                2,
+            )
         self._default_executor = executor
 
     async def shutdown_default_executor(self, timeout=None) -> None:

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import stat
+import warnings
 from asyncio import constants, futures, transports
 
 from .. import _ferroloop as _ferroloop_native
@@ -15,6 +16,10 @@ from .._ferroloop import recvfrom_inet as _recvfrom_inet
 from .transports import MAX_READ, SocketTransportBase, as_bytes_like, replaces_socket_methods
 
 logger = logging.getLogger("asyncio")
+
+# create_datagram_endpoint's reuse_address when not given (Python 3.9 and 3.10 take it).
+_UNSET = object()
+
 
 class DatagramTransport(SocketTransportBase, transports.DatagramTransport):
     """A datagram socket transport: whole datagrams in, whole datagrams out, queued when the
@@ -155,24 +160,60 @@ class DatagramMixin:
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
         return DatagramTransport(self, sock, protocol, address, waiter, extra)
 
-    async def create_datagram_endpoint(
-        self,
-        protocol_factory,
-        local_addr=None,
-        remote_addr=None,
-        *,
-        family=0,
-        proto=0,
-        flags=0,
-        reuse_port=None,
-        allow_broadcast=None,
-        sock=None,
+    if sys.version_info >= (3, 11):
+
+        async def create_datagram_endpoint(
+            self,
+            protocol_factory,
+            local_addr=None,
+            remote_addr=None,
+            *,
+            family=0,
+            proto=0,
+            flags=0,
+            reuse_port=None,
+            allow_broadcast=None,
+            sock=None,
+        ):
+            """Create a datagram connection."""
+            return await self._create_datagram_endpoint(
+                protocol_factory, local_addr, remote_addr, family, proto, flags,
+                _UNSET, reuse_port, allow_broadcast, sock,
+            )
+
+    else:
+
+        async def create_datagram_endpoint(
+            self,
+            protocol_factory,
+            local_addr=None,
+            remote_addr=None,
+            *,
+            family=0,
+            proto=0,
+            flags=0,
+            reuse_address=_UNSET,
+            reuse_port=None,
+            allow_broadcast=None,
+            sock=None,
+        ):
+            """Create a datagram connection."""
+            return await self._create_datagram_endpoint(
+                protocol_factory, local_addr, remote_addr, family, proto, flags,
+                reuse_address, reuse_port, allow_broadcast, sock,
+            )
+
+    async def _create_datagram_endpoint(
+        self, protocol_factory, local_addr, remote_addr, family, proto, flags,
+        reuse_address, reuse_port, allow_broadcast, sock,
     ):
-        """Create a datagram connection."""
         if sock is not None:
-            if sock.type != socket.SOCK_DGRAM:
-                what = "A datagram socket" if sys.version_info >= (3, 13) else "A UDP Socket"
-                raise ValueError(f"{what} was expected, got {sock!r}")
+            # 3.13 takes any socket but a stream one (SOCK_SEQPACKET, SOCK_RAW ...).
+            if sys.version_info >= (3, 13):
+                if sock.type == socket.SOCK_STREAM:
+                    raise ValueError(f"A datagram socket was expected, got {sock!r}")
+            elif sock.type != socket.SOCK_DGRAM:
+                raise ValueError(f"A UDP Socket was expected, got {sock!r}")
             if local_addr or remote_addr or family or proto or flags or reuse_port or allow_broadcast:
                 opts = dict(
                     local_addr=local_addr,
@@ -180,9 +221,10 @@ class DatagramMixin:
                     family=family,
                     proto=proto,
                     flags=flags,
-                    reuse_port=reuse_port,
-                    allow_broadcast=allow_broadcast,
                 )
+                if reuse_address is not _UNSET:  # (Python 3.9 and 3.10 list it)
+                    opts["reuse_address"] = reuse_address
+                opts.update(reuse_port=reuse_port, allow_broadcast=allow_broadcast)
                 problems = ", ".join(f"{k}={v}" for k, v in opts.items() if v)
                 raise ValueError(
                     f"socket modifier keyword arguments can not be used "
@@ -235,6 +277,20 @@ class DatagramMixin:
                 ]
                 if not addr_pairs_info:
                     raise ValueError("can not get address information")
+
+            if reuse_address is not _UNSET:  # Python 3.9 and 3.10 (bpo-37228)
+                if reuse_address:
+                    raise ValueError(
+                        "Passing `reuse_address=True` is no longer supported, as the usage of "
+                        "SO_REUSEPORT in UDP poses a significant security concern."
+                    )
+                # stacklevel 3: past this coroutine and create_datagram_endpoint, the caller
+                warnings.warn(
+                    "The *reuse_address* parameter has been deprecated as of 3.5.10 and is "
+                    "scheduled for removal in 3.11.",
+                    DeprecationWarning,
+                    stacklevel=3,
+                )
 
             exceptions = []
             for (fam, pro), (local_address, remote_address) in addr_pairs_info:

@@ -433,7 +433,8 @@ class SubprocessTransport(transports.SubprocessTransport):
         self._popen().kill()
 
     async def _wait(self):
-        """Wait for the child to exit (and every pipe to close); return its return code."""
+        """Wait for the child to exit (and, from Python 3.11, every pipe to close); return its
+        return code."""
         if self._returncode is not None:
             return self._returncode
         waiter = self._loop.create_future()
@@ -580,6 +581,17 @@ class SubprocessTransport(transports.SubprocessTransport):
             proc.returncode = returncode
         self._call(self._protocol.process_exited)
         self._try_finish()
+        if _WAIT_RETURNS_AT_EXIT:
+            self._wake_exit_waiters()
+
+    def _wake_exit_waiters(self) -> None:
+        waiters = self._exit_waiters
+        if waiters is None:
+            return
+        self._exit_waiters = None
+        for waiter in waiters:
+            if not waiter.cancelled():
+                waiter.set_result(self._returncode)
 
     def _try_finish(self) -> None:
         if self._returncode is None or self._finished:
@@ -594,14 +606,16 @@ class SubprocessTransport(transports.SubprocessTransport):
         try:
             self._protocol.connection_lost(exc)
         finally:
-            for waiter in self._exit_waiters:
-                if not waiter.cancelled():
-                    waiter.set_result(self._returncode)
-            self._exit_waiters = None
+            self._wake_exit_waiters()
             self._loop = None
             self._proc = None
             self._released = True
             self._protocol = None
+
+
+# Before 3.11, asyncio's Process.wait() returns once the child has exited, even while a pipe
+# is still open (a grandchild holding stdout); from 3.11 it also waits for the pipes to close.
+_WAIT_RETURNS_AT_EXIT = sys.version_info < (3, 11)
 
 
 @types.coroutine
