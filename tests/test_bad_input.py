@@ -57,6 +57,69 @@ def test_scheduling_coroutine_function_raises_type_error_in_debug_mode(loop, sch
         SCHEDULERS[scheduler](loop, coro_fn)
 
 
+def _marked_coroutine_functions():
+    """Plain functions that asyncio.iscoroutinefunction takes for coroutine functions by a mark
+    (no CO_COROUTINE flag): asyncio's own `_is_coroutine` (set by @asyncio.coroutine on 3.9 and
+    3.10, read through 3.13) and inspect.markcoroutinefunction (3.12+)."""
+    import inspect
+
+    marked = {}
+    mark = getattr(asyncio.coroutines, "_is_coroutine", None)
+    if mark is not None:
+
+        def by_asyncio_mark():
+            pass
+
+        by_asyncio_mark._is_coroutine = mark
+        marked["asyncio-mark"] = by_asyncio_mark
+    if hasattr(inspect, "markcoroutinefunction"):
+
+        def by_inspect_mark():
+            pass
+
+        marked["inspect-mark"] = inspect.markcoroutinefunction(by_inspect_mark)
+    return marked
+
+
+_MARKED = _marked_coroutine_functions()
+
+
+@pytest.mark.parametrize("kind", sorted(_MARKED))
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_scheduling_marked_coroutine_function_raises_type_error_in_debug_mode(
+    loop, scheduler, kind
+):
+    func = _MARKED[kind]
+    assert asyncio.iscoroutinefunction(func)
+    loop.set_debug(True)
+    with pytest.raises(TypeError):
+        SCHEDULERS[scheduler](loop, func)
+    # The same as a bound method.
+    holder = type("Holder", (), {"method": func})()
+    with pytest.raises(TypeError):
+        SCHEDULERS[scheduler](loop, holder.method)
+
+
+def test_function_with_unrelated_attributes_is_scheduled(loop):
+    # A function with a __dict__ (functools.wraps, attributes) that carries no mark runs.
+    import functools
+
+    ran = []
+
+    def inner():
+        ran.append(1)
+
+    @functools.wraps(inner)
+    def wrapper():
+        inner()
+
+    wrapper.tag = "x"
+    for _ in range(3):
+        loop.call_soon(wrapper)
+    run_once(loop)
+    assert ran == [1, 1, 1]
+
+
 def test_non_callable_callback_without_debug_never_breaks_the_loop(loop):
     # CPython accepts it and reports a TypeError through the exception
     # handler when it runs; a loop that rejects it up front is also fine.

@@ -883,12 +883,59 @@ pub(crate) fn check_callback(
     // Plain Python functions (a `call_soon_threadsafe` from a thread, gather's done-callback)
     // are the common case: only their code's flags matter.
     if tp == std::ptr::addr_of_mut!(ffi::PyFunction_Type) {
-        if code_is_coroutine(py, callback)? {
+        if function_is_coroutine(py, callback)? {
             return Err(coroutine_error(method));
         }
         return Ok(());
     }
     check_other_callback(py, callback, tp, method)
+}
+
+/// A function is a coroutine function by its code's flags, or by asyncio's marks in its
+/// `__dict__`: `_is_coroutine` (`@asyncio.coroutine`, 3.9/3.10) or `_is_coroutine_marker`
+/// (`inspect.markcoroutinefunction`, 3.12+), which asyncio's `iscoroutinefunction` reads.
+fn function_is_coroutine(py: Python<'_>, func: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if code_is_coroutine(py, func)? {
+        return Ok(true);
+    }
+    // SAFETY: `func` is a live function object (the callers check its type).
+    if !unsafe { function_has_coroutine_mark(func.as_ptr()) } {
+        return Ok(false);
+    }
+    let s = crate::stdlib::stdlib(py)?;
+    s.iscoroutinefunction.bind(py).call1((func,))?.is_truthy()
+}
+
+/// Whether a function's `__dict__` holds one of asyncio's coroutine-function marks (only their
+/// presence: asyncio's `iscoroutinefunction` then checks their values).
+///
+/// # Safety
+/// `func` must be a live object of exactly `PyFunction_Type`, and the GIL held.
+#[inline(always)]
+unsafe fn function_has_coroutine_mark(func: *mut ffi::PyObject) -> bool {
+    // SAFETY: the caller's contract; `func_dict` is NULL until the function gets an attribute.
+    unsafe {
+        let dict = (*func.cast::<ffi::PyFunctionObject>()).func_dict;
+        if dict.is_null() || ffi::PyDict_Size(dict) == 0 {
+            return false;
+        }
+        function_dict_has_mark(dict)
+    }
+}
+
+/// # Safety
+/// `dict` must be a live dict, and the GIL held.
+#[cold]
+unsafe fn function_dict_has_mark(dict: *mut ffi::PyObject) -> bool {
+    // SAFETY: the caller holds the GIL (this function's contract).
+    let py = unsafe { Python::assume_attached() };
+    [
+        intern!(py, "_is_coroutine"),
+        intern!(py, "_is_coroutine_marker"),
+    ]
+    .iter()
+    // SAFETY: a borrowed lookup in a live dict with str keys (no error can be raised).
+    .any(|key| unsafe { !ffi::PyDict_GetItem(dict, key.as_ptr()).is_null() })
 }
 
 /// A callback that [`check_callback`] accepts without running Python code: a plain function
@@ -901,7 +948,8 @@ pub(crate) fn is_plain_callback(callback: *mut ffi::PyObject) -> bool {
         let tp = ffi::Py_TYPE(callback);
         if tp == std::ptr::addr_of_mut!(ffi::PyFunction_Type) {
             return ffi::PyFunction_GET_CODE(callback) == LAST_CODE_PTR.load(Ordering::Relaxed)
-                && !LAST_CODE_IS_CORO.load(Ordering::Relaxed);
+                && !LAST_CODE_IS_CORO.load(Ordering::Relaxed)
+                && !function_has_coroutine_mark(callback);
         }
         tp == std::ptr::addr_of_mut!(ffi::PyCFunction_Type)
     }
@@ -984,7 +1032,7 @@ fn code_is_coroutine_uncached(py: Python<'_>, code_ptr: *mut ffi::PyObject) -> P
 fn is_coroutine_function(py: Python<'_>, callback: &Bound<'_, PyAny>) -> PyResult<bool> {
     // SAFETY: type check on a live object pointer.
     if unsafe { ffi::PyFunction_Check(callback.as_ptr()) } != 0 {
-        return code_is_coroutine(py, callback);
+        return function_is_coroutine(py, callback);
     }
     let s = crate::stdlib::stdlib(py)?;
     let ty = callback.get_type();
@@ -992,7 +1040,7 @@ fn is_coroutine_function(py: Python<'_>, callback: &Bound<'_, PyAny>) -> PyResul
         let func = callback.getattr(intern!(py, "__func__"))?;
         // SAFETY: type check on a live object pointer.
         if unsafe { ffi::PyFunction_Check(func.as_ptr()) } != 0 {
-            return code_is_coroutine(py, &func);
+            return function_is_coroutine(py, &func);
         }
         return s
             .iscoroutinefunction

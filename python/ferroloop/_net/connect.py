@@ -29,6 +29,17 @@ logger = logging.getLogger("asyncio")
 
 # SSLProtocol grew ssl_shutdown_timeout in 3.11.
 _HAS_SSL_SHUTDOWN_TIMEOUT = sys.version_info >= (3, 11)
+
+
+def ssl_shutdown_kwargs(ssl_shutdown_timeout):
+    """`ssl_shutdown_timeout=` for `_make_ssl_transport`, from Python 3.11 (where asyncio added
+    it); before, asyncio's signature has no such parameter, and a loop subclass overriding the
+    method with that signature must not get it."""
+    if _HAS_SSL_SHUTDOWN_TIMEOUT:
+        return {"ssl_shutdown_timeout": ssl_shutdown_timeout}
+    return {}
+
+
 _HAS_ALL_ERRORS = sys.version_info >= (3, 12)
 
 
@@ -100,7 +111,7 @@ class ConnectMixin:
                 server_side=server_side,
                 server_hostname=server_hostname,
                 ssl_handshake_timeout=ssl_handshake_timeout,
-                ssl_shutdown_timeout=ssl_shutdown_timeout,
+                **ssl_shutdown_kwargs(ssl_shutdown_timeout),
             )
         else:
             transport = self._make_socket_transport(sock, protocol, waiter)

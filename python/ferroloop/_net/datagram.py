@@ -259,6 +259,9 @@ class DatagramMixin:
                     if addr is None:
                         continue
                     if not (isinstance(addr, tuple) and len(addr) == 2):
+                        # (an assert in 3.10's asyncio, a TypeError before and since)
+                        if sys.version_info[:2] == (3, 10):
+                            raise AssertionError("2-tuple is expected")
                         raise TypeError("2-tuple is expected")
                     infos = await self._ensure_resolved(
                         addr, family=family, type=socket.SOCK_DGRAM, proto=proto, flags=flags

@@ -17,7 +17,7 @@ from .._ferroloop import accept_connections as _accept_connections
 from .._ferroloop import accept_plain_connection as _accept_plain_native
 from .._ferroloop import accept_socket as _accept_socket
 from .._ferroloop import install_server_class as _install_server_class
-from .connect import ConnectMixin
+from .connect import ConnectMixin, ssl_shutdown_kwargs
 from .datagram import set_reuseport
 from .sock_ops import check_ssl_socket
 
@@ -431,7 +431,7 @@ class ServingMixin:
                     extra={"peername": addr},
                     server=server,
                     ssl_handshake_timeout=ssl_handshake_timeout,
-                    ssl_shutdown_timeout=ssl_shutdown_timeout,
+                    **ssl_shutdown_kwargs(ssl_shutdown_timeout),
                 )
             else:
                 # The peer address goes in as it is: the transport makes its extra-info
