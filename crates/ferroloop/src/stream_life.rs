@@ -796,13 +796,17 @@ fn complete_extra(
         extra.set_item(intern!(py, "peername"), peername)?;
         return s.set(EXTRA, extra.as_any());
     }
-    let name = match socket_fields(l, &sock) {
-        // Accepted by a server listening on one IPv4 address: that address.
-        Some((family, _, _)) if family == libc::AF_INET && server_local_name(s).is_some() => {
-            Ok(server_local_name(s))
-        }
+    let family = socket_fields(l, &sock).map(|(family, _, _)| family);
+    // Accepted by a server listening on one IPv4 address: that address (looked up once).
+    let local = if family == Some(libc::AF_INET) {
+        server_local_name(s)
+    } else {
+        None
+    };
+    let name = match family {
+        _ if local.is_some() => Ok(local),
         // An inet socket's name read and formatted here (as the socket module does).
-        Some((family, _, _)) if family == libc::AF_INET || family == libc::AF_INET6 => {
+        Some(family) if family == libc::AF_INET || family == libc::AF_INET6 => {
             let fd = small_int(&s.get(SOCK_FD)?)?;
             crate::sock_io::local_address(py, fd).map(|a| a.map(|a| a.into_bound(py)))
         }
