@@ -1258,6 +1258,58 @@ def test_accepted_socket_is_nonblocking_not_inheritable_nodelay_with_the_peer_ad
     run(loop, main())
 
 
+_SOCKET_AUDIT = []  # while a test holds a list here, the hook below records socket.__new__
+
+
+def _socket_audit_hook(event, args):
+    if event == "socket.__new__" and _SOCKET_AUDIT:
+        _SOCKET_AUDIT[-1].append(args[1:])
+
+
+def test_accepted_socket_raises_the_audit_event_and_has_a_zero_timeout(loop):
+    # `socket.socket(fileno=...)` raises "socket.__new__" (family, type, proto) and, for a
+    # non-blocking descriptor, sets a zero timeout: an accepted socket looks the same however
+    # the loop makes it.
+    if _socket_audit_hook not in _AUDIT_HOOKS:
+        sys.addaudithook(_socket_audit_hook)  # (hooks cannot be removed: added once)
+        _AUDIT_HOOKS.append(_socket_audit_hook)
+    seen = []
+
+    async def main():
+        made = []
+
+        class Keep(asyncio.Protocol):
+            def connection_made(self, transport):
+                made.append(transport)
+
+        server = await loop.create_server(Keep, "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        try:
+            _SOCKET_AUDIT.append(seen)
+            try:
+                while not made:
+                    await asyncio.sleep(0.001)
+            finally:
+                _SOCKET_AUDIT.pop()
+            sock = made[0].get_extra_info("socket")
+            assert sock.gettimeout() == 0.0
+            assert os.get_blocking(sock.fileno()) is False
+            assert sock.fileno() >= 0 and "laddr=('127.0.0.1'" in repr(sock)
+            made[0].close()
+            await asyncio.sleep(0)
+        finally:
+            client.close()
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+    accepted = [a for a in seen if a[0] == socket.AF_INET and a[1] & socket.SOCK_STREAM]
+    assert accepted, seen
+
+
+_AUDIT_HOOKS = []
+
+
 def test_accept_runs_factory_next_iteration_and_connection_made_in_the_one_after(loop):
     # CPython's order: the accept creates a task; its first step (next iteration) calls the
     # factory and makes the transport, which schedules connection_made for the iteration after;

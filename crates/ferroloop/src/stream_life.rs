@@ -796,13 +796,17 @@ fn complete_extra(
         extra.set_item(intern!(py, "peername"), peername)?;
         return s.set(EXTRA, extra.as_any());
     }
-    let name = match socket_fields(l, &sock) {
-        // Accepted by a server listening on one IPv4 address: that address.
-        Some((family, _, _)) if family == libc::AF_INET && server_local_name(s).is_some() => {
-            Ok(server_local_name(s))
-        }
+    let family = socket_fields(l, &sock).map(|(family, _, _)| family);
+    // Accepted by a server listening on one IPv4 address: that address (looked up once).
+    let local = if family == Some(libc::AF_INET) {
+        server_local_name(s)
+    } else {
+        None
+    };
+    let name = match family {
+        _ if local.is_some() => Ok(local),
         // An inet socket's name read and formatted here (as the socket module does).
-        Some((family, _, _)) if family == libc::AF_INET || family == libc::AF_INET6 => {
+        Some(family) if family == libc::AF_INET || family == libc::AF_INET6 => {
             let fd = small_int(&s.get(SOCK_FD)?)?;
             crate::sock_io::local_address(py, fd).map(|a| a.map(|a| a.into_bound(py)))
         }
@@ -937,8 +941,71 @@ pub fn install_stream_lifecycle(
 
 // ---- accepting -----------------------------------------------------------------------------
 
+extern "C" {
+    // CPython's public C API (not declared by pyo3-ffi).
+    fn PySys_Audit(event: *const std::ffi::c_char, format: *const std::ffi::c_char, ...) -> c_int;
+}
+
+/// Byte offsets in `_socket.socket`'s C object (`SockHead`, then the error handler, then the
+/// timeout in nanoseconds).
+const SOCK_FD_AT: usize = std::mem::offset_of!(SockHead, fd);
+const SOCK_TIMEOUT_AT: usize = std::mem::size_of::<SockHead>() + std::mem::size_of::<usize>();
+
+/// Whether those offsets hold what a socket made the ordinary way holds (checked once, on a
+/// probe socket with a timeout set, then cleared): if so, `new_socket` fills an accepted
+/// socket's fields itself, as `_socket.socket.__init__` would, without the `getsockname()`
+/// with which `__init__` checks that a descriptor it is given is a socket.
+static SOCK_LAYOUT_CHECKED: PyOnceLock<bool> = PyOnceLock::new();
+
+fn sock_layout_checked(py: Python<'_>, socket_type: &Bound<'_, PyType>) -> bool {
+    *SOCK_LAYOUT_CHECKED.get_or_init(py, || {
+        let check = || -> PyResult<bool> {
+            let probe = socket_type.call1((libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_TCP))?;
+            let read = |probe: &Bound<'_, PyAny>| {
+                let p = probe.as_ptr().cast::<u8>();
+                // SAFETY: a live `_socket.socket` object, at least as large as the fields
+                // read (its basic size is checked first); unaligned reads of plain integers.
+                unsafe {
+                    (
+                        std::ptr::read_unaligned(p.add(SOCK_FD_AT).cast::<c_int>()),
+                        std::ptr::read_unaligned(p.add(SOCK_FD_AT + 4).cast::<c_int>()),
+                        std::ptr::read_unaligned(p.add(SOCK_FD_AT + 8).cast::<c_int>()),
+                        std::ptr::read_unaligned(p.add(SOCK_FD_AT + 12).cast::<c_int>()),
+                        std::ptr::read_unaligned(p.add(SOCK_TIMEOUT_AT).cast::<i64>()),
+                    )
+                }
+            };
+            let result = (|| -> PyResult<bool> {
+                // SAFETY: a live type object.
+                let size = unsafe { (*ffi::Py_TYPE(probe.as_ptr())).tp_basicsize };
+                if usize::try_from(size).unwrap_or(0) < SOCK_TIMEOUT_AT + 8 {
+                    return Ok(false);
+                }
+                let fd: c_int = probe.call_method0("fileno")?.extract()?;
+                probe.call_method1("settimeout", (1.5,))?;
+                let with_timeout = read(&probe)
+                    == (
+                        fd,
+                        libc::AF_INET,
+                        libc::SOCK_STREAM,
+                        libc::IPPROTO_TCP,
+                        1_500_000_000,
+                    );
+                probe.call_method1("settimeout", (0.0,))?;
+                Ok(with_timeout && read(&probe).4 == 0)
+            })();
+            probe.call_method0("close")?;
+            result
+        };
+        check().unwrap_or(false)
+    })
+}
+
 /// `socket.socket(family, type, proto, fd)` for a descriptor just accepted: the C socket's
 /// `__init__`, then the two slots `socket.socket.__init__` sets, without its Python frame.
+/// With `SOCK_NONBLOCK` in `stype` and the layout checked, `__init__`'s work is done here:
+/// its audit event, then the fields it sets (the type without `SOCK_NONBLOCK` and
+/// `SOCK_CLOEXEC`, a zero timeout).
 fn new_socket<'py>(
     py: Python<'py>,
     socket_type: &Bound<'py, PyType>,
@@ -947,6 +1014,51 @@ fn new_socket<'py>(
     proto: c_int,
     fd: c_int,
 ) -> PyResult<Bound<'py, PyAny>> {
+    // Only for `socket.socket` itself: a replacement's own `__init__` must run.
+    let exact = LIFE
+        .get(py)
+        .is_some_and(|l| socket_type.is(l.socket_type.bind(py)));
+    if exact && stype & libc::SOCK_NONBLOCK != 0 && sock_layout_checked(py, socket_type) {
+        // SAFETY: a live type (a subclass of `_socket.socket`); its `tp_new` (the C socket's)
+        // returns a new reference with the descriptor unset (-1), or NULL with an exception
+        // set. PySys_Audit takes the object and three C ints for "Oiii". The fields written
+        // are at the offsets checked above, in an object of this same C type.
+        let obj = unsafe {
+            let tp = socket_type.as_type_ptr();
+            let Some(new) = (*tp).tp_new else {
+                return Err(pyo3::exceptions::PyTypeError::new_err("not a socket type"));
+            };
+            let empty = PyTuple::empty(py);
+            let obj =
+                Bound::from_owned_ptr_or_err(py, new(tp, empty.as_ptr(), std::ptr::null_mut()))?;
+            if PySys_Audit(
+                c"socket.__new__".as_ptr(),
+                c"Oiii".as_ptr(),
+                obj.as_ptr(),
+                family,
+                stype,
+                proto,
+            ) < 0
+            {
+                return Err(PyErr::fetch(py));
+            }
+            let p = obj.as_ptr().cast::<u8>();
+            let kind = stype & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
+            std::ptr::write_unaligned(p.add(SOCK_FD_AT).cast::<c_int>(), fd);
+            std::ptr::write_unaligned(p.add(SOCK_FD_AT + 4).cast::<c_int>(), family);
+            std::ptr::write_unaligned(p.add(SOCK_FD_AT + 8).cast::<c_int>(), kind);
+            std::ptr::write_unaligned(p.add(SOCK_FD_AT + 12).cast::<c_int>(), proto);
+            std::ptr::write_unaligned(p.add(SOCK_TIMEOUT_AT).cast::<i64>(), 0);
+            obj
+        };
+        let s = SOCKET_SLOTS.reader(&obj);
+        s.set(IO_REFS, &0i32.into_pyobject(py)?.into_any())?;
+        s.set(
+            CLOSED,
+            &pyo3::types::PyBool::new(py, false).to_owned().into_any(),
+        )?;
+        return Ok(obj);
+    }
     let args = PyTuple::new(
         py,
         [
