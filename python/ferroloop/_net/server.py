@@ -246,9 +246,7 @@ class ServingMixin:
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
         ssl_shutdown_timeout=getattr(constants, "SSL_SHUTDOWN_TIMEOUT", None),
     ) -> None:
-        # Relaxed: the accept takes all that is pending, so polls may be spaced out while
-        # callbacks are ready (see `event_loop/run.rs`).
-        self._add_reader_relaxed(
+        self._add_reader(
             sock.fileno(),
             self._accept_connection,
             protocol_factory,

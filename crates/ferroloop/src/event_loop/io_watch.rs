@@ -92,26 +92,6 @@ impl std::hash::Hasher for FdHasher {
     }
 }
 
-/// How a reader is watched (`add_watch`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Trigger {
-    /// Level-triggered, reported on every poll while the fd is ready (asyncio's `add_reader`).
-    Level,
-    /// Level-triggered, for a reader that takes all that is pending whenever it runs (a
-    /// server's accept): polls may be spaced out while callbacks are ready.
-    Relaxed,
-    /// Edge-triggered while it is the fd's only watcher (the native stream transport).
-    Edge,
-}
-
-/// Whether `w` keeps the loop polling on every iteration, as CPython's does, while callbacks
-/// are ready (`run.rs`, step 3): a writer, or a reader reported level-triggered that may not
-/// take all that is pending when it runs (`add_reader`'s own). A watched fd's reader is run once
-/// per poll that finds it ready, and asyncio code may count on one run per iteration.
-pub(crate) fn is_strict(w: &FdWatch) -> bool {
-    w.writer.is_some() || (w.reader.is_some() && !w.reader_edge && !w.reader_relaxed)
-}
-
 fn interest_of(w: &FdWatch) -> Interest {
     Interest {
         readable: w.reader.is_some(),
@@ -157,7 +137,7 @@ impl LoopCore {
         py: Python<'_>,
         fileobj: &Bound<'_, PyAny>,
         reader: bool,
-        trigger: Trigger,
+        edge: bool,
         callback: &Bound<'_, PyAny>,
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
@@ -183,17 +163,14 @@ impl LoopCore {
             let mut st = self.state.borrow_mut(py)?;
             let existed = st.fds.contains_key(&fd);
             let mut w = st.fds.remove(&fd).unwrap_or_default();
-            let was_strict = is_strict(&w);
             let slot = if reader { &mut w.reader } else { &mut w.writer };
             let old = slot.replace(handle.clone_ref(py));
             let old_fileobj = w.fileobj.replace(fileobj.clone().unbind());
             let old_edge = w.reader_edge;
             let old_native = w.native_reader;
             let old_hup = w.hup;
-            let old_relaxed = w.reader_relaxed;
             if reader {
-                w.reader_edge = trigger == Trigger::Edge;
-                w.reader_relaxed = trigger == Trigger::Relaxed;
+                w.reader_edge = edge;
                 w.native_reader = native;
                 // A new reader: the kernel reports a hang-up again (a registration reports
                 // the fd's current state).
@@ -202,8 +179,6 @@ impl LoopCore {
             let r = self.register(fd, &w, existed);
             match r {
                 Ok(()) => {
-                    st.strict_watchers =
-                        st.strict_watchers + usize::from(is_strict(&w)) - usize::from(was_strict);
                     st.fds.insert(fd, w);
                     drop(st);
                     drop(old_fileobj);
@@ -217,7 +192,6 @@ impl LoopCore {
                     w.reader_edge = old_edge;
                     w.native_reader = old_native;
                     w.hup = old_hup;
-                    w.reader_relaxed = old_relaxed;
                     if existed {
                         st.fds.insert(fd, w);
                     }
@@ -242,15 +216,12 @@ impl LoopCore {
         fd: RawFd,
         reader: bool,
     ) -> PyResult<Option<Py<Handle>>> {
-        let mut guard = self.state.borrow_mut(py)?;
-        let st = &mut *guard;
+        let mut st = self.state.borrow_mut(py)?;
         let Some(w) = st.fds.get_mut(&fd) else {
             return Ok(None);
         };
-        let was_strict = is_strict(w);
         let old = if reader {
             w.reader_edge = false;
-            w.reader_relaxed = false;
             w.native_reader = None;
             w.hup = false;
             w.reader.take()
@@ -261,10 +232,9 @@ impl LoopCore {
             return Ok(None);
         }
         let interest = interest_of(w);
-        st.strict_watchers -= usize::from(was_strict);
         if interest.is_empty() {
             let gone = st.fds.remove(&fd);
-            drop(guard);
+            drop(st);
             drop(gone.and_then(|mut w| w.fileobj.take()));
             self.shared.poller.delete(fd).map_err(os_error)?;
         } else if let Err(e) = self.register(fd, w, true) {
@@ -273,13 +243,11 @@ impl LoopCore {
             // forget it entirely, as `selectors` does when modify fails, and drop the handles
             // outside the borrow.
             let gone = st.fds.remove(&fd);
-            drop(guard);
+            drop(st);
             let _ = self.shared.poller.delete(fd);
             drop(old);
             drop(gone);
             return Err(os_error(e));
-        } else {
-            st.strict_watchers += usize::from(is_strict(w));
         }
         Ok(old)
     }
@@ -332,17 +300,7 @@ impl LoopCore {
         callback: &Bound<'_, PyAny>,
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
-        self.add_watch(py, fd, true, Trigger::Level, callback, args)
-    }
-
-    pub(crate) fn _add_reader_relaxed_impl(
-        &self,
-        py: Python<'_>,
-        fd: &Bound<'_, PyAny>,
-        callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-    ) -> PyResult<Py<Handle>> {
-        self.add_watch(py, fd, true, Trigger::Relaxed, callback, args)
+        self.add_watch(py, fd, true, false, callback, args)
     }
 
     pub(crate) fn _add_reader_edge_impl(
@@ -352,7 +310,7 @@ impl LoopCore {
         callback: &Bound<'_, PyAny>,
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
-        self.add_watch(py, fd, true, Trigger::Edge, callback, args)
+        self.add_watch(py, fd, true, true, callback, args)
     }
 
     pub(crate) fn _add_writer_impl(
@@ -362,7 +320,7 @@ impl LoopCore {
         callback: &Bound<'_, PyAny>,
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
-        self.add_watch(py, fd, false, Trigger::Level, callback, args)
+        self.add_watch(py, fd, false, false, callback, args)
     }
 
     pub(crate) fn _remove_reader_impl(

@@ -128,9 +128,6 @@ pub(crate) struct FdWatch {
     /// The reader drains the fd on each event (a native stream transport), so the kernel may
     /// report readability edge-triggered while nothing else is watched (see `io_watch.rs`).
     pub reader_edge: bool,
-    /// The reader is a server's `_accept_connection` (`_add_reader_relaxed`): it accepts all
-    /// that is pending whenever it runs, so it need not run on every iteration.
-    pub reader_relaxed: bool,
     /// The reader is a native transport's `_read_ready`: its events are queued as
     /// `Ready::Reader` and run without the call through Python (see `run.rs`).
     pub native_reader: Option<crate::transports::NativeReader>,
@@ -163,12 +160,6 @@ pub(crate) struct State {
     pub loop_kwargs: Option<Py<pyo3::types::PyDict>>,
     /// The fds whose readers (`FdWatch::hup`) are queued again in the next iteration.
     pub hup_next: Vec<RawFd>,
-    /// `monotonic()` when the last zero-timeout poll made while callbacks were ready ran (see
-    /// `run.rs`, step 3).
-    pub last_busy_poll: f64,
-    /// How many entries of `fds` are strict (`io_watch::is_strict`): while any is, every
-    /// iteration polls.
-    pub strict_watchers: usize,
 }
 
 /// An entry of the ready queue.
@@ -331,8 +322,6 @@ impl LoopCore {
                 pool_surplus_since: None,
                 loop_kwargs: None,
                 hup_next: Vec::new(),
-                last_busy_poll: f64::NEG_INFINITY,
-                strict_watchers: 0,
             }),
             shared: Arc::new(Shared {
                 debug: AtomicBool::new(false),
@@ -454,7 +443,6 @@ impl LoopCore {
             let ready = std::mem::take(&mut st.ready);
             let timers: Vec<_> = st.timers.drain().collect();
             let fds = std::mem::take(&mut st.fds);
-            st.strict_watchers = 0;
             st.pool.clear();
             drop(st.loop_kwargs.take());
             (ready, timers, fds)
@@ -547,19 +535,6 @@ impl LoopCore {
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
         self._add_writer_impl(py, fd, callback, args)
-    }
-
-    /// `_add_reader` for a server's `_accept_connection`, which accepts all that is pending
-    /// each time it runs: it does not make every iteration poll (`run.rs`, step 3).
-    #[pyo3(signature = (fd, callback, *args))]
-    fn _add_reader_relaxed(
-        &self,
-        py: Python<'_>,
-        fd: &Bound<'_, PyAny>,
-        callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-    ) -> PyResult<Py<Handle>> {
-        self._add_reader_relaxed_impl(py, fd, callback, args)
     }
 
     /// `_add_reader` for a reader that drains the fd on each event and calls `_rearm_reader`

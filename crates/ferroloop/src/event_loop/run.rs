@@ -6,17 +6,11 @@
 //!    (capped at 24 h), else forever;
 //! 3. poll once. A zero-timeout poll never blocks, so it runs with the GIL held; it is skipped
 //!    outright when no fd is watched (it could only report our own waker, whose only job is
-//!    to end a sleep), and while callbacks are ready it is made at most once per
-//!    `BUSY_POLL_INTERVAL` (250 µs; never skipped in a run's first iteration, when stopping, or
-//!    while a strict watcher is registered, see `io_watch::is_strict`): under load, an iteration
-//!    that polls between two runs of ready callbacks costs a system call and, more, the cache
-//!    the kernel's side of the poll evicts, for events that a poll a few dozen microseconds
-//!    later collects just the same (the I/O stays ready; nothing is lost). A blocking poll
-//!    releases the GIL;
+//!    to end a sleep). A blocking poll releases the GIL;
 //! 4. turn I/O events into ready handles; move due timers to ready (never early: `when` is
 //!    compared with `time() + clock_resolution`, as CPython does);
 //! 5. run exactly the callbacks that were ready at this point; callbacks they schedule wait for
-//!    the next iteration.
+//!    the next iteration, after another poll.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
@@ -50,10 +44,6 @@ thread_local! {
 /// asyncio's MAXIMUM_SELECT_TIMEOUT.
 const MAX_TIMEOUT: f64 = 24.0 * 3600.0;
 
-/// While callbacks are ready, a zero-timeout poll is made at most once per this many seconds
-/// (step 3 in the module comment).
-const BUSY_POLL_INTERVAL: f64 = 250e-6;
-
 impl LoopCore {
     fn purge_timers(&self, py: Python<'_>) -> PyResult<()> {
         let cancelled = self.shared.timer_cancelled_count.load(Ordering::Relaxed);
@@ -85,30 +75,13 @@ impl LoopCore {
         Ok(())
     }
 
-    /// Step 2: `None` means "block until an event". Also says whether to poll at all: not
-    /// when no fd is watched, nor while callbacks are ready within `BUSY_POLL_INTERVAL` of the
-    /// last poll made with callbacks ready, unless a strict watcher (`io_watch::is_strict`) is
-    /// registered or the loop is stopping.
+    /// Step 2: `None` means "block until an event". Also says whether any fd is watched.
     fn compute_timeout(&self, loop_obj: &Bound<'_, PyAny>) -> PyResult<(Option<f64>, bool)> {
         let (next, has_fds) = {
-            let mut st = self.state.borrow_mut(loop_obj.py())?;
+            let st = self.state.borrow_mut(loop_obj.py())?;
             let has_fds = !st.fds.is_empty();
-            if st.stopping {
+            if !st.ready.is_empty() || st.stopping {
                 return Ok((Some(0.0), has_fds));
-            }
-            if !st.ready.is_empty() {
-                if !has_fds {
-                    return Ok((Some(0.0), false));
-                }
-                if st.strict_watchers > 0 {
-                    return Ok((Some(0.0), true));
-                }
-                let now = monotonic();
-                if now - st.last_busy_poll < BUSY_POLL_INTERVAL {
-                    return Ok((Some(0.0), false));
-                }
-                st.last_busy_poll = now;
-                return Ok((Some(0.0), true));
             }
             (st.timers.peek_when(), has_fds)
         };
@@ -222,11 +195,7 @@ impl LoopCore {
                         // Urgent data may outlast the reader's next read (and a Python reader
                         // is not known to finish at EOF): from now on the kernel reports the
                         // fd for as long as it is readable.
-                        let was_strict = super::io_watch::is_strict(w);
                         self.level_trigger(fd, w).map_err(os_error)?;
-                        if !was_strict && super::io_watch::is_strict(w) {
-                            st.strict_watchers += 1;
-                        }
                     }
                 }
                 if ev.readable && !queued {
@@ -493,13 +462,7 @@ impl LoopCore {
         this.check_closed(py)?;
         this._check_running_impl(py)?;
         let s = stdlib(py)?;
-        {
-            let mut st = this.state.borrow_mut(py)?;
-            st.thread_id = Some(current_thread_id());
-            // The first iteration of a run polls: a run of a few iterations (a test's
-            // `run_until_complete(sleep(0))`) sees the I/O that is ready when it starts.
-            st.last_busy_poll = f64::NEG_INFINITY;
-        }
+        this.state.borrow_mut(py)?.thread_id = Some(current_thread_id());
         // A Rust panic must not skip the cleanup below (the loop would stay "running"
         // forever); it is caught here and re-raised as PanicException after it.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
