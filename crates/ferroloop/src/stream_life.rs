@@ -1018,12 +1018,12 @@ fn new_socket<'py>(
     let exact = LIFE
         .get(py)
         .is_some_and(|l| socket_type.is(l.socket_type.bind(py)));
-    if exact && stype & libc::SOCK_NONBLOCK != 0 && sock_layout_checked(py, socket_type) {
+    let obj = if exact && stype & libc::SOCK_NONBLOCK != 0 && sock_layout_checked(py, socket_type) {
         // SAFETY: a live type (a subclass of `_socket.socket`); its `tp_new` (the C socket's)
         // returns a new reference with the descriptor unset (-1), or NULL with an exception
         // set. PySys_Audit takes the object and three C ints for "Oiii". The fields written
         // are at the offsets checked above, in an object of this same C type.
-        let obj = unsafe {
+        unsafe {
             let tp = socket_type.as_type_ptr();
             let Some(new) = (*tp).tp_new else {
                 return Err(pyo3::exceptions::PyTypeError::new_err("not a socket type"));
@@ -1050,38 +1050,33 @@ fn new_socket<'py>(
             std::ptr::write_unaligned(p.add(SOCK_FD_AT + 12).cast::<c_int>(), proto);
             std::ptr::write_unaligned(p.add(SOCK_TIMEOUT_AT).cast::<i64>(), 0);
             obj
-        };
-        let s = SOCKET_SLOTS.reader(&obj);
-        s.set(IO_REFS, &0i32.into_pyobject(py)?.into_any())?;
-        s.set(
-            CLOSED,
-            &pyo3::types::PyBool::new(py, false).to_owned().into_any(),
-        )?;
-        return Ok(obj);
-    }
-    let args = PyTuple::new(
-        py,
-        [
-            family.into_pyobject(py)?,
-            stype.into_pyobject(py)?,
-            proto.into_pyobject(py)?,
-            fd.into_pyobject(py)?,
-        ],
-    )?;
-    // SAFETY: a live type (a subclass of `_socket.socket`): its `tp_new` and its base's
-    // `tp_init` are called as `type.__call__` and `_socket.socket.__init__` call them; each
-    // returns a new reference (or 0) or NULL (or -1) with an exception set.
-    let obj = unsafe {
-        let tp = socket_type.as_type_ptr();
-        let base = (*tp).tp_base;
-        let (Some(new), Some(init)) = ((*tp).tp_new, (*base).tp_init) else {
-            return Err(pyo3::exceptions::PyTypeError::new_err("not a socket type"));
-        };
-        let obj = Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), std::ptr::null_mut()))?;
-        if init(obj.as_ptr(), args.as_ptr(), std::ptr::null_mut()) != 0 {
-            return Err(PyErr::fetch(py));
         }
-        obj
+    } else {
+        let args = PyTuple::new(
+            py,
+            [
+                family.into_pyobject(py)?,
+                stype.into_pyobject(py)?,
+                proto.into_pyobject(py)?,
+                fd.into_pyobject(py)?,
+            ],
+        )?;
+        // SAFETY: a live type (a subclass of `_socket.socket`): its `tp_new` and its base's
+        // `tp_init` are called as `type.__call__` and `_socket.socket.__init__` call them; each
+        // returns a new reference (or 0) or NULL (or -1) with an exception set.
+        unsafe {
+            let tp = socket_type.as_type_ptr();
+            let base = (*tp).tp_base;
+            let (Some(new), Some(init)) = ((*tp).tp_new, (*base).tp_init) else {
+                return Err(pyo3::exceptions::PyTypeError::new_err("not a socket type"));
+            };
+            let obj =
+                Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), std::ptr::null_mut()))?;
+            if init(obj.as_ptr(), args.as_ptr(), std::ptr::null_mut()) != 0 {
+                return Err(PyErr::fetch(py));
+            }
+            obj
+        }
     };
     let s = SOCKET_SLOTS.reader(&obj);
     s.set(IO_REFS, &0i32.into_pyobject(py)?.into_any())?;
