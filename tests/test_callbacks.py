@@ -541,6 +541,187 @@ def test_call_soon_threadsafe_checks_callback_and_closed_loop_after_handles_were
         loop.call_soon(plain, 6)
 
 
+def _from_thread(fn, *args):
+    """Runs fn(*args) in a new thread, in an empty context (ferroloop's plain
+    call_soon_threadsafe path: the callback is queued, its handle is not), and returns its
+    result."""
+    out = []
+
+    def run():
+        try:
+            out.append((True, contextvars.Context().run(fn, *args)))
+        except BaseException as e:  # re-raised in the calling thread
+            out.append((False, e))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
+def test_threadsafe_handles_from_a_thread_cancel_only_their_own_callback(loop):
+    calls = []
+
+    def produce():
+        kept = [loop.call_soon_threadsafe(calls.append, i) for i in range(6)]
+        # Handles dropped at once (reused by ferroloop) between the kept ones.
+        for i in range(6, 12):
+            loop.call_soon_threadsafe(calls.append, i)
+        kept[1].cancel()
+        kept[4].cancel()
+        return kept
+
+    kept = _from_thread(produce)
+    assert [h.cancelled() for h in kept] == [False, True, False, False, True, False]
+    assert len({id(h) for h in kept}) == 6
+    run_once(loop)
+    assert calls == [0, 2, 3, 5, 6, 7, 8, 9, 10, 11]
+    # Cancelling after the run changes nothing for later callbacks.
+    kept[0].cancel()
+    assert kept[0].cancelled()
+    _from_thread(lambda: [loop.call_soon_threadsafe(calls.append, i) for i in (12, 13)])
+    run_once(loop)
+    assert calls[-2:] == [12, 13]
+
+
+def test_threadsafe_handle_from_a_thread_cancelled_then_dropped_does_not_run(loop):
+    calls = []
+
+    def produce():
+        loop.call_soon_threadsafe(calls.append, "a")
+        loop.call_soon_threadsafe(calls.append, "b").cancel()
+        loop.call_soon_threadsafe(calls.append, "c")
+
+    _from_thread(produce)
+    run_once(loop)
+    assert calls == ["a", "c"]
+
+
+def _context_of(h):
+    """Handle.get_context() (3.12+), or the attribute it reads before."""
+    return h.get_context() if hasattr(h, "get_context") else h._context
+
+
+def test_threadsafe_handle_from_a_thread_gives_its_context_to_the_callback(loop):
+    seen = []
+
+    def cb(tag):
+        seen.append((tag, cvar.get()))
+        cvar.set("set-by-" + tag)
+
+    def produce():
+        loop.call_soon_threadsafe(cb, "warm")  # the same function twice: the plain path
+        loop.call_soon_threadsafe(cb, "first")
+        h = loop.call_soon_threadsafe(cb, "asked")
+        ctx = _context_of(h)
+        ctx.run(cvar.set, "set-before-the-run")
+        loop.call_soon_threadsafe(cb, "last")
+        return h, ctx
+
+    h, ctx = _from_thread(produce)
+    run_once(loop)
+    assert seen == [
+        ("warm", "default"),
+        ("first", "default"),
+        ("asked", "set-before-the-run"),
+        ("last", "default"),
+    ]
+    assert _context_of(h) is ctx
+    assert ctx[cvar] == "set-by-asked"
+    assert cvar.get() == "default"
+
+
+def test_threadsafe_callback_from_a_thread_that_raises_goes_to_the_handler(loop):
+    contexts = []
+    loop.set_exception_handler(lambda lp, ctx: contexts.append(ctx))
+    calls = []
+
+    def boom(i):
+        calls.append(i)
+        if i == 1:
+            raise ValueError("boom")
+
+    _from_thread(lambda: [loop.call_soon_threadsafe(boom, i) for i in range(3)])
+    run_once(loop)
+    assert calls == [0, 1, 2]
+    assert len(contexts) == 1
+    ctx = contexts[0]
+    assert isinstance(ctx["exception"], ValueError)
+    assert ctx["message"].startswith("Exception in callback")
+    assert "boom" in ctx["message"]
+    handle = ctx["handle"]
+    assert handle._callback is boom
+    assert handle._args == (1,)
+    assert "boom" in repr(handle)
+    # A handle the caller kept is the one reported.
+    h = _from_thread(loop.call_soon_threadsafe, boom, 1)
+    run_once(loop)
+    assert len(contexts) == 2
+    assert contexts[1]["handle"] is h
+
+
+def test_threadsafe_handle_from_a_thread_names_its_callback_until_it_runs(loop):
+    def distinctive_threadsafe_callback(x):
+        pass
+
+    def produce():
+        loop.call_soon_threadsafe(distinctive_threadsafe_callback, 0)
+        return loop.call_soon_threadsafe(distinctive_threadsafe_callback, 1)
+
+    h = _from_thread(produce)
+    assert "distinctive_threadsafe_callback" in repr(h)
+    assert h._callback is distinctive_threadsafe_callback
+    assert h._args == (1,)
+    run_once(loop)
+    assert not h.cancelled()
+
+
+def test_threadsafe_callback_from_a_thread_lets_go_of_its_arguments_once_run(loop):
+    import gc
+    import weakref
+
+    class Arg:
+        pass
+
+    ran = []
+    refs = []
+
+    def produce():
+        for _ in range(3):
+            a = Arg()
+            refs.append(weakref.ref(a))
+            loop.call_soon_threadsafe(ran.append, a)
+            del a
+
+    _from_thread(produce)
+    run_once(loop)
+    assert len(ran) == 3
+    ran.clear()
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+
+
+def test_threadsafe_callbacks_queued_from_a_thread_are_dropped_by_close(loop_factory):
+    import weakref
+
+    class Arg:
+        pass
+
+    lp = loop_factory()
+    a = Arg()
+    ref = weakref.ref(a)
+    h = _from_thread(lambda: [lp.call_soon_threadsafe(print, a) for _ in range(2)][-1])
+    del a
+    lp.close()
+    del h
+    assert ref() is None
+    with pytest.raises(RuntimeError):
+        _from_thread(lp.call_soon_threadsafe, print)
+
+
 def test_call_soon_threadsafe_from_many_threads_runs_every_callback(loop):
     n_threads, per_thread = 8, 200
     got = []

@@ -10,7 +10,7 @@
 //! - Handles point at the loop's [`Shared`] block (atomics only), never at the Python loop, so
 //!   they create no reference cycle with it.
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::PyTypeError;
@@ -235,6 +235,9 @@ pub struct Handle {
     /// e.g. an idle connection's reader, holds one).
     repr_cache: GilCell<Option<Box<str>>>,
     source_traceback: Option<Py<PyAny>>,
+    /// Not 0: the handle of a `Ready::Soon` entry, which holds the callback itself (see
+    /// `SoonBook` in `event_loop`); the handle is not queued and never recycled.
+    soon_ticket: AtomicU64,
 }
 
 impl Handle {
@@ -256,7 +259,53 @@ impl Handle {
             shared,
             repr_cache: GilCell::new(None),
             source_traceback,
+            soon_ticket: AtomicU64::new(0),
         }
+    }
+
+    /// The handle returned for a `Ready::Soon` entry (`ticket`) that queues `func(*args)`
+    /// itself: a copy of the callback (for `repr`, `_callback`, `_args` and `_run`), the
+    /// shared empty context, no source traceback (never in debug mode). It stays visible to the
+    /// garbage collector: it holds its callback for as long as it lives.
+    pub(crate) fn soon(func: Py<PyAny>, args: Args, shared: Arc<Shared>, ticket: u64) -> Handle {
+        let h = Handle::new(func, args, FreshContext::empty(), shared, None);
+        h.soon_ticket.store(ticket, Ordering::Relaxed);
+        h
+    }
+
+    /// The ticket of the `Ready::Soon` entry this handle stands for, or 0.
+    #[inline(always)]
+    pub(crate) fn soon_ticket(&self) -> u64 {
+        self.soon_ticket.load(Ordering::Relaxed)
+    }
+
+    /// Makes a `soon` handle that nothing else references (its last caller dropped it) the
+    /// handle of another entry; returns what it held, to be dropped outside any borrow.
+    pub(crate) fn refill_soon(
+        &self,
+        py: Python<'_>,
+        func: Py<PyAny>,
+        args: Args,
+        ticket: u64,
+    ) -> PyResult<(Option<Callback>, Option<Py<PyAny>>)> {
+        let old_cb = self
+            .callback
+            .borrow_mut(py)?
+            .replace(Callback { func, args });
+        // A context only if its last caller asked for one (made by `own_context`, tracked).
+        let old_ctx = self.context.borrow_mut(py)?.take();
+        self.ctx_empty.store(true, Ordering::Relaxed);
+        self.cancelled.store(false, Ordering::Relaxed);
+        self.soon_ticket.store(ticket, Ordering::Relaxed);
+        // (Set if debug mode was turned on meanwhile and the handle cancelled.)
+        *self.repr_cache.borrow_mut(py)? = None;
+        Ok((old_cb, old_ctx))
+    }
+
+    /// Gives up the callback of a `soon` handle whose entry ran: nothing can ask for it again
+    /// but the handle's repr.
+    pub(crate) fn take_callback(&self, py: Python<'_>) -> Option<Callback> {
+        self.callback.borrow_mut(py).ok().and_then(|mut c| c.take())
     }
 
     #[inline]
@@ -275,6 +324,10 @@ impl Handle {
         }
         let old = this.callback.borrow_mut(py)?.take();
         drop(old); // outside the borrow: may run arbitrary __del__ code
+        let ticket = this.soon_ticket();
+        if ticket != 0 {
+            this.shared.mark_soon(py, ticket, |m| m.cancelled = true)?;
+        }
         Ok(())
     }
 
@@ -286,6 +339,7 @@ impl Handle {
     pub(crate) fn recyclable(h: &Bound<'_, Handle>) -> bool {
         let this = h.get();
         this.one_shot
+            && this.soon_ticket() == 0
             && this.source_traceback.is_none()
             // SAFETY: reading the reference count of a live object.
             && unsafe { ffi::Py_REFCNT(h.as_ptr()) } == 1
@@ -321,7 +375,14 @@ impl Handle {
         let mut ctx = self.context.borrow_mut(py)?;
         if self.ctx_empty.swap(false, Ordering::Relaxed) && ctx.is_none() {
             // Not running: an empty context of its own, as the copy would have been.
-            *ctx = Some(crate::event_loop::new_context(py)?);
+            let own = crate::event_loop::new_context(py)?;
+            let ticket = self.soon_ticket();
+            if ticket != 0 {
+                // The queued callback runs in it too.
+                let c = own.clone_ref(py);
+                self.shared.mark_soon(py, ticket, |m| m.context = Some(c))?;
+            }
+            *ctx = Some(own);
         }
         // Running in the shared one (`ctx` holds it for the run): from now on it is the
         // handle's own, which `run` sees when the callback returns.

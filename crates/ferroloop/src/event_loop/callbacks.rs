@@ -259,6 +259,94 @@ impl LoopCore {
         Some(Ok(h))
     }
 
+    /// `call_soon_threadsafe(callback[, arg])` in the common case `schedule_soon_plain` takes:
+    /// the callback itself is queued (`Ready::Soon`), and the handle returned is not. A
+    /// producer thread that runs ahead of the loop then leaves no handle alive per pending
+    /// callback (it drops them): see `SoonBook`. `None` as for `schedule_soon_plain`.
+    ///
+    /// # Safety
+    /// `args` must point to `nargs` live object pointers, and the GIL be held.
+    #[inline(always)]
+    pub(crate) unsafe fn schedule_soon_detached(
+        &self,
+        py: Python<'_>,
+        args: *const *mut ffi::PyObject,
+        nargs: usize,
+    ) -> Option<PyResult<Py<Handle>>> {
+        if nargs == 0 || nargs > 2 || self.shared.debug() {
+            return None;
+        }
+        // SAFETY: `args[..nargs]` are live borrowed references (the caller's contract).
+        let callback = unsafe { *args };
+        if !crate::handles::is_plain_callback(callback)
+            || crate::context::current_is_empty(py) != Some(true)
+        {
+            return None;
+        }
+        let mut st = self.state.borrow_mut(py).ok()?;
+        if st.closed {
+            return None;
+        }
+        // SAFETY: as above; each takes a new reference.
+        let (callback, args) = unsafe {
+            (
+                Bound::from_borrowed_ptr(py, callback).unbind(),
+                if nargs == 2 {
+                    Args::One(Bound::from_borrowed_ptr(py, *args.add(1)).unbind())
+                } else {
+                    Args::Empty
+                },
+            )
+        };
+        // The ticket is taken as the entry is queued, so tickets follow the queue's order.
+        let ticket = self.shared.next_soon_ticket();
+        st.ready.push_back(super::Ready::Soon {
+            func: callback.clone_ref(py),
+            args: args.clone_ref(py),
+            ticket,
+        });
+        // The last handle returned, if its caller dropped it (as callers do): nothing else
+        // can see it (handles support no weak references), so it can stand for this entry.
+        let reuse = st
+            .soon_handle
+            .as_ref()
+            // SAFETY: reading the reference count of a live object.
+            .filter(|h| unsafe { ffi::Py_REFCNT(h.as_ptr()) } == 1)
+            .map(|h| h.clone_ref(py));
+        drop(st);
+        if let Some(h) = reuse {
+            let (old_cb, old_ctx) = match h.get().refill_soon(py, callback, args, ticket) {
+                Ok(old) => old,
+                Err(e) => return Some(Err(e)),
+            };
+            // Outside any borrow: the old callback and arguments may run __del__ code. As
+            // `Bound`s: a plain decref (a `Py` dropped here goes to PyO3's deferred pool).
+            if let Some(c) = old_cb {
+                drop(c.func.into_bound(py));
+                c.args.release(py);
+            }
+            if let Some(c) = old_ctx {
+                drop(c.into_bound(py));
+            }
+            return Some(Ok(h));
+        }
+        // Allocating may run the garbage collector: not under the borrow. (Whatever it runs
+        // meanwhile, even the entry itself, the handle finds in the book once it exists.)
+        let h = match Py::new(
+            py,
+            Handle::soon(callback, args, self.shared.clone(), ticket),
+        ) {
+            Ok(h) => h,
+            Err(e) => return Some(Err(e)),
+        };
+        let old = self
+            .state
+            .borrow_mut(py)
+            .map(|mut st| st.soon_handle.replace(h.clone_ref(py)));
+        drop(old.ok().flatten().map(|h| h.into_bound(py))); // outside the borrow
+        Some(Ok(h))
+    }
+
     pub(crate) fn call_soon_threadsafe_impl(
         &self,
         py: Python<'_>,

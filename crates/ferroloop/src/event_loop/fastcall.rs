@@ -357,9 +357,10 @@ entry!(
     args,
     nargs | {
         // SAFETY: `args` holds `nargs` live positional arguments (vectorcall contract).
-        unsafe { lp.schedule_soon_plain(py, args, nargs) }.map(|h| {
-            let h = h?;
+        unsafe { lp.schedule_soon_detached(py, args, nargs) }.map(|h| {
+            // Queued even if making the handle failed: the loop must see it.
             lp.shared.wake_if_sleeping();
+            let h = h?;
             Ok(h.into_any())
         })
     },

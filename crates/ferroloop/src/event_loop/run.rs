@@ -36,6 +36,13 @@ const POOL_MAX_BURST: usize = 1 << 17;
 const POOL_MAX_IDLE: usize = 256;
 const POOL_SURPLUS_AGE: f64 = 1.0;
 
+/// Nothing but the loop references `h`.
+#[inline(always)]
+fn only_ours(h: &Py<Handle>) -> bool {
+    // SAFETY: reading the reference count of a live object.
+    unsafe { ffi::Py_REFCNT(h.as_ptr()) == 1 }
+}
+
 thread_local! {
     /// `run_once`'s event list, kept between iterations.
     static EVENTS: std::cell::Cell<Vec<Event>> = const { std::cell::Cell::new(Vec::new()) };
@@ -308,6 +315,12 @@ impl LoopCore {
                     self.run_task_step(func, args, context, loop_obj)?;
                     continue;
                 }
+                Ready::Soon { func, args, ticket } => {
+                    let mark = self.shared.leave_soon(py, ticket)?;
+                    self.run_soon(func, args, ticket, mark, loop_obj)?;
+                    self.release_soon_handle(py, ticket)?;
+                    continue;
+                }
                 Ready::Reader(h, reader) => {
                     // A watcher: never recycled. Debug mode times it as a handle.
                     let h = h.into_bound(py);
@@ -385,6 +398,111 @@ impl LoopCore {
                 )
             }
         }
+    }
+
+    /// Runs a `Ready::Soon` entry as its handle's `run` would: skipped if the handle was
+    /// cancelled, in the context the handle gave out or else in the shared empty context, a
+    /// raised exception to the exception handler (with a handle made for the report),
+    /// SystemExit and KeyboardInterrupt out of the loop.
+    fn run_soon(
+        &self,
+        func: Py<PyAny>,
+        args: crate::handles::Args,
+        ticket: u64,
+        mark: Option<super::SoonMark>,
+        loop_obj: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let py = loop_obj.py();
+        let given = match mark {
+            Some(m) if m.cancelled => return Ok(()),
+            Some(m) => m.context,
+            None => None,
+        };
+        // Bound: dropping them is a plain decref.
+        let (context, shared) = match given {
+            Some(c) => (c.into_bound(py), None),
+            None => {
+                let (c, shared) = self.shared.enter_empty_context(py)?;
+                (c.into_bound(py), Some(shared))
+            }
+        };
+        // SAFETY: `context`, `func` and `args` are owned references alive for the block.
+        // PyContext_Enter fails with an exception (never UB) for an entered context; Exit is
+        // only called after Enter succeeded.
+        let result = unsafe {
+            let ctx = context.as_ptr();
+            if ffi::PyContext_Enter(ctx) != 0 {
+                Err(PyErr::fetch(py))
+            } else {
+                let ret = args.call(func.as_ptr());
+                let exit = ffi::PyContext_Exit(ctx);
+                let r = Bound::from_owned_ptr_or_err(py, ret).map(drop);
+                if exit != 0 && r.is_ok() {
+                    Err(PyErr::fetch(py))
+                } else {
+                    r
+                }
+            }
+        };
+        if let Some(shared) = shared {
+            // A callback that set a variable in the shared empty context makes it its own.
+            // SAFETY: a live, exact Context (made by PyContext_New).
+            let set_var = unsafe { crate::context::len(context.as_ptr()) } != 0;
+            self.shared.leave_empty_context(py, shared, set_var)?;
+        }
+        match result {
+            Ok(()) => {
+                args.release(py);
+                drop(func.into_bound(py));
+                Ok(())
+            }
+            Err(err) if crate::stdlib::is_exit_exception(py, &err) => Err(err),
+            Err(err) => {
+                let fb = func.bind(py);
+                let args_tuple = args.to_tuple(py)?;
+                // The handle returned for it if the loop still has it, else one made for the
+                // report.
+                let returned = self
+                    .state
+                    .borrow_mut(py)?
+                    .soon_handle
+                    .as_ref()
+                    .filter(|h| h.get().soon_ticket() == ticket)
+                    .map(|h| h.clone_ref(py));
+                let handle = match returned {
+                    Some(h) => h,
+                    None => Py::new(py, self.new_handle(py, fb, args, Some(&context))?)?,
+                };
+                crate::handles::report_callback_error(
+                    handle.bind(py).as_any(),
+                    &func,
+                    &args_tuple,
+                    err,
+                    loop_obj,
+                )
+            }
+        }
+    }
+
+    /// The entry of the loop's reusable `soon` handle ran and nothing else references the
+    /// handle: it lets go of the callback and arguments now, not at its next reuse.
+    #[inline(always)]
+    fn release_soon_handle(&self, py: Python<'_>, ticket: u64) -> PyResult<()> {
+        let spent = {
+            let st = self.state.borrow_mut(py)?;
+            match &st.soon_handle {
+                Some(h) if h.get().soon_ticket() == ticket && only_ours(h) => {
+                    h.get().take_callback(py)
+                }
+                _ => None,
+            }
+        };
+        // Outside the borrow: may run __del__ code.
+        if let Some(c) = spent {
+            drop(c.func.into_bound(py));
+            c.args.release(py);
+        }
+        Ok(())
     }
 
     /// Keeps a spent handle for reuse when nothing else can see it.
@@ -493,6 +611,7 @@ impl LoopCore {
                         crate::handles::track(h.bind(py).as_any())
                     }
                     Ready::TaskStep { func, .. } => crate::handles::track(func.bind(py)),
+                    Ready::Soon { .. } => {}
                 }
             }
             for t in st.timers.iter() {
