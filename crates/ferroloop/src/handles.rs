@@ -281,6 +281,7 @@ impl Handle {
 
     /// Makes a `soon` handle that nothing else references (its last caller dropped it) the
     /// handle of another entry; returns what it held, to be dropped outside any borrow.
+    #[inline(always)]
     pub(crate) fn refill_soon(
         &self,
         py: Python<'_>,
@@ -292,13 +293,19 @@ impl Handle {
             .callback
             .borrow_mut(py)?
             .replace(Callback { func, args });
-        // A context only if its last caller asked for one (made by `own_context`, tracked).
-        let old_ctx = self.context.borrow_mut(py)?.take();
-        self.ctx_empty.store(true, Ordering::Relaxed);
-        self.cancelled.store(false, Ordering::Relaxed);
+        // A context only if its last caller asked for one (`own_context` cleared the flag).
+        let old_ctx = if self.ctx_empty.load(Ordering::Relaxed) {
+            None
+        } else {
+            self.ctx_empty.store(true, Ordering::Relaxed);
+            self.context.borrow_mut(py)?.take()
+        };
+        if self.cancelled.load(Ordering::Relaxed) {
+            self.cancelled.store(false, Ordering::Relaxed);
+            // (Set if debug mode was turned on meanwhile and the handle cancelled then.)
+            *self.repr_cache.borrow_mut(py)? = None;
+        }
         self.soon_ticket.store(ticket, Ordering::Relaxed);
-        // (Set if debug mode was turned on meanwhile and the handle cancelled.)
-        *self.repr_cache.borrow_mut(py)? = None;
         Ok((old_cb, old_ctx))
     }
 
