@@ -704,6 +704,30 @@ def test_threadsafe_callback_from_a_thread_lets_go_of_its_arguments_once_run(loo
     assert [r() for r in refs] == [None, None, None]
 
 
+def test_threadsafe_handle_kept_past_its_run_lets_go_of_its_arguments_once_dropped(loop):
+    import weakref
+
+    class Arg:
+        pass
+
+    ran = []
+
+    def produce():
+        a = Arg()
+        ref = weakref.ref(a)
+        loop.call_soon_threadsafe(ran.append, None)
+        return loop.call_soon_threadsafe(ran.append, a), ref
+
+    h, ref = _from_thread(produce)
+    run_once(loop)  # runs while the caller still holds the handle
+    assert len(ran) == 2
+    ran.clear()
+    del h
+    # The loop goes idle (or stops): nothing it keeps holds the argument.
+    run_for(loop, 0.01)
+    assert ref() is None
+
+
 def test_threadsafe_callbacks_queued_from_a_thread_are_dropped_by_close(loop_factory):
     import weakref
 

@@ -126,6 +126,7 @@ impl LoopCore {
             // ran before this point left work in `ready`; one that runs after it sees
             // `sleeping` and writes the eventfd.
             self.shared.sleeping.store(true, Ordering::SeqCst);
+            self.release_spent_soon_handle(py)?;
             let surplus = {
                 let mut st = self.state.borrow_mut(py)?;
                 if !st.ready.is_empty() {
@@ -505,6 +506,23 @@ impl LoopCore {
         Ok(())
     }
 
+    /// Before the loop sleeps or stops: the reusable `soon` handle lets go of the callback
+    /// of an entry that ran while its caller still held it, if the caller let go since.
+    fn release_spent_soon_handle(&self, py: Python<'_>) -> PyResult<()> {
+        let spent = {
+            let st = self.state.borrow_mut(py)?;
+            match &st.soon_handle {
+                Some(h) if only_ours(h) && !self.shared.soon_pending(h.get().soon_ticket()) => {
+                    h.get().take_callback(py)
+                }
+                _ => None,
+            }
+        };
+        // Outside the borrow: may run __del__ code.
+        drop(spent);
+        Ok(())
+    }
+
     /// Keeps a spent handle for reuse when nothing else can see it.
     fn recycle(&self, h: Bound<'_, Handle>) -> PyResult<()> {
         if !Handle::recyclable(&h) {
@@ -597,6 +615,7 @@ impl LoopCore {
                 "Rust panic in the event loop",
             ))
         });
+        let released = this.release_spent_soon_handle(py);
         let surplus = {
             let mut st = this.state.borrow_mut(py)?;
             st.stopping = false;
@@ -627,6 +646,6 @@ impl LoopCore {
         };
         drop(surplus); // outside the borrow
         let reset = s.set_running_loop(py, &py.None().into_bound(py));
-        result.and(reset)
+        result.and(released).and(reset)
     }
 }
