@@ -263,14 +263,19 @@ impl Handle {
         }
     }
 
-    /// The handle returned for a `Ready::Soon` entry (`ticket`) that queues `func(*args)`
-    /// itself: a copy of the callback (for `repr`, `_callback`, `_args` and `_run`), the
-    /// shared empty context, no source traceback (never in debug mode). It stays visible to the
-    /// garbage collector: it holds its callback for as long as it lives.
-    pub(crate) fn soon(func: Py<PyAny>, args: Args, shared: Arc<Shared>, ticket: u64) -> Handle {
-        let h = Handle::new(func, args, FreshContext::empty(), shared, None);
-        h.soon_ticket.store(ticket, Ordering::Relaxed);
-        h
+    /// The handle returned for a `Ready::Soon` entry, which queues `func(*args)` itself: a
+    /// copy of the callback (for `repr`, `_callback`, `_args` and `_run`), the shared empty
+    /// context, no source traceback (never in debug mode); its ticket is set as the entry is
+    /// queued. It stays visible to the garbage collector: it may hold its callback for as long
+    /// as it lives.
+    pub(crate) fn soon(func: Py<PyAny>, args: Args, shared: Arc<Shared>) -> Handle {
+        Handle::new(func, args, FreshContext::empty(), shared, None)
+    }
+
+    /// Makes this `soon` handle the one of the entry `ticket`, queued right now.
+    #[inline(always)]
+    pub(crate) fn set_soon_ticket(&self, ticket: u64) {
+        self.soon_ticket.store(ticket, Ordering::Relaxed);
     }
 
     /// The ticket of the `Ready::Soon` entry this handle stands for, or 0.
@@ -280,14 +285,14 @@ impl Handle {
     }
 
     /// Makes a `soon` handle that nothing else references (its last caller dropped it) the
-    /// handle of another entry; returns what it held, to be dropped outside any borrow.
+    /// handle of another entry (`set_soon_ticket` follows); returns what it held, to be
+    /// dropped outside any borrow.
     #[inline(always)]
     pub(crate) fn refill_soon(
         &self,
         py: Python<'_>,
         func: Py<PyAny>,
         args: Args,
-        ticket: u64,
     ) -> PyResult<(Option<Callback>, Option<Py<PyAny>>)> {
         let old_cb = self
             .callback
@@ -305,7 +310,6 @@ impl Handle {
             // (Set if debug mode was turned on meanwhile and the handle cancelled then.)
             *self.repr_cache.borrow_mut(py)? = None;
         }
-        self.soon_ticket.store(ticket, Ordering::Relaxed);
         Ok((old_cb, old_ctx))
     }
 

@@ -298,13 +298,6 @@ impl LoopCore {
                 },
             )
         };
-        // The ticket is taken as the entry is queued, so tickets follow the queue's order.
-        let ticket = self.shared.next_soon_ticket();
-        st.ready.push_back(super::Ready::Soon {
-            func: callback.clone_ref(py),
-            args: args.clone_ref(py),
-            ticket,
-        });
         // The last handle returned, if its caller dropped it (as callers do): nothing else
         // can see it (handles support no weak references), so it can stand for this entry.
         let reuse = st
@@ -313,37 +306,64 @@ impl LoopCore {
             // SAFETY: reading the reference count of a live object.
             .filter(|h| unsafe { ffi::Py_REFCNT(h.as_ptr()) } == 1)
             .map(|h| h.clone_ref(py));
-        drop(st);
-        if let Some(h) = reuse {
-            let (old_cb, old_ctx) = match h.get().refill_soon(py, callback, args, ticket) {
-                Ok(old) => old,
-                Err(e) => return Some(Err(e)),
-            };
-            // Outside any borrow: the old callback and arguments may run __del__ code. As
-            // `Bound`s: a plain decref (a `Py` dropped here goes to PyO3's deferred pool).
-            if let Some(c) = old_cb {
-                drop(c.func.into_bound(py));
-                c.args.release(py);
+        let (h, old_cb, old_ctx, old_handle) = match reuse {
+            Some(h) => {
+                // No Python code runs: what the handle held is returned, to be dropped below.
+                let refilled = h
+                    .get()
+                    .refill_soon(py, callback.clone_ref(py), args.clone_ref(py));
+                match refilled {
+                    Ok((cb, ctx)) => (h, cb, ctx, None),
+                    Err(e) => return Some(Err(e)),
+                }
             }
-            if let Some(c) = old_ctx {
-                drop(c.into_bound(py));
+            None => {
+                // Allocating may run the garbage collector: not under the borrow.
+                drop(st);
+                let handle = Handle::soon(
+                    callback.clone_ref(py),
+                    args.clone_ref(py),
+                    self.shared.clone(),
+                );
+                let h = match Py::new(py, handle) {
+                    Ok(h) => h,
+                    Err(e) => return Some(Err(e)),
+                };
+                st = match self.state.borrow_mut(py) {
+                    Ok(st) => st,
+                    Err(e) => return Some(Err(e)),
+                };
+                if st.closed {
+                    // Closed by code the collector ran meanwhile: the general path raises.
+                    drop(st);
+                    drop(h.into_bound(py));
+                    return None;
+                }
+                let old = st.soon_handle.replace(h.clone_ref(py));
+                (h, None, None, old)
             }
-            return Some(Ok(h));
-        }
-        // Allocating may run the garbage collector: not under the borrow. (Whatever it runs
-        // meanwhile, even the entry itself, the handle finds in the book once it exists.)
-        let h = match Py::new(
-            py,
-            Handle::soon(callback, args, self.shared.clone(), ticket),
-        ) {
-            Ok(h) => h,
-            Err(e) => return Some(Err(e)),
         };
-        let old = self
-            .state
-            .borrow_mut(py)
-            .map(|mut st| st.soon_handle.replace(h.clone_ref(py)));
-        drop(old.ok().flatten().map(|h| h.into_bound(py))); // outside the borrow
+        // The ticket is taken as the entry is queued, so tickets follow the queue's order.
+        let ticket = self.shared.next_soon_ticket();
+        h.get().set_soon_ticket(ticket);
+        st.ready.push_back(super::Ready::Soon {
+            func: callback,
+            args,
+            ticket,
+        });
+        drop(st);
+        // Outside the borrow: the old callback and arguments may run __del__ code. As
+        // `Bound`s: a plain decref (a `Py` dropped here goes to PyO3's deferred pool).
+        if let Some(c) = old_cb {
+            drop(c.func.into_bound(py));
+            c.args.release(py);
+        }
+        if let Some(c) = old_ctx {
+            drop(c.into_bound(py));
+        }
+        if let Some(old) = old_handle {
+            drop(old.into_bound(py));
+        }
         Some(Ok(h))
     }
 

@@ -358,9 +358,8 @@ entry!(
     nargs | {
         // SAFETY: `args` holds `nargs` live positional arguments (vectorcall contract).
         unsafe { lp.schedule_soon_detached(py, args, nargs) }.map(|h| {
-            // Queued even if making the handle failed: the loop must see it.
-            lp.shared.wake_if_sleeping();
             let h = h?;
+            lp.shared.wake_if_sleeping();
             Ok(h.into_any())
         })
     },
