@@ -109,6 +109,9 @@ impl LoopCore {
         busy: bool,
     ) -> PyResult<()> {
         let py = loop_obj.py();
+        // Before the timeout is known: letting go of a callback may run __del__ code, which
+        // may schedule more.
+        self.release_spent_soon_handle(py)?;
         let (mut timeout, has_fds) = self.compute_timeout(loop_obj)?;
         if busy {
             timeout = Some(0.0);
@@ -126,7 +129,6 @@ impl LoopCore {
             // ran before this point left work in `ready`; one that runs after it sees
             // `sleeping` and writes the eventfd.
             self.shared.sleeping.store(true, Ordering::SeqCst);
-            self.release_spent_soon_handle(py)?;
             let surplus = {
                 let mut st = self.state.borrow_mut(py)?;
                 if !st.ready.is_empty() {
@@ -506,8 +508,8 @@ impl LoopCore {
         Ok(())
     }
 
-    /// Before the loop sleeps or stops: the reusable `soon` handle lets go of the callback
-    /// of an entry that ran while its caller still held it, if the caller let go since.
+    /// Before each poll and when the loop stops: the reusable `soon` handle lets go of the
+    /// callback of an entry that ran while its caller still held it, if the caller let go since.
     fn release_spent_soon_handle(&self, py: Python<'_>) -> PyResult<()> {
         let spent = {
             let st = self.state.borrow_mut(py)?;
