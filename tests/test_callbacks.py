@@ -728,6 +728,29 @@ def test_threadsafe_handle_kept_past_its_run_lets_go_of_its_arguments_once_dropp
     assert ref() is None
 
 
+def test_threadsafe_arguments_from_a_thread_whose_del_schedules_more(loop):
+    ran = []
+
+    class Arg:
+        def __init__(self, i):
+            self.i = i
+
+        def __del__(self):
+            loop.call_soon_threadsafe(ran.append, ("del", self.i))
+
+    def consume(a):
+        ran.append(("run", a.i))
+
+    def produce():
+        for i in range(4):
+            loop.call_soon_threadsafe(consume, Arg(i))
+
+    _from_thread(produce)
+    run_for(loop, 0.01)
+    assert [x for x in ran if x[0] == "run"] == [("run", i) for i in range(4)]
+    assert sorted(x for x in ran if x[0] == "del") == [("del", i) for i in range(4)]
+
+
 def test_threadsafe_callbacks_queued_from_a_thread_are_dropped_by_close(loop_factory):
     import weakref
 
