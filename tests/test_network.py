@@ -732,6 +732,69 @@ def test_eof_received_keep_open_half_close(loop):
     run(loop, main())
 
 
+def test_half_closed_transport_writes_a_backlog_then_closes_and_its_fd_is_reused(loop):
+    # After EOF with eof_received() keeping the transport open, its reader is gone; a large
+    # answer then needs the writer (registered on an fd whose reader left), and the next
+    # connections, accepted on the numbers the closed ones freed, are served as the first.
+    payload = os.urandom(1024 * 1024)
+    lost = []
+    backlog = []
+
+    def client(conn):
+        conn.sendall(b"question")
+        conn.shutdown(socket.SHUT_WR)
+        time.sleep(0.05)  # let the server's send buffer fill: the rest waits for the writer
+        answer = bytearray()
+        while True:
+            data = conn.recv(1 << 16)
+            if not data:
+                return bytes(answer)
+            answer += data
+
+    class HalfClose(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.data = b""
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+
+        def data_received(self, data):
+            self.data += data
+
+        def eof_received(self):
+            loop.call_soon(self.answer)
+            return True
+
+        def answer(self):
+            self.transport.write(self.data + payload)
+            backlog.append(self.transport.get_write_buffer_size())
+            self.transport.close()
+
+        def connection_lost(self, exc):
+            lost.append(exc)
+
+    async def main():
+        server = await loop.create_server(HalfClose, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+
+        def connect_and_ask():
+            with socket.create_connection(address, timeout=TIMEOUT) as s:
+                return client(s)
+
+        for _ in range(3):
+            answer = await loop.run_in_executor(None, connect_and_ask)
+            assert answer == b"question" + payload
+        for _ in range(50):
+            if len(lost) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert lost == [None, None, None]
+        assert len(backlog) == 3 and min(backlog) > 0
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
 def test_buffered_protocol(loop):
     payload = os.urandom(200_000)
 

@@ -1088,12 +1088,42 @@ fn code_is_coroutine(py: Python<'_>, func: &Bound<'_, PyAny>) -> PyResult<bool> 
     code_is_coroutine_uncached(py, code_ptr)
 }
 
+/// Behind `LAST_CODE`: the last few code objects seen (strong references, so no pointer is
+/// reused) with their flag. A connection's set-up and teardown schedule a handful of different
+/// callbacks in turn (connection_made, the start of reading, connection_lost, the task's
+/// done-callbacks), which the one-entry cache alone misses every time.
+static RECENT_CODES: GilCell<Vec<(Py<PyAny>, bool)>> = GilCell::new(Vec::new());
+const RECENT_CODES_MAX: usize = 8;
+
 #[cold]
 fn code_is_coroutine_uncached(py: Python<'_>, code_ptr: *mut ffi::PyObject) -> PyResult<bool> {
     // SAFETY: `code_ptr` is a valid borrowed reference (see above); we take a new strong one.
     let code = unsafe { Bound::from_borrowed_ptr(py, code_ptr) };
-    let flags: i64 = code.getattr(intern!(py, "co_flags"))?.extract()?;
-    let is_coro = flags & CO_COROUTINE != 0;
+    let known = RECENT_CODES
+        .borrow_mut(py)?
+        .iter()
+        .find(|(c, _)| c.as_ptr() == code_ptr)
+        .map(|&(_, is_coro)| is_coro);
+    let is_coro = match known {
+        Some(is_coro) => is_coro,
+        None => {
+            let flags: i64 = code.getattr(intern!(py, "co_flags"))?.extract()?;
+            let is_coro = flags & CO_COROUTINE != 0;
+            let evicted = {
+                let mut recent = RECENT_CODES.borrow_mut(py)?;
+                let evicted = if recent.len() >= RECENT_CODES_MAX {
+                    Some(recent.remove(0))
+                } else {
+                    None
+                };
+                recent.push((code.clone().unbind(), is_coro));
+                evicted
+            };
+            // A code object's last reference may go here: outside the borrow.
+            drop(evicted);
+            is_coro
+        }
+    };
     let old = LAST_CODE.borrow_mut(py)?.replace(code.unbind());
     LAST_CODE_PTR.store(code_ptr, Ordering::Relaxed);
     LAST_CODE_IS_CORO.store(is_coro, Ordering::Relaxed);

@@ -573,7 +573,7 @@ pub(crate) fn on_eof(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     };
     if truthy(&keep_open)? {
         // Half-closed: stop reading, the protocol may still write.
-        core.get()._remove_reader_impl(py, &s.get(SOCK_FD)?)?;
+        core.get().remove_reader_closing(py, &s.get(SOCK_FD)?)?;
         Ok(())
     } else {
         close(l, tr)
@@ -630,7 +630,7 @@ fn close(l: &Life, tr: &Bound<'_, PyAny>) -> PyResult<()> {
         &pyo3::types::PyBool::new(py, true).to_owned().into_any(),
     )?;
     let fd = s.get(SOCK_FD)?;
-    core.get()._remove_reader_impl(py, &fd)?;
+    core.get().remove_reader_closing(py, &fd)?;
     if !truthy(&s.get(BUFFER)?)? {
         let n = s.get(CONN_LOST)?.add(1)?;
         s.set(CONN_LOST, &n)?;
@@ -678,7 +678,7 @@ pub(crate) fn fatal_routine(tr: &Bound<'_, PyAny>, exc: &Bound<'_, PyAny>) -> Py
             CLOSING,
             &pyo3::types::PyBool::new(py, true).to_owned().into_any(),
         )?;
-        core.get()._remove_reader_impl(py, &fd)?;
+        core.get().remove_reader_closing(py, &fd)?;
     }
     let n = s.get(CONN_LOST)?.add(1)?;
     s.set(CONN_LOST, &n)?;

@@ -17,6 +17,8 @@
 //! writer keeps `selectors`' semantics.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
 
 use ferroloop_core::Interest;
 use pyo3::exceptions::PyValueError;
@@ -90,6 +92,27 @@ impl std::hash::Hasher for FdHasher {
         // A multiplicative spread: hashbrown takes its control bits from the top of the hash.
         self.0 = (fd as u32 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
+}
+
+/// The process has forked (`fork()` returned in the parent) since the first loop was made: a
+/// child may hold copies of the loop's sockets, so closing transports unregister their fds
+/// explicitly again (see [`LoopCore::remove_reader_closing`]).
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn forked_in_parent() {
+    FORKED.store(true, Ordering::Relaxed);
+}
+
+/// Installs the `fork()` hook that sets [`FORKED`] (once per process).
+pub(crate) fn watch_forks() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        // SAFETY: registers a handler that only stores to an atomic (async-signal-safe), with
+        // no prepare or child handler. If registration fails (ENOMEM), assume a fork.
+        if unsafe { libc::pthread_atfork(None, Some(forked_in_parent), None) } != 0 {
+            FORKED.store(true, Ordering::Relaxed);
+        }
+    });
 }
 
 fn interest_of(w: &FdWatch) -> Interest {
@@ -216,10 +239,29 @@ impl LoopCore {
         fd: RawFd,
         reader: bool,
     ) -> PyResult<Option<Py<Handle>>> {
+        self.remove_watch_as(py, fd, reader, false)
+    }
+
+    /// `remove_watch`; with `closing`, the native transport that owns `fd` is closing or
+    /// half-closing (see [`LoopCore::remove_reader_closing`]).
+    fn remove_watch_as(
+        &self,
+        py: Python<'_>,
+        fd: RawFd,
+        reader: bool,
+        closing: bool,
+    ) -> PyResult<Option<Py<Handle>>> {
         let mut st = self.state.borrow_mut(py)?;
         let Some(w) = st.fds.get_mut(&fd) else {
             return Ok(None);
         };
+        // An edge-triggered reader alone on its fd, removed by its closing transport: the
+        // kernel registration may stay (see `remove_reader_closing`).
+        let keep_registered = closing
+            && reader
+            && w.reader_edge
+            && w.writer.is_none()
+            && !FORKED.load(Ordering::Relaxed);
         let old = if reader {
             w.reader_edge = false;
             w.native_reader = None;
@@ -236,7 +278,9 @@ impl LoopCore {
             let gone = st.fds.remove(&fd);
             drop(st);
             drop(gone.and_then(|mut w| w.fileobj.take()));
-            self.shared.poller.delete(fd).map_err(os_error)?;
+            if !keep_registered {
+                self.shared.poller.delete(fd).map_err(os_error)?;
+            }
         } else if let Err(e) = self.register(fd, w, true) {
             // (An edge-triggered reader left alone again is re-registered, so it is reported
             // once if readable now.) The fd was closed under its watchers (EBADF/ENOENT):
@@ -329,6 +373,41 @@ impl LoopCore {
         fd: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
         self.remove_watch_public(py, fd, true)
+    }
+
+    /// `_remove_reader(fd)` for a native stream transport that is closing, or half-closing
+    /// at EOF (`close`, `_force_close`, `eof_received` keeping it open): its socket is closed
+    /// when connection_lost runs, a few iterations later, and it reads nothing more.
+    ///
+    /// While its edge-triggered reader was the fd's only watcher, the kernel registration is
+    /// left in place instead of an `EPOLL_CTL_DEL` (one syscall less per connection): closing
+    /// the last fd of an open file removes it from every epoll set. Until then the fd is out of
+    /// the table, so its events are ignored; edge-triggered, a socket past EOF reports one more
+    /// at most (a reset). Re-watching it meanwhile (a writer for queued data after a half-close)
+    /// registers it again: `EPOLL_CTL_ADD` finds it and turns into a modification.
+    ///
+    /// The exception is a socket whose open file outlives its fd (a `dup` or a forked child
+    /// holding it): the kernel then keeps reporting its changes, edge-triggered, under the old
+    /// number, to whatever this loop watches on that number next (a spurious readiness event,
+    /// which the reader meets with EAGAIN). The usual source of such copies, `fork()`
+    /// without exec, turns this off for the process's life (`FORKED`); a child that execs
+    /// drops them (accepted sockets are close-on-exec).
+    pub(crate) fn remove_reader_closing(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let fd = match fd.extract::<RawFd>() {
+            Ok(fd) if !self.state.borrow_mut(py)?.closed => fd,
+            _ => return self.remove_watch_public(py, fd, true),
+        };
+        match self.remove_watch_as(py, fd, true, true)? {
+            Some(h) => {
+                Handle::cancel_impl(h.bind(py).as_any(), h.get())?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     pub(crate) fn _remove_writer_impl(

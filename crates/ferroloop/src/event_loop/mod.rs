@@ -390,6 +390,7 @@ impl LoopCore {
         _args: &Bound<'_, pyo3::types::PyTuple>,
         _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
     ) -> PyResult<LoopCore> {
+        io_watch::watch_forks();
         let poller = Poller::new().map_err(os_error)?;
         let waker = Waker::new().map_err(os_error)?;
         poller
