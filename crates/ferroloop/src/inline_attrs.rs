@@ -116,7 +116,8 @@ impl Attrs {
             let generic_set = (*ty).tp_setattro.is_some_and(|f| {
                 std::ptr::fn_addr_eq(f, ffi::PyObject_GenericSetAttr as ffi::setattrofunc)
             });
-            if (*ty).tp_flags & MANAGED_DICT == 0 || !generic_get || !generic_set {
+            let heap_managed = MANAGED_DICT | ffi::Py_TPFLAGS_HEAPTYPE;
+            if (*ty).tp_flags & heap_managed != heap_managed || !generic_get || !generic_set {
                 return None;
             }
             let values = *obj.cast::<*mut *mut ffi::PyObject>().sub(4);
