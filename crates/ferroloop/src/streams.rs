@@ -328,9 +328,6 @@ fn call_method<'py>(
 pub(crate) struct Feed<'py> {
     reader: Bound<'py, PyAny>,
     buffer: Bound<'py, PyAny>,
-    /// The reader's class defines none of the attributes read here: they may be read from
-    /// the instance directly (`inline_attrs.rs`).
-    direct: bool,
 }
 
 impl<'py> Feed<'py> {
@@ -420,18 +417,8 @@ impl<'py> Feed<'py> {
         {
             return None;
         }
-        let direct = READER_ATTRS.holds(py, ty, || {
-            [
-                (intern!(py, "_eof"), NONE),
-                (intern!(py, "_buffer"), NONE),
-                (intern!(py, "_waiter"), NONE),
-                (intern!(py, "_transport"), NONE),
-                (intern!(py, "_paused"), NONE),
-                (intern!(py, "_limit"), NONE),
-            ]
-        });
         // One snapshot of the reader's attributes while no code runs (see `Feed::inst`).
-        let mut r = Feed::inst_of(&reader, direct);
+        let mut r = Feed::inst_of(&reader);
         if !r.not_shadowed(intern!(py, "feed_data"), &st.feed_data)
             || !r.not_shadowed(intern!(py, "_wakeup_waiter"), &st.wakeup_waiter)
         {
@@ -442,7 +429,7 @@ impl<'py> Feed<'py> {
             return None;
         }
         if !eof.is_exact_instance_of::<PyBool>() {
-            r = Feed::inst_of(&reader, direct); // `bool()` may have run code
+            r = Feed::inst_of(&reader); // `bool()` may have run code
         }
         let buffer = r.get(intern!(py, "_buffer"), &HINTS.buffer).ok()?;
         if !buffer.is_exact_instance_of::<PyByteArray>() {
@@ -453,23 +440,34 @@ impl<'py> Feed<'py> {
         if exports != 0 {
             return None;
         }
-        Some(Feed {
-            reader,
-            buffer,
-            direct,
-        })
+        Some(Feed { reader, buffer })
     }
 
     /// The reader with its attributes as they are now: take a new one after any call that
-    /// may run code.
+    /// may run code (which may also have changed the class).
     fn inst(&self) -> Inst<'_, 'py> {
-        Self::inst_of(&self.reader, self.direct)
+        Self::inst_of(&self.reader)
     }
 
-    fn inst_of<'a>(reader: &'a Bound<'py, PyAny>, direct: bool) -> Inst<'a, 'py> {
+    /// `reader`, an exact `StreamReader`, with its inline attributes when its class defines
+    /// none of the names read here (checked per version tag).
+    fn inst_of<'a>(reader: &'a Bound<'py, PyAny>) -> Inst<'a, 'py> {
+        let py = reader.py();
+        // SAFETY: a live object's type.
+        let ty = unsafe { ffi::Py_TYPE(reader.as_ptr()) };
+        let direct = READER_ATTRS.holds(py, ty, || {
+            [
+                (intern!(py, "_eof"), NONE),
+                (intern!(py, "_buffer"), NONE),
+                (intern!(py, "_waiter"), NONE),
+                (intern!(py, "_transport"), NONE),
+                (intern!(py, "_paused"), NONE),
+                (intern!(py, "_limit"), NONE),
+            ]
+        });
         let attrs = if direct {
             // SAFETY: a live object.
-            unsafe { Attrs::of(reader.py(), reader.as_ptr()) }
+            unsafe { Attrs::of(py, reader.as_ptr()) }
         } else {
             None
         };
