@@ -327,6 +327,39 @@ def test_a_waiter_that_is_already_done_makes_data_received_fail(loop):
     run(loop, main())
 
 
+def test_waiter_methods_set_on_the_future_instance_are_called(loop):
+    async def main():
+        c = await Conn.open()
+        seen = []
+        waiter = loop.create_future()
+
+        def set_result(result):
+            seen.append(("set_result", result))
+            asyncio.Future.set_result(waiter, result)
+
+        waiter.set_result = set_result
+        c.reader._waiter = waiter
+        c.send_chunks([b"one"], eof=False)
+        assert await asyncio.wait_for(waiter, TIMEOUT) is None
+        assert seen == [("set_result", None)]
+        assert await c.reader.read(100) == b"one"
+
+        # A waiter that says it is cancelled is dropped without a result.
+        waiter = loop.create_future()
+        waiter.cancelled = lambda: seen.append("cancelled") or True
+        c.reader._waiter = waiter
+        c.send_chunks([b"two"], eof=False)
+        deadline = time.monotonic() + TIMEOUT
+        while c.reader._waiter is not None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        assert seen[1:] == ["cancelled"] and not waiter.done()
+        assert await c.reader.read(100) == b"two"
+        await c.close()
+
+    run(loop, main())
+
+
 def test_a_cancelled_read_task_leaves_the_data_for_the_next_read(loop):
     async def main():
         c = await Conn.open()
@@ -562,6 +595,61 @@ def test_an_unrelated_class_attribute_set_between_reads_changes_nothing(loop, cl
             del cls._ferroloop_test_marker
         c.peer.sendall(b"three")
         assert await c.reader.readexactly(5) == b"three"
+        await c.close()
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("cls", [asyncio.StreamReader, asyncio.StreamReaderProtocol])
+def test_class_level_defaults_for_the_instance_attributes_change_nothing(loop, cls):
+    names = ["_waiter", "_buffer", "_paused", "_limit", "_eof", "_transport", "_stream_reader_wr"]
+
+    async def main():
+        c = await Conn.open()
+        c.peer.sendall(b"one")
+        assert await c.reader.readexactly(3) == b"one"
+        for name in names:
+            setattr(cls, name, None)
+        try:
+            c.peer.sendall(b"two")
+            assert await c.reader.readexactly(3) == b"two"
+        finally:
+            for name in names:
+                delattr(cls, name)
+        c.peer.sendall(b"three")
+        assert await c.reader.readexactly(5) == b"three"
+        await c.close()
+
+    run(loop, main())
+
+
+def test_readers_whose_attributes_live_in_a_dict_or_under_built_names_are_fed(loop):
+    seen = []
+
+    async def main():
+        c = await Conn.open()
+        vars(c.reader)  # the instance now has a real __dict__
+        vars(c.writer._protocol)
+        c.peer.sendall(b"one")
+        assert await c.reader.readexactly(3) == b"one"
+        # Many attributes: more than a class's shared keys hold.
+        for i in range(40):
+            setattr(c.reader, f"extra_{i}", i)
+        c.peer.sendall(b"two")
+        assert await c.reader.readexactly(3) == b"two"
+
+        reader = asyncio.StreamReader()
+        name = "".join(["feed", "_da", "ta"])
+
+        def feed_data(data):
+            seen.append(bytes(data))
+            asyncio.StreamReader.feed_data(reader, data)
+
+        setattr(reader, name, feed_data)
+        c.writer._protocol._stream_reader_wr = weakref.ref(reader)
+        c.peer.sendall(b"three")
+        assert await asyncio.wait_for(reader.readexactly(5), TIMEOUT) == b"three"
+        assert seen == [b"three"]
         await c.close()
 
     run(loop, main())

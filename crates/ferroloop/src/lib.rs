@@ -10,6 +10,7 @@ mod event_loop;
 mod gc_alloc;
 mod gil;
 mod handles;
+mod inline_attrs;
 mod slots;
 mod sock_io;
 mod spawn;
