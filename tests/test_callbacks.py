@@ -941,6 +941,33 @@ def test_debug_mode_handle_repr_shows_creation_site(loop):
     run_once(loop)
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_handle_repr_and_error_message_show_arguments_as_asyncio_does(loop, debug):
+    # 3.13+ show a callback's arguments only in debug mode (they may hold secrets); before
+    # 3.13 they are always shown.
+    loop.set_debug(debug)
+    shown = debug or sys.version_info < (3, 13)
+    messages = []
+    loop.set_exception_handler(lambda lp, ctx: messages.append(ctx["message"]))
+
+    def args_cb(*args):
+        raise ValueError
+
+    h = loop.call_soon(args_cb, "arg-one", 2)
+    th = loop.call_later(10, args_cb, "arg-two")
+    assert ("args_cb('arg-one', 2)" in repr(h)) is shown
+    assert ("args_cb('arg-two')" in repr(th)) is shown
+    if not shown:
+        assert "args_cb() at" in repr(h) and "args_cb() at" in repr(th)
+    th.cancel()
+    run_once(loop)
+    assert len(messages) == 1
+    assert messages[0].startswith("Exception in callback ")
+    assert ("args_cb('arg-one', 2)" in messages[0]) is shown
+    if not shown:
+        assert "args_cb() at" in messages[0]
+
+
 def test_debug_mode_callback_error_context_has_source_traceback(loop):
     loop.set_debug(True)
     contexts = []
