@@ -28,8 +28,26 @@ except (TypeError, ValueError):  # pragma: no cover - a signature that cannot be
     _FORMAT_TAKES_DEBUG = False
 
 
+def _rebind_own_method(func, args):
+    """`(method, rest)` when `func` is a ferroloop transport's own method scheduled as
+    `call_soon(Class.method, transport, *rest)` (no bound method is made per call); asyncio
+    schedules the bound method, and its messages name it so: `Class.method(*rest)`."""
+    if args:
+        obj = args[0]
+        cls = type(obj)
+        if cls.__module__.startswith("ferroloop.") and getattr(
+            cls, getattr(func, "__name__", ""), None
+        ) is func:
+            try:
+                return func.__get__(obj, cls), tuple(args)[1:]
+            except Exception:  # pragma: no cover - every function and descriptor binds
+                pass
+    return func, args
+
+
 def format_callback_source(func, args, debug=False) -> str:
     """asyncio's `_format_callback_source`; `debug` is the loop's debug mode, which 3.13+ pass."""
+    func, args = _rebind_own_method(func, args)
     if _fh is not None:
         try:
             if _FORMAT_TAKES_DEBUG:
