@@ -472,6 +472,35 @@ def test_call_soon_threadsafe_from_thread_wakes_sleeping_loop_promptly(loop):
     assert elapsed < 1.0, f"loop woke up only after {elapsed:.3f}s"
 
 
+def test_write_to_self_from_a_thread_wakes_the_sleeping_loop(loop):
+    # A known recipe (e.g. https://stackoverflow.com/a/43275001): a thread feeds an
+    # asyncio.Queue with put_nowait() and wakes the loop with its private _write_to_self().
+    # Not thread-safe by asyncio's rules, but it works on asyncio's loops outside debug mode.
+    queue = asyncio.Queue()
+
+    def worker():
+        time.sleep(0.05)
+        queue.put_nowait("item")
+        loop._write_to_self()
+
+    async def main():
+        t = threading.Thread(target=worker)
+        t.start()
+        try:
+            t0 = time.monotonic()
+            item = await asyncio.wait_for(queue.get(), 10)
+            return item, time.monotonic() - t0
+        finally:
+            t.join()
+
+    item, elapsed = loop.run_until_complete(main())
+    assert item == "item"
+    assert elapsed < 1.0, f"loop woke up only after {elapsed:.3f}s"
+    # Waking a loop that is not sleeping (or not running) is harmless.
+    loop._write_to_self()
+    run_once(loop)
+
+
 def test_call_soon_threadsafe_from_a_thread_honours_its_context_after_handles_were_reused(loop):
     # Spent handles are reused for later calls (ferroloop); each call still takes the caller's
     # context of the moment: empty, then with a variable set, then an explicit one.
@@ -1167,6 +1196,33 @@ def test_debug_mode_handle_repr_shows_creation_site(loop):
     assert "debug_cb" in repr(th) and "created at" in repr(th)
     th.cancel()
     run_once(loop)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_handle_repr_and_error_message_show_arguments_as_asyncio_does(loop, debug):
+    # 3.13+ show a callback's arguments only in debug mode (they may hold secrets); before
+    # 3.13 they are always shown.
+    loop.set_debug(debug)
+    shown = debug or sys.version_info < (3, 13)
+    messages = []
+    loop.set_exception_handler(lambda lp, ctx: messages.append(ctx["message"]))
+
+    def args_cb(*args):
+        raise ValueError
+
+    h = loop.call_soon(args_cb, "arg-one", 2)
+    th = loop.call_later(10, args_cb, "arg-two")
+    assert ("args_cb('arg-one', 2)" in repr(h)) is shown
+    assert ("args_cb('arg-two')" in repr(th)) is shown
+    if not shown:
+        assert "args_cb() at" in repr(h) and "args_cb() at" in repr(th)
+    th.cancel()
+    run_once(loop)
+    assert len(messages) == 1
+    assert messages[0].startswith("Exception in callback ")
+    assert ("args_cb('arg-one', 2)" in messages[0]) is shown
+    if not shown:
+        assert "args_cb() at" in messages[0]
 
 
 def test_debug_mode_callback_error_context_has_source_traceback(loop):

@@ -1,5 +1,6 @@
 """set/get_exception_handler, default_exception_handler, call_exception_handler."""
 
+import asyncio
 import gc
 import logging
 
@@ -217,3 +218,39 @@ def test_debug_mode_handler_called_from_callback_gets_handle_traceback(loop, cap
     msg = records[0].getMessage()
     assert "reported from a callback" in msg
     assert "handle_traceback" in msg and "Handle created at" in msg
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_error_in_protocol_callback_names_the_transport_method_as_asyncio_does(loop, debug):
+    # asyncio schedules a transport's bound method (transport._call_connection_lost, exc);
+    # ferroloop schedules its class's function with the transport as first argument, and the
+    # message must still read "Exception in callback <Transport>._call_connection_lost(None)"
+    # (arguments shown before 3.13 and in debug mode), not "...(<Transport ...>, None)".
+    import re
+    import socket
+    import sys
+
+    loop.set_debug(debug)
+    messages = []
+    loop.set_exception_handler(lambda lp, ctx: messages.append(ctx["message"]))
+
+    class LostRaises(asyncio.Protocol):
+        def connection_lost(self, exc):
+            raise ValueError("from connection_lost")
+
+    a, b = socket.socketpair()
+    try:
+
+        async def main():
+            tr, _ = await loop.connect_accepted_socket(LostRaises, a)
+            tr.close()
+            await asyncio.sleep(0.01)
+
+        loop.run_until_complete(main())
+    finally:
+        b.close()
+    assert len(messages) == 1, messages
+    args = "None" if debug or sys.version_info < (3, 13) else ""
+    assert re.fullmatch(
+        r"Exception in callback \w+\._call_connection_lost\(" + args + r"\)", messages[0]
+    ), messages[0]

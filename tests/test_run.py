@@ -540,6 +540,27 @@ def test_run_entry_point_propagates_exception(loop_impl):
         loop_impl.run(main())
 
 
+def test_run_entry_point_inside_a_running_loop_fails_fast_as_asyncio_run(loop_impl, recwarn):
+    # asyncio.run checks for a running loop before it makes one: the error names it, and no
+    # loop is made (before this check, 3.11's Runner made one, failed in its shutdown, and
+    # the RuntimeError said "Cannot run the event loop while another loop is running").
+    async def inner():
+        pass
+
+    async def outer():
+        coro = inner()
+        try:
+            with pytest.raises(RuntimeError) as ei:
+                loop_impl.run(coro)
+        finally:
+            coro.close()
+        return str(ei.value)
+
+    message = loop_impl.run(outer())
+    assert message == "asyncio.run() cannot be called from a running event loop"
+    assert not [w for w in recwarn if "was never awaited" in str(w.message)]
+
+
 def test_run_entry_point_cancels_leftover_tasks(loop_impl):
     cancelled = []
 

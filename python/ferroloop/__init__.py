@@ -89,6 +89,10 @@ def run(main: _Coroutine[_Any, _Any, _T], *, debug: _Optional[bool] = None) -> _
     if _sys.version_info >= (3, 12):
         return _asyncio.run(main, debug=debug, loop_factory=new_event_loop)
     if _sys.version_info >= (3, 11):
+        # asyncio.run's own check, before a loop is made: without it, Runner's shutdown of the
+        # loop it made fails instead, with a RuntimeError that names the wrong problem.
+        if _asyncio.events._get_running_loop() is not None:
+            raise RuntimeError("asyncio.run() cannot be called from a running event loop")
         with _asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
             return runner.run(main)
     from ._runner import run_legacy

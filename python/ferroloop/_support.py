@@ -6,6 +6,7 @@ Nothing here runs per callback in normal operation; it runs when something goes 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import reprlib
 import sys
@@ -19,12 +20,43 @@ except ImportError:  # pragma: no cover - every supported Python has it
     _fh = None
 
 
-def format_callback_source(func, args) -> str:
+try:  # 3.13+ shows a callback's arguments only in debug mode (they may hold secrets)
+    _FORMAT_TAKES_DEBUG = _fh is not None and "debug" in inspect.signature(
+        _fh._format_callback_source
+    ).parameters
+except (TypeError, ValueError):  # pragma: no cover - a signature that cannot be read
+    _FORMAT_TAKES_DEBUG = False
+
+
+def _rebind_own_method(func, args):
+    """`(method, rest)` when `func` is a ferroloop transport's own method scheduled as
+    `call_soon(Class.method, transport, *rest)` (no bound method is made per call); asyncio
+    schedules the bound method, and its messages name it so: `Class.method(*rest)`."""
+    if args:
+        obj = args[0]
+        cls = type(obj)
+        if cls.__module__.startswith("ferroloop.") and getattr(
+            cls, getattr(func, "__name__", ""), None
+        ) is func:
+            try:
+                return func.__get__(obj, cls), tuple(args)[1:]
+            except Exception:  # pragma: no cover - every function and descriptor binds
+                pass
+    return func, args
+
+
+def format_callback_source(func, args, debug=False) -> str:
+    """asyncio's `_format_callback_source`; `debug` is the loop's debug mode, which 3.13+ pass."""
+    func, args = _rebind_own_method(func, args)
     if _fh is not None:
         try:
+            if _FORMAT_TAKES_DEBUG:
+                return _fh._format_callback_source(func, args, debug=debug)
             return _fh._format_callback_source(func, args)
         except Exception:
             pass
+    if _FORMAT_TAKES_DEBUG and not debug:
+        args = ()
     try:
         r = reprlib.repr(func)
     except Exception:

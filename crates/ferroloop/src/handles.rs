@@ -682,8 +682,10 @@ impl Handle {
             .map(|c| (c.func.clone_ref(py), c.args.clone_ref(py)));
         if let Some((func, args)) = cb {
             let args = args.to_tuple(py)?;
-            let s =
-                support(py)?.call_method1(intern!(py, "format_callback_source"), (func, args))?;
+            let s = support(py)?.call_method1(
+                intern!(py, "format_callback_source"),
+                (func, args, this.shared.debug()),
+            )?;
             parts.push(s.extract()?);
         }
         if let Some(tb) = &this.source_traceback {
@@ -748,8 +750,12 @@ pub(crate) fn report_callback_error(
     loop_obj: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let py = handle.py();
+    let h: &Bound<'_, Handle> = handle.cast()?;
     let source = support(py)?
-        .call_method1(intern!(py, "format_callback_source"), (func, args))
+        .call_method1(
+            intern!(py, "format_callback_source"),
+            (func, args, h.get().shared.debug()),
+        )
         .and_then(|s| s.extract::<String>())
         .unwrap_or_else(|_| "<callback>".to_owned());
     let context = PyDict::new(py);
@@ -761,7 +767,6 @@ pub(crate) fn report_callback_error(
     // handler's log see where it was raised.
     context.set_item(intern!(py, "exception"), err.into_value(py))?;
     context.set_item(intern!(py, "handle"), handle)?;
-    let h: &Bound<'_, Handle> = handle.cast()?;
     if let Some(tb) = &h.get().source_traceback {
         context.set_item(intern!(py, "source_traceback"), tb.bind(py))?;
     }

@@ -616,6 +616,14 @@ impl LoopCore {
         LoopCore::_run_once_impl(slf)
     }
 
+    /// asyncio's private `_write_to_self`: wakes the loop from its poll. Some programs call it
+    /// from a thread after a non-thread-safe `call_soon` (e.g. `Queue.put_nowait`); every
+    /// change they make is under the GIL, so waking a sleeping loop is all it takes: an awake
+    /// loop sees the new ready work before it decides to sleep.
+    fn _write_to_self(&self) {
+        self.shared.wake_if_sleeping();
+    }
+
     /// asyncio's `_check_running`.
     fn _check_running(&self, py: Python<'_>) -> PyResult<()> {
         self._check_running_impl(py)
