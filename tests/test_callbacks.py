@@ -789,7 +789,7 @@ def test_threadsafe_callbacks_queued_from_a_thread_are_dropped_by_close(loop_fac
     lp = loop_factory()
     a = Arg()
     ref = weakref.ref(a)
-    h = _from_thread(lambda: [lp.call_soon_threadsafe(print, a) for _ in range(2)][-1])
+    h = _from_thread(lambda arg: [lp.call_soon_threadsafe(print, arg) for _ in range(2)][-1], a)
     del a
     lp.close()
     del h
