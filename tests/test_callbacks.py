@@ -476,15 +476,16 @@ def test_write_to_self_from_a_thread_wakes_the_sleeping_loop(loop):
     # A known recipe (e.g. https://stackoverflow.com/a/43275001): a thread feeds an
     # asyncio.Queue with put_nowait() and wakes the loop with its private _write_to_self().
     # Not thread-safe by asyncio's rules, but it works on asyncio's loops outside debug mode.
-    queue = asyncio.Queue()
+    # The queue is made inside the running loop: before 3.10 a Queue binds to a loop when made.
 
-    def worker():
+    def worker(queue):
         time.sleep(0.05)
         queue.put_nowait("item")
         loop._write_to_self()
 
     async def main():
-        t = threading.Thread(target=worker)
+        queue = asyncio.Queue()
+        t = threading.Thread(target=worker, args=(queue,))
         t.start()
         try:
             t0 = time.monotonic()
