@@ -111,3 +111,30 @@ fn find_slot(py: Python<'_>) -> Option<usize> {
         (ok_b && current(slot) != b.as_ptr()).then_some(slot)
     }
 }
+
+/// Runs `body` with `ctx` entered as the thread's current context, as `Context.run` does
+/// without the method call: an error if `ctx` cannot be entered (not a Context, or already
+/// entered), else `body`'s result, or the error of leaving the context if `body` succeeded.
+///
+/// # Safety
+/// `ctx` is a live object that stays alive until this returns; the GIL is held.
+#[inline(always)]
+pub(crate) unsafe fn run_in(
+    py: Python<'_>,
+    ctx: *mut ffi::PyObject,
+    body: impl FnOnce() -> PyResult<()>,
+) -> PyResult<()> {
+    // SAFETY: `ctx` is live (the caller's contract). PyContext_Enter type-checks its argument
+    // and fails with an exception (never UB); Exit is only called after Enter succeeded.
+    unsafe {
+        if ffi::PyContext_Enter(ctx) != 0 {
+            return Err(PyErr::fetch(py));
+        }
+        let r = body();
+        if ffi::PyContext_Exit(ctx) != 0 && r.is_ok() {
+            Err(PyErr::fetch(py))
+        } else {
+            r
+        }
+    }
+}

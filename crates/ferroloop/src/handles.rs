@@ -546,26 +546,16 @@ impl Handle {
             return Ok(());
         };
         // SAFETY: `context` is an owned reference kept alive for the whole block.
-        // PyContext_Enter type-checks its argument and fails with an exception (never UB) for a
-        // non-Context or an already entered one; Exit is only called after Enter succeeded.
-        unsafe {
-            let ctx = context.as_ptr();
-            if ffi::PyContext_Enter(ctx) != 0 {
-                return Err(PyErr::fetch(py));
-            }
-            let r = body();
-            let exit = ffi::PyContext_Exit(ctx);
-            if self.ctx_untracked.load(Ordering::Relaxed) && crate::context::len(ctx) != 0 {
-                // The callback set a context variable: the context may now be part of a
-                // cycle, so the collector must see it again.
-                self.retrack_context(py);
-            }
-            if exit != 0 && r.is_ok() {
-                Err(PyErr::fetch(py))
-            } else {
-                r
-            }
+        let r = unsafe { crate::context::run_in(py, context.as_ptr(), body) };
+        if self.ctx_untracked.load(Ordering::Relaxed)
+            // SAFETY: a live Context, as above.
+            && unsafe { crate::context::len(context.as_ptr()) } != 0
+        {
+            // The callback set a context variable: the context may now be part of a cycle, so
+            // the collector must see it again.
+            self.retrack_context(py);
         }
+        r
     }
 
     /// `call_in_context` for a handle whose context is an empty copy never made: the callback
@@ -582,21 +572,8 @@ impl Handle {
         // Bound, not Py, for a plain decref (see `run_native_reader`).
         let context = context.into_bound(py);
         *self.context.borrow_mut(py)? = Some(context.clone().unbind());
-        // SAFETY: `context` is an owned reference kept alive for the whole block; Enter and Exit
-        // as in `call_in_context`.
-        let result = unsafe {
-            let ctx = context.as_ptr();
-            if ffi::PyContext_Enter(ctx) != 0 {
-                Err(PyErr::fetch(py))
-            } else {
-                let r = body();
-                if ffi::PyContext_Exit(ctx) != 0 && r.is_ok() {
-                    Err(PyErr::fetch(py))
-                } else {
-                    r
-                }
-            }
-        };
+        // SAFETY: `context` is an owned reference kept alive for the whole block.
+        let result = unsafe { crate::context::run_in(py, context.as_ptr(), body) };
         // The handle keeps the context if the callback set a variable in it or Python code
         // asked for it; else it goes back to sharing.
         // SAFETY: `context` is a live, exact Context (made by PyContext_New).

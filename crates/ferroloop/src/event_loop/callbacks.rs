@@ -176,6 +176,49 @@ impl LoopCore {
         Ok(h)
     }
 
+    /// The common case of `call_soon(callback[, arg])` and `call_soon_threadsafe(...)` that
+    /// `schedule_soon_plain` and `schedule_soon_detached` take: outside debug mode, a plain
+    /// function whose code is known not to be a coroutine's (or a C function), an empty caller
+    /// context, an open loop. Returns the borrowed loop state with new references to the
+    /// callback and its argument, or `None` (nothing was done).
+    ///
+    /// # Safety
+    /// `args` must point to `nargs` live object pointers, and the GIL be held.
+    #[inline(always)]
+    unsafe fn plain_call<'a>(
+        &'a self,
+        py: Python<'_>,
+        args: *const *mut ffi::PyObject,
+        nargs: usize,
+    ) -> Option<(std::cell::RefMut<'a, super::State>, Py<PyAny>, Args)> {
+        if nargs == 0 || nargs > 2 || self.shared.debug() {
+            return None;
+        }
+        // SAFETY: `args[..nargs]` are live borrowed references (the caller's contract).
+        let callback = unsafe { *args };
+        if !crate::handles::is_plain_callback(callback)
+            || crate::context::current_is_empty(py) != Some(true)
+        {
+            return None;
+        }
+        let st = self.state.borrow_mut(py).ok()?;
+        if st.closed {
+            return None;
+        }
+        // SAFETY: as above; each takes a new reference.
+        let (callback, args) = unsafe {
+            (
+                Bound::from_borrowed_ptr(py, callback).unbind(),
+                if nargs == 2 {
+                    Args::One(Bound::from_borrowed_ptr(py, *args.add(1)).unbind())
+                } else {
+                    Args::Empty
+                },
+            )
+        };
+        Some((st, callback, args))
+    }
+
     /// `call_soon(callback[, arg])` and `call_soon_threadsafe(...)` in their common case, in one
     /// step: outside debug mode, with a plain function whose code is known not to be a
     /// coroutine's (or a C function) as callback, from an empty caller context, on an open loop.
@@ -191,31 +234,8 @@ impl LoopCore {
         args: *const *mut ffi::PyObject,
         nargs: usize,
     ) -> Option<PyResult<Py<Handle>>> {
-        if nargs == 0 || nargs > 2 || self.shared.debug() {
-            return None;
-        }
-        // SAFETY: `args[..nargs]` are live borrowed references (the caller's contract).
-        let callback = unsafe { *args };
-        if !crate::handles::is_plain_callback(callback)
-            || crate::context::current_is_empty(py) != Some(true)
-        {
-            return None;
-        }
-        let mut st = self.state.borrow_mut(py).ok()?;
-        if st.closed {
-            return None;
-        }
-        // SAFETY: as above; each takes a new reference.
-        let (callback, args) = unsafe {
-            (
-                Bound::from_borrowed_ptr(py, callback).unbind(),
-                if nargs == 2 {
-                    Args::One(Bound::from_borrowed_ptr(py, *args.add(1)).unbind())
-                } else {
-                    Args::Empty
-                },
-            )
-        };
+        // SAFETY: the caller's contract is this function's.
+        let (mut st, callback, args) = unsafe { self.plain_call(py, args, nargs) }?;
         let h = match st.pool.pop() {
             Some(h) => {
                 // No Python code runs under the borrow: a pooled handle holds nothing, and
@@ -273,31 +293,8 @@ impl LoopCore {
         args: *const *mut ffi::PyObject,
         nargs: usize,
     ) -> Option<PyResult<Py<Handle>>> {
-        if nargs == 0 || nargs > 2 || self.shared.debug() {
-            return None;
-        }
-        // SAFETY: `args[..nargs]` are live borrowed references (the caller's contract).
-        let callback = unsafe { *args };
-        if !crate::handles::is_plain_callback(callback)
-            || crate::context::current_is_empty(py) != Some(true)
-        {
-            return None;
-        }
-        let mut st = self.state.borrow_mut(py).ok()?;
-        if st.closed {
-            return None;
-        }
-        // SAFETY: as above; each takes a new reference.
-        let (callback, args) = unsafe {
-            (
-                Bound::from_borrowed_ptr(py, callback).unbind(),
-                if nargs == 2 {
-                    Args::One(Bound::from_borrowed_ptr(py, *args.add(1)).unbind())
-                } else {
-                    Args::Empty
-                },
-            )
-        };
+        // SAFETY: the caller's contract is this function's.
+        let (mut st, callback, args) = unsafe { self.plain_call(py, args, nargs) }?;
         // The last handle returned, if its caller dropped it (as callers do): nothing else
         // can see it (handles support no weak references), so it can stand for this entry.
         let reuse = st

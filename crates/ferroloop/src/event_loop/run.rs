@@ -361,22 +361,10 @@ impl LoopCore {
     ) -> PyResult<()> {
         let py = loop_obj.py();
         // SAFETY: `context`, `func` and `args` are owned references alive for the block.
-        // PyContext_Enter fails with an exception (never UB) for a non-Context or an entered
-        // one; Exit is only called after Enter succeeded.
         let result = unsafe {
-            let ctx = context.as_ptr();
-            if ffi::PyContext_Enter(ctx) != 0 {
-                Err(PyErr::fetch(py))
-            } else {
-                let ret = args.call(func.as_ptr());
-                let exit = ffi::PyContext_Exit(ctx);
-                let r = Bound::from_owned_ptr_or_err(py, ret).map(drop);
-                if exit != 0 && r.is_ok() {
-                    Err(PyErr::fetch(py))
-                } else {
-                    r
-                }
-            }
+            crate::context::run_in(py, context.as_ptr(), || {
+                Bound::from_owned_ptr_or_err(py, args.call(func.as_ptr())).map(drop)
+            })
         };
         // Untracked while queued (see `push_task_step`): if something besides us still holds
         // it, the collector must see it again before we let go.
@@ -430,22 +418,10 @@ impl LoopCore {
             }
         };
         // SAFETY: `context`, `func` and `args` are owned references alive for the block.
-        // PyContext_Enter fails with an exception (never UB) for an entered context; Exit is
-        // only called after Enter succeeded.
         let result = unsafe {
-            let ctx = context.as_ptr();
-            if ffi::PyContext_Enter(ctx) != 0 {
-                Err(PyErr::fetch(py))
-            } else {
-                let ret = args.call(func.as_ptr());
-                let exit = ffi::PyContext_Exit(ctx);
-                let r = Bound::from_owned_ptr_or_err(py, ret).map(drop);
-                if exit != 0 && r.is_ok() {
-                    Err(PyErr::fetch(py))
-                } else {
-                    r
-                }
-            }
+            crate::context::run_in(py, context.as_ptr(), || {
+                Bound::from_owned_ptr_or_err(py, args.call(func.as_ptr())).map(drop)
+            })
         };
         if let Some(shared) = shared {
             // A callback that set a variable in the shared empty context makes it its own.
