@@ -424,6 +424,9 @@ unsafe extern "C" fn create_future(
     })
 }
 
+/// The `get_debug` method descriptor installed on `LoopCore` (see `callbacks::bare_future`).
+pub(crate) static GET_DEBUG_DESCR: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
+
 /// `get_debug()`: every new Future asks its loop (CPython's `future_init`).
 unsafe extern "C" fn get_debug(
     slf: *mut ffi::PyObject,
@@ -471,6 +474,10 @@ pub(crate) fn install(py: Python<'_>, ty: &Bound<'_, pyo3::types::PyType>) -> Py
                 ffi::PyDescr_NewMethod(ty.as_type_ptr(), def as *mut ffi::PyMethodDef),
             )?
         };
+        if *name == c"get_debug" {
+            // One reference kept for good: the address stays this descriptor's.
+            GET_DEBUG_DESCR.store(descr.clone().into_ptr(), Ordering::Relaxed);
+        }
         ty.setattr(PyString::new(py, name.to_str().expect("ascii")), descr)?;
     }
     for (name, func, doc) in METHODS {
