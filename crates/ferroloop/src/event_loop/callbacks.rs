@@ -717,7 +717,8 @@ fn check_bare_future(slf: &Bound<'_, LoopCore>, s: &Stdlib) -> PyResult<Py<PyAny
         && c_future
         && unsafe {
             ffi::Py_TYPE(fut.as_ptr()) == tp
-                && (*tp).tp_alloc.map(|f| f as usize) == Some(ffi::PyType_GenericAlloc as usize)
+                && (*tp).tp_alloc.map(|f| f as *const () as usize)
+                    == Some(ffi::PyType_GenericAlloc as *const () as usize)
                 && (*tp).tp_basicsize as usize
                     >= (FUT_LOOP_WORD + 1) * std::mem::size_of::<*mut ffi::PyObject>()
                 && *fut.as_ptr().cast::<*mut ffi::PyObject>().add(FUT_LOOP_WORD) == slf.as_ptr()
