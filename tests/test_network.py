@@ -461,6 +461,120 @@ def test_flow_control_pause_and_resume_writing(loop):
         run(loop, main(peer))
 
 
+def test_writelines_pieces_arrive_joined_in_order(loop):
+    """writelines() with lists, tuples, generators, mixed and empty pieces, many pieces, and
+    writes in between: the peer receives exactly the concatenation, in order."""
+    pieces = [os.urandom(n) for n in (1, 0, 1000, 7, 65536, 0, 3)]
+    many = [bytes([i % 251]) * (i % 5) for i in range(200)]  # more pieces than one sendmsg takes
+    expected = bytearray()
+
+    def script(transport):
+        # (method, the pieces, how they are passed)
+        steps = [
+            ("writelines", pieces, list),
+            ("write", [b"-between-"], None),
+            ("writelines", pieces, tuple),
+            ("writelines", pieces, iter),
+            ("writelines", [bytearray(b"ba"), memoryview(b"mv"), b"by"], list),
+            ("writelines", [], list),
+            ("writelines", [b"", b""], list),
+            ("writelines", many, list),
+            ("writelines", [b"only"], tuple),
+        ]
+        for method, data, kind in steps:
+            if method == "write":
+                transport.write(data[0])
+            else:
+                transport.writelines(kind(data))
+            for p in data:
+                expected.extend(p)
+
+    async def main(peer):
+        transport, proto = await loop.create_connection(lambda: Recorder(loop), *peer.address)
+        script(transport)
+        transport.write_eof()
+        await proto.eof
+        assert bytes(proto.data) == bytes(expected)
+        transport.close()
+        assert await proto.lost is None
+
+    with ThreadPeer(echo_until_eof) as peer:
+        run(loop, main(peer))
+
+
+def test_writelines_bad_input_and_state(loop):
+    async def main(peer):
+        transport, proto = await loop.create_connection(lambda: Recorder(loop), *peer.address)
+        with pytest.raises(TypeError):
+            transport.writelines([b"ok", "not bytes"])
+        with pytest.raises(TypeError):
+            transport.writelines(42)
+        with pytest.raises(TypeError):
+            transport.writelines()
+        transport.writelines(list_of_data=[b"kw"])
+        transport.write_eof()
+        with pytest.raises(RuntimeError):
+            transport.writelines([b"after eof"])
+        await proto.eof
+        # Nothing of the failed calls was sent (the joined data is written only once it is
+        # whole); the keyword call was.
+        assert bytes(proto.data) == b"kw"
+        transport.close()
+        await proto.lost
+
+    with ThreadPeer(echo_until_eof) as peer:
+        run(loop, main(peer))
+
+
+def test_writelines_under_backpressure_keeps_order_and_pauses(loop):
+    """Pieces written with writelines while the peer does not read: the kernel takes part of
+    a call, the rest is queued; writes after it queue behind it; pause_writing fires; once the
+    peer reads, everything arrives intact and in order."""
+    gate = threading.Event()
+    received = []
+
+    def slow_reader(conn):
+        gate.wait(TIMEOUT)
+        chunks = []
+        while True:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            chunks.append(data)
+        received.append(b"".join(chunks))
+
+    class Writer(Recorder):
+        def pause_writing(self):
+            self.events.append("pause")
+
+        def resume_writing(self):
+            self.events.append("resume")
+
+    async def main(peer):
+        transport, proto = await loop.create_connection(lambda: Writer(loop), *peer.address)
+        expected = bytearray()
+        i = 0
+        while "pause" not in proto.events or i < 8:
+            batch = [os.urandom(1000 + i), bytes([i % 256]) * 70000, os.urandom(5)]
+            transport.writelines(batch)
+            for p in batch:
+                expected.extend(p)
+            transport.write(b"w%d" % i)
+            expected.extend(b"w%d" % i)
+            i += 1
+            assert i < 2000, "never paused"
+        assert transport.get_write_buffer_size() > 0
+        gate.set()
+        transport.write_eof()
+        transport.close()
+        await proto.lost
+        return bytes(expected)
+
+    with ThreadPeer(slow_reader) as peer:
+        expected = run(loop, main(peer))
+    assert received == [expected]
+
+
 def test_pause_and_resume_reading(loop):
     got_first = threading.Event()
     send_second = threading.Event()

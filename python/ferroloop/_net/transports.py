@@ -631,6 +631,7 @@ class StreamTransport(SocketTransportBase):
 # The hot paths in Rust: `write` for the common case and `_read_ready`. The Python versions
 # above stay as `_write_py` / `_read_ready_py` and remain the reference behaviour.
 StreamTransport._write_py = StreamTransport.write
+StreamTransport._writelines_py = StreamTransport.writelines  # asyncio's: join, then write()
 StreamTransport._read_ready_py = StreamTransport._read_ready
 _ferroloop_native.install_stream_fast_paths(StreamTransport)
 
@@ -663,6 +664,7 @@ class SocketMethodsStreamTransport(StreamTransport):
     __slots__ = ()
 
     write = StreamTransport._write_py
+    writelines = StreamTransport._writelines_py
     _read_ready = StreamTransport._read_ready_py
 
     def _recv_bytes(self):
