@@ -8,12 +8,13 @@ as they are; only the per-record paths are ferroloop's own:
 * The protocol is a plain `asyncio.Protocol` towards the socket transport, not a
   `BufferedProtocol`: ferroloop's transport then reads natively and calls `data_received`
   once per read, instead of the Python `get_buffer` / `recv_into` / `buffer_updated` round.
-* Decrypting stops as soon as neither the incoming BIO nor the SSL object holds anything
-  (`MemoryBIO.pending`, `SSLObject.pending()`), instead of reading until `SSLWantReadError`
-  (an exception built per record), and each read asks for about what can be there instead
-  of 256 KiB.
+* `data_received` does `_do_read`'s work in one frame. Decrypting stops as soon as neither
+  the incoming BIO nor the SSL object holds anything, instead of reading until
+  `SSLWantReadError` (an exception built per record); each read asks for about what can be
+  there (at most one record) instead of 256 KiB, and `SSLObject.pending()` (which releases
+  the GIL) is asked only after a read that filled what it asked for.
 * The application transport's `write` encrypts and hands the record to the socket transport
-  in one step when nothing is queued.
+  in one step when nothing is queued; `data_received` then skips its own flush.
 
 Everything else (and every uncommon state) goes through the stdlib methods, so behaviour
 stays asyncio's. This needs the 3.11+ `sslproto` (the memory-BIO state machine); on older
