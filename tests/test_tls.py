@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 
@@ -469,3 +470,174 @@ def test_custom_sslobject_class_is_used(loop, tls_contexts):
     with ThreadPeer(peer) as p:
         run(loop, main(p))
     assert calls["read"] >= 1 and calls["write"] >= 1
+
+
+class Echo(Collect):
+    """Collect, and write back each chunk at once (from inside data_received)."""
+
+    def __init__(self, loop):
+        super().__init__(loop)
+        self.writing = []
+
+    def data_received(self, data):
+        super().data_received(data)
+        self.transport.write(data)
+
+    def pause_writing(self):
+        self.writing.append("pause")
+
+    def resume_writing(self):
+        self.writing.append("resume")
+
+
+def test_record_completed_by_a_later_read_is_delivered_whole(loop, tls_contexts):
+    """Each record arrives in two socket writes cut at different places (inside the header,
+    in the middle, before the last byte): once the second part is there, the whole record
+    reaches the app, with no further bytes needed from the peer (the peer waits for the echo
+    before sending anything else)."""
+    server_ctx, client_ctx = tls_contexts
+    sizes = [16 * 1024, 10 * 1024, 1, 5000, 16 * 1024 - 1, 3000]
+
+    def peer(conn):
+        tls = ManualTLS(conn, server_ctx)
+        for i, n in enumerate(sizes):
+            payload = bytes([i + 1]) * n
+            wire = tls.records(payload)
+            cut = [3, len(wire) // 2, len(wire) - 1][i % 3]
+            conn.sendall(wire[:cut])
+            time.sleep(0.02)
+            conn.sendall(wire[cut:])
+            assert tls.recv_exactly(n) == payload
+        conn.sendall(tls.close_notify())
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    async def main(peer):
+        transport, proto = await loop.create_connection(
+            lambda: Echo(loop), *peer.address, ssl=client_ctx, server_hostname="localhost"
+        )
+        assert await asyncio.wait_for(proto.lost, TIMEOUT) is None
+        assert bytes(proto.data) == b"".join(bytes([i + 1]) * n for i, n in enumerate(sizes))
+        assert proto.calls[-2:] == ["eof", "lost"]
+
+    with ThreadPeer(peer) as p:
+        run(loop, main(p))
+
+
+def test_pause_reading_in_data_received_holds_back_later_records(loop, tls_contexts):
+    """The app pauses reading on its first data; records that arrive meanwhile (many in one
+    write, close_notify among them) are delivered only after resume_reading, in order, then
+    eof_received and connection_lost."""
+    server_ctx, client_ctx = tls_contexts
+    first = b"first" * 100
+    later = [b"later%03d" % i * (1 + i * 37) for i in range(40)]
+    ready = []
+
+    class Pausing(Collect):
+        def data_received(self, data):
+            super().data_received(data)
+            if len(self.calls) == 2:
+                self.transport.pause_reading()
+                ready.append(loop.time())
+                loop.call_later(0.2, self.resume)
+
+        def resume(self):
+            self.calls.append("resume")
+            self.transport.resume_reading()
+
+    def peer(conn):
+        tls = ManualTLS(conn, server_ctx)
+        conn.sendall(tls.records(first))
+        time.sleep(0.05)
+        conn.sendall(tls.records(*later) + tls.close_notify())
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    async def main(peer):
+        transport, proto = await loop.create_connection(
+            lambda: Pausing(loop), *peer.address, ssl=client_ctx, server_hostname="localhost"
+        )
+        await asyncio.wait_for(proto.lost, TIMEOUT)
+        assert bytes(proto.data) == first + b"".join(later)
+        assert proto.calls[:3] == ["made", "data", "resume"]
+        assert proto.calls[-2:] == ["eof", "lost"]
+        assert set(proto.calls[3:-2]) == {"data"}
+
+    with ThreadPeer(peer) as p:
+        run(loop, main(p))
+
+
+def test_large_echo_under_write_flow_control(loop, tls_contexts):
+    """The app echoes 512 KiB from inside data_received while the peer reads nothing until
+    it has sent it all, through a small socket send buffer: the TLS transport calls
+    pause_writing, queues the rest, resumes once the peer reads, and every byte comes back
+    in order."""
+    server_ctx, client_ctx = tls_contexts
+    total = 512 * 1024
+    payload = bytes(i * 7 % 251 for i in range(total))
+
+    def peer(conn):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        tls = ManualTLS(conn, server_ctx)
+        # Records of many sizes, cut at odd places.
+        pos = 0
+        step = 1
+        while pos < total:
+            n = min(step * 997 % 20000 + 1, total - pos)
+            wire = tls.records(payload[pos:pos + n])
+            for i in range(0, len(wire), 6000):
+                conn.sendall(wire[i:i + 6000])
+            pos += n
+            step += 1
+        assert tls.recv_exactly(total) == payload
+        conn.sendall(tls.close_notify())
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    async def main(peer):
+        transport, proto = await loop.create_connection(
+            lambda: Echo(loop), *peer.address, ssl=client_ctx, server_hostname="localhost"
+        )
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        transport.set_write_buffer_limits(high=32768)
+        assert await asyncio.wait_for(proto.lost, TIMEOUT) is None
+        assert bytes(proto.data) == payload
+        assert proto.writing[:2] == ["pause", "resume"]
+
+    with ThreadPeer(peer) as p:
+        run(loop, main(p))
+
+
+def test_peer_close_mid_record(loop, tls_contexts):
+    """The peer sends a record and half of the next, then shuts its side down without
+    close_notify: the complete record is delivered, the half one is not, then (as asyncio's
+    sslproto does on a transport EOF) eof_received and connection_lost(None)."""
+    server_ctx, client_ctx = tls_contexts
+
+    def peer(conn):
+        tls = ManualTLS(conn, server_ctx)
+        whole = tls.records(b"hello")
+        half = tls.records(b"x" * 5000)
+        conn.sendall(whole + half[: len(half) // 2])
+        time.sleep(0.05)
+        conn.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    async def main(peer):
+        transport, proto = await loop.create_connection(
+            lambda: Collect(loop), *peer.address, ssl=client_ctx, server_hostname="localhost"
+        )
+        exc = await asyncio.wait_for(proto.lost, TIMEOUT)
+        assert bytes(proto.data) == b"hello"
+        return exc, proto.calls
+
+    with ThreadPeer(peer) as p:
+        exc, calls = run(loop, main(p))
+    assert exc is None
+    assert calls == ["made", "data", "eof", "lost"]
+

@@ -8,12 +8,13 @@ as they are; only the per-record paths are ferroloop's own:
 * The protocol is a plain `asyncio.Protocol` towards the socket transport, not a
   `BufferedProtocol`: ferroloop's transport then reads natively and calls `data_received`
   once per read, instead of the Python `get_buffer` / `recv_into` / `buffer_updated` round.
-* Decrypting stops as soon as neither the incoming BIO nor the SSL object holds anything
-  (`MemoryBIO.pending`, `SSLObject.pending()`), instead of reading until `SSLWantReadError`
-  (an exception built per record), and each read asks for about what can be there instead
-  of 256 KiB.
+* `data_received` does `_do_read`'s work in one frame. Decrypting stops as soon as neither
+  the incoming BIO nor the SSL object holds anything, instead of reading until
+  `SSLWantReadError` (an exception built per record); each read asks for about what can be
+  there (at most one record) instead of 256 KiB, and `SSLObject.pending()` (which releases
+  the GIL) is asked only after a read that filled what it asked for.
 * The application transport's `write` encrypts and hands the record to the socket transport
-  in one step when nothing is queued.
+  in one step when nothing is queued; `data_received` then skips its own flush.
 
 Everything else (and every uncommon state) goes through the stdlib methods, so behaviour
 stays asyncio's. This needs the 3.11+ `sslproto` (the memory-BIO state machine); on older
@@ -45,6 +46,9 @@ else:
     _SHUTDOWN = _State.SHUTDOWN
     _AGAIN = sslproto.SSLAgainErrors
     _Stdlib = sslproto.SSLProtocol
+    # The most one read asks for: a TLS record carries at most 16 KiB of plaintext, and one
+    # byte more makes a read of a full record return less than it asked for.
+    _READ_MAX = min(16385, _Stdlib.max_size)
 
     class _SSLProtocolTransport(sslproto._SSLProtocolTransport):
         """The transport the application sees; `write` has a direct path when idle."""
@@ -76,17 +80,22 @@ else:
                 if count < size:
                     # The SSL object did not take it all (a renegotiation in progress): queue
                     # the rest and let _do_write carry on as the stdlib path would.
+                    proto._flushed = False
                     proto._write_backlog.append(data[count:] if count else data)
                     proto._write_buffer_size += size - count
                     proto._do_write()
                 elif proto._ssl_writing_paused or proto._app_writing_paused:
+                    proto._flushed = False
                     proto._process_outgoing()
                 else:
-                    # _process_outgoing, inlined for the common case.
-                    outgoing = proto._outgoing
-                    if outgoing.pending:
-                        proto._transport.write(outgoing.read())
-                    if outgoing.pending + proto._write_buffer_size >= proto._outgoing_high_water:
+                    # _process_outgoing, inlined for the common case. `read()` of an empty
+                    # BIO is as cheap as asking `pending`, and afterwards the BIO is empty
+                    # and the backlog too, so the write buffer size is _write_buffer_size.
+                    outgoing = proto._outgoing.read()
+                    if outgoing:
+                        proto._transport.write(outgoing)
+                    proto._flushed = True
+                    if proto._write_buffer_size >= proto._outgoing_high_water:
                         proto._control_app_writing()
             except Exception as ex:
                 proto._fatal_error(ex, "Fatal error on SSL protocol")
@@ -103,6 +112,9 @@ else:
 
         def __init__(self, *args, **kwargs):
             _Stdlib.__init__(self, *args, **kwargs)
+            # Set by the application transport's direct write once it has emptied the
+            # outgoing BIO (data_received then needs no flush of its own).
+            self._flushed = False
             # The per-record calls go to the C object under `ssl.SSLObject`, whose read/write/
             # pending are one-line forwarders; a context with its own `sslobject_class` keeps
             # its methods.
@@ -123,10 +135,89 @@ else:
         # ---- incoming -------------------------------------------------------------------
 
         def data_received(self, data):
-            self._incoming.write(data)
+            incoming = self._incoming
+            incoming.write(data)
             state = self._state
             if state is _WRAPPED:
-                self._do_read()
+                if self._app_reading_paused or self._app_protocol_is_buffer:
+                    self._do_read()
+                    return
+                # _do_read and _do_read__copied for the common case, in one frame; what
+                # they do, in the same order (see _read_records for the reading).
+                try:
+                    # Everything but data that arrived while app reading was paused was
+                    # read before, so the BIO holds what just arrived (a guess is enough).
+                    # _read_records, inlined (a frame and a tuple less per read).
+                    sslobj = self._ssl_raw
+                    want = len(data)
+                    first = None
+                    rest = None
+                    eof = False
+                    left = None
+                    try:
+                        while True:
+                            if want <= 0 or want > _READ_MAX:
+                                want = _READ_MAX
+                            chunk = sslobj.read(want)
+                            if not chunk:
+                                eof = True
+                                left = None
+                                break
+                            if first is None:
+                                first = chunk
+                            elif rest is None:
+                                rest = [first, chunk]
+                            else:
+                                rest.append(chunk)
+                            left = incoming.pending
+                            if len(chunk) < want:
+                                if not left:
+                                    break
+                                want = left
+                            else:
+                                want = left + sslobj.pending()
+                                if not want:
+                                    break
+                    except _AGAIN:
+                        left = None
+                    self._flushed = False
+                    if rest is not None:
+                        self._app_protocol.data_received(b"".join(rest))
+                    elif first is not None:
+                        self._app_protocol.data_received(first)
+                    if eof:
+                        # close_notify
+                        self._call_eof_received()
+                        self._start_shutdown()
+                    # _do_write or _process_outgoing (and _control_app_writing)
+                    if self._write_backlog:
+                        self._do_write()
+                    elif self._ssl_writing_paused:
+                        self._process_outgoing()
+                    else:
+                        # The application's write emptied the outgoing BIO, and since then
+                        # nothing wrote to the SSL object unless the state changed.
+                        if not self._flushed or self._state is not _WRAPPED:
+                            outgoing = self._outgoing.read()
+                            if outgoing:
+                                self._transport.write(outgoing)
+                        size = self._write_buffer_size
+                        if self._app_writing_paused:
+                            if size <= self._outgoing_low_water:
+                                self._control_app_writing()
+                        elif size >= self._outgoing_high_water:
+                            self._control_app_writing()
+                    # _control_ssl_reading. While the state stays WRAPPED nothing but this
+                    # method reads the incoming BIO, so what the read left is still there.
+                    if left is None or self._state is not _WRAPPED:
+                        left = incoming.pending
+                    if self._ssl_reading_paused:
+                        if left <= self._incoming_low_water:
+                            self._control_ssl_reading()
+                    elif left >= self._incoming_high_water:
+                        self._control_ssl_reading()
+                except Exception as ex:
+                    self._fatal_error(ex, "Fatal error on SSL protocol")
             elif state is _DO_HANDSHAKE:
                 self._do_handshake()
             elif state is _FLUSHING:
@@ -163,37 +254,8 @@ else:
                 self._fatal_error(ex, "Fatal error on SSL protocol")
 
         def _do_read__copied(self):
-            # Decrypt what the incoming BIO holds and deliver it in one data_received call.
-            # Once a record has been read, stop when neither the BIO nor the SSL object has
-            # anything left: another read could only raise SSLWantReadError (a partial record
-            # needs more bytes from the socket, and every new byte comes with a new call).
-            sslobj = self._ssl_raw
             incoming = self._incoming
-            max_size = self.max_size
-            first = None
-            rest = None
-            eof = False
-            try:
-                while True:
-                    # Plaintext never exceeds the ciphertext it comes from; a record partly
-                    # consumed earlier may hold a little more, which the next turn reads.
-                    want = incoming.pending + sslobj.pending()
-                    if want <= 0 or want > max_size:
-                        want = max_size
-                    chunk = sslobj.read(want)
-                    if not chunk:
-                        eof = True
-                        break
-                    if first is None:
-                        first = chunk
-                    elif rest is None:
-                        rest = [first, chunk]
-                    else:
-                        rest.append(chunk)
-                    if not incoming.pending and not sslobj.pending():
-                        break
-            except _AGAIN:
-                pass
+            first, rest, eof, _ = self._read_records(incoming, incoming.pending)
             if rest is not None:
                 self._app_protocol.data_received(b"".join(rest))
             elif first is not None:
@@ -202,6 +264,56 @@ else:
                 # close_notify
                 self._call_eof_received()
                 self._start_shutdown()
+
+        def _read_records(self, incoming, want):
+            """Decrypt what the incoming BIO holds: (first chunk, [all chunks] if more than
+            one, close_notify seen, bytes left in the BIO or None if not known).
+
+            The stdlib reads until `SSLWantReadError` (an exception built per record); this
+            stops as soon as neither the BIO nor the SSL object holds anything, since another
+            read could only raise it (a partial record needs more bytes from the socket, and
+            every new byte comes with a new data_received).
+
+            Each read asks for about what can be there (`want`: what just arrived, then what
+            the BIO holds), at most one record's worth, instead of max_size (256 KiB, which
+            malloc serves with mmap/munmap). The size only decides how much one read returns,
+            never whether the loop goes on: a read that returns less than it asked for has
+            emptied its record, and one record is all an SSL_read decrypts (Python's ssl has
+            no read-ahead), so then the SSL object holds nothing more; only after a full read
+            is `pending()` (a call that releases the GIL) asked.
+            """
+            sslobj = self._ssl_raw
+            first = None
+            rest = None
+            eof = False
+            left = None
+            try:
+                while True:
+                    if want <= 0 or want > _READ_MAX:
+                        want = _READ_MAX
+                    chunk = sslobj.read(want)
+                    if not chunk:
+                        eof = True
+                        left = None
+                        break
+                    if first is None:
+                        first = chunk
+                    elif rest is None:
+                        rest = [first, chunk]
+                    else:
+                        rest.append(chunk)
+                    left = incoming.pending
+                    if len(chunk) < want:
+                        if not left:
+                            break
+                        want = left
+                    else:
+                        want = left + sslobj.pending()
+                        if not want:
+                            break
+            except _AGAIN:
+                left = None
+            return first, rest, eof, left
 
         # ---- outgoing -------------------------------------------------------------------
 
