@@ -15,6 +15,14 @@
 //! (`Event::hangup`). While a writer is also
 //! registered (a transport with queued writes) the registration is level-triggered, so the
 //! writer keeps `selectors`' semantics.
+//!
+//! A registration's epoll token is its fd number and a generation (`FdWatch::generation`),
+//! new with each registration the kernel makes (a new table entry, or a number whose old file
+//! the kernel forgot): a registration can outlive its fd number (the file is closed while a
+//! `dup` or a forked child holds it, see `reactor`), and its events must not reach whatever
+//! is watched on that number next. Events of another generation are dropped. (A stale
+//! level-triggered registration, left by a user who closed a shared fd without removing its
+//! watcher, still wakes the loop while its file stays ready: nothing can unregister it.)
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -122,19 +130,46 @@ fn interest_of(w: &FdWatch) -> Interest {
     }
 }
 
+/// The epoll token of `fd`'s registration of generation `generation`.
+fn token(fd: RawFd, generation: u32) -> u64 {
+    (generation as u64) << 32 | fd as u32 as u64
+}
+
+/// The fd number and generation of an event's token (the waker's token aside).
+pub(crate) fn untoken(token: u64) -> (RawFd, u32) {
+    (token as u32 as RawFd, (token >> 32) as u32)
+}
+
 impl LoopCore {
-    /// Tells the kernel what `w` watches `fd` for: see the module comment.
-    fn register(&self, fd: RawFd, w: &FdWatch, existed: bool) -> std::io::Result<()> {
+    /// Tells the kernel what `w` watches `fd` for: see the module comment. A new
+    /// registration (`existed` false, or the kernel forgot the fd) gets a new generation.
+    fn register(&self, fd: RawFd, w: &mut FdWatch, existed: bool) -> std::io::Result<()> {
         let poller = &self.shared.poller;
-        let token = fd as u64;
-        match (
-            w.reader_edge && w.reader.is_some() && w.writer.is_none(),
-            existed,
-        ) {
-            (true, true) => poller.modify_read_edge(fd, token),
-            (true, false) => poller.add_read_edge(fd, token),
-            (false, true) => poller.modify(fd, interest_of(w), token),
-            (false, false) => poller.add(fd, interest_of(w), token),
+        let edge = w.reader_edge && w.reader.is_some() && w.writer.is_none();
+        if existed {
+            let token = token(fd, w.generation);
+            let r = if edge {
+                poller.modify_read_edge(fd, token)
+            } else {
+                poller.modify(fd, interest_of(w), token)
+            };
+            match r {
+                // The fd was closed under its watchers and the number reused: the old file
+                // may still be registered (a dup holds it), so the new one needs a token
+                // of its own.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                r => return r,
+            }
+        }
+        w.generation = self
+            .generation
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
+        let token = token(fd, w.generation);
+        if edge {
+            poller.add_read_edge(fd, token)
+        } else {
+            poller.add(fd, interest_of(w), token)
         }
     }
 
@@ -146,8 +181,8 @@ impl LoopCore {
 
     /// `_rearm_reader`: an edge-triggered reader stopped before the fd was drained.
     pub(crate) fn rearm_reader(&self, py: Python<'_>, fd: RawFd) -> PyResult<()> {
-        let st = self.state.borrow_mut(py)?;
-        match st.fds.get(&fd) {
+        let mut st = self.state.borrow_mut(py)?;
+        match st.fds.get_mut(&fd) {
             Some(w) if w.reader_edge && w.reader.is_some() && w.writer.is_none() => {
                 self.register(fd, w, true).map_err(os_error)
             }
@@ -192,6 +227,7 @@ impl LoopCore {
             let old_edge = w.reader_edge;
             let old_native = w.native_reader;
             let old_hup = w.hup;
+            let old_generation = w.generation;
             if reader {
                 w.reader_edge = edge;
                 w.native_reader = native;
@@ -199,7 +235,7 @@ impl LoopCore {
                 // the fd's current state).
                 w.hup = false;
             }
-            let r = self.register(fd, &w, existed);
+            let r = self.register(fd, &mut w, existed);
             match r {
                 Ok(()) => {
                     st.fds.insert(fd, w);
@@ -215,6 +251,7 @@ impl LoopCore {
                     w.reader_edge = old_edge;
                     w.native_reader = old_native;
                     w.hup = old_hup;
+                    w.generation = old_generation;
                     if existed {
                         st.fds.insert(fd, w);
                     }
@@ -386,12 +423,15 @@ impl LoopCore {
     /// at most (a reset). Re-watching it meanwhile (a writer for queued data after a half-close)
     /// registers it again: `EPOLL_CTL_ADD` finds it and turns into a modification.
     ///
-    /// The exception is a socket whose open file outlives its fd (a `dup` or a forked child
-    /// holding it): the kernel then keeps reporting its changes, edge-triggered, under the old
-    /// number, to whatever this loop watches on that number next (a spurious readiness event,
-    /// which the reader meets with EAGAIN). The usual source of such copies, `fork()`
-    /// without exec, turns this off for the process's life (`FORKED`); a child that execs
-    /// drops them (accepted sockets are close-on-exec).
+    /// A socket whose open file outlives its fd (a `dup`, a forked child holding it) stays
+    /// registered until the copy closes, and its changes keep coming, edge-triggered, under
+    /// its old token: the fd number it had, and the generation of that registration. The
+    /// number may be watched again by then, but under a new generation, so those events are
+    /// dropped (`run.rs`) rather than taken for the new watcher's (a hang-up taken so had a new
+    /// connection's reader queued on every iteration). The usual source of such copies,
+    /// `fork()` without exec, turns this off for the process's life (`FORKED`), so that no
+    /// such registrations pile up; a child that execs drops them (accepted sockets are
+    /// close-on-exec).
     pub(crate) fn remove_reader_closing(
         &self,
         py: Python<'_>,

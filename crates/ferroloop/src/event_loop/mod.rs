@@ -19,7 +19,7 @@ mod run;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use ferroloop_core::{EventBuf, Poller, TimerHeap, Waker};
@@ -219,6 +219,10 @@ pub(crate) struct FdWatch {
     /// readable, so the reader is queued on every iteration from now on (`State::hup_next`),
     /// as a level-triggered registration would have it, without a syscall to make it one.
     pub hup: bool,
+    /// Which registration of the fd number this is (the high half of its epoll token): an
+    /// event whose token carries another comes from a registration the kernel still holds
+    /// for a file this number no longer refers to, and is dropped (see `io_watch.rs`).
+    pub generation: u32,
 }
 
 pub(crate) struct State {
@@ -299,7 +303,8 @@ impl Ready {
     }
 }
 
-/// Token of the waker's eventfd in the poller; user fds use their own number.
+/// Token of the waker's eventfd in the poller; a watched fd's is its number and generation
+/// (`io_watch::token`), never this (fd numbers are not negative).
 pub(crate) const WAKER_TOKEN: u64 = u64::MAX;
 
 #[pyclass(module = "ferroloop._ferroloop", subclass, frozen, weakref)]
@@ -311,6 +316,8 @@ pub struct LoopCore {
     /// The process that created the loop. In a forked child the epoll instance is shared
     /// with the parent, so closing the loop there must not unregister anything from it.
     pub(crate) owner_pid: libc::pid_t,
+    /// The last generation given to a registration (`FdWatch::generation`).
+    pub(crate) generation: AtomicU32,
 }
 
 impl Drop for LoopCore {
@@ -446,6 +453,7 @@ impl LoopCore {
             clock_resolution,
             // SAFETY: getpid has no preconditions.
             owner_pid: unsafe { libc::getpid() },
+            generation: AtomicU32::new(0),
         })
     }
 

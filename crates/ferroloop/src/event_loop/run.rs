@@ -21,7 +21,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::{ffi, intern};
 
-use super::{current_thread_id, monotonic, LoopCore, Ready, WAKER_TOKEN};
+use super::{current_thread_id, io_watch, monotonic, LoopCore, Ready, WAKER_TOKEN};
 use crate::errors::os_error;
 use crate::handles::Handle;
 use crate::stdlib::{stdlib, support};
@@ -185,10 +185,15 @@ impl LoopCore {
                     self.shared.waker.drain();
                     continue;
                 }
-                let fd = ev.token as i32;
+                let (fd, generation) = io_watch::untoken(ev.token);
                 let Some(w) = st.fds.get_mut(&fd) else {
                     continue;
                 };
+                if w.generation != generation {
+                    // A registration of a file this number referred to before (see
+                    // `io_watch.rs`): not this watcher's readiness.
+                    continue;
+                }
                 let mut queued = false;
                 if ev.hangup && w.reader_edge {
                     if ev.eof && w.native_reader.is_some() {
