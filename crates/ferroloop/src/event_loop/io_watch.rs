@@ -20,9 +20,11 @@
 //! new with each registration the kernel makes (a new table entry, or a number whose old file
 //! the kernel forgot): a registration can outlive its fd number (the file is closed while a
 //! `dup` or a forked child holds it, see `reactor`), and its events must not reach whatever
-//! is watched on that number next. Events of another generation are dropped. (A stale
-//! level-triggered registration, left by a user who closed a shared fd without removing its
-//! watcher, still wakes the loop while its file stays ready: nothing can unregister it.)
+//! is watched on that number next. Events of another generation are dropped. Nothing can
+//! unregister such a registration but closing the epoll instance: when one keeps reporting
+//! (level-triggered, left by a user who closed a shared fd without removing its watcher, its
+//! file ready: every poll would return at once), the loop moves its watches to a new instance
+//! (`renew_poller`).
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +36,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use super::{FdWatch, LoopCore};
+use super::{FdWatch, LoopCore, State, WAKER_TOKEN};
 use crate::errors::os_error;
 use crate::handles::{Args, Handle};
 
@@ -123,6 +125,21 @@ pub(crate) fn watch_forks() {
     });
 }
 
+/// Polls in a row that return again a token dropped as stale by the one before, after which
+/// the epoll instance is renewed. An edge-triggered registration left behind reports each
+/// change of its file once: it is gone after a few polls, or reports a peer that keeps sending
+/// (until its socket buffer fills). A level-triggered one reports on every poll.
+const STALE_POLLS_BEFORE_RENEW: u32 = 16;
+
+/// Records the tokens the last poll dropped as stale (`run.rs`); true when the epoll instance
+/// should be renewed (see `STALE_POLLS_BEFORE_RENEW`).
+pub(crate) fn stale_again(st: &mut State, tokens: Vec<u64>) -> bool {
+    let again = tokens.iter().any(|t| st.stale_tokens.contains(t));
+    st.stale_polls = if again { st.stale_polls + 1 } else { 0 };
+    st.stale_tokens = tokens;
+    st.stale_polls >= STALE_POLLS_BEFORE_RENEW
+}
+
 fn interest_of(w: &FdWatch) -> Interest {
     Interest {
         readable: w.reader.is_some(),
@@ -171,6 +188,33 @@ impl LoopCore {
         } else {
             poller.add(fd, interest_of(w), token)
         }
+    }
+
+    /// Moves every watch to a new epoll instance, leaving behind the registrations that
+    /// outlived their fds: a level-triggered one whose file stays ready would have every poll
+    /// return at once (a `dup` of an fd the user closed under its watcher, say).
+    pub(crate) fn renew_poller(&self, py: Python<'_>) -> PyResult<()> {
+        let mut st = self.state.borrow_mut(py)?;
+        let st = &mut *st;
+        st.stale_polls = 0;
+        st.stale_tokens.clear();
+        let poller = &self.shared.poller;
+        if poller.renew().is_err() {
+            return Ok(()); // no fd for a new instance (EMFILE): keep the old one
+        }
+        let waker = Interest {
+            readable: true,
+            writable: false,
+        };
+        poller
+            .add(self.shared.waker.as_raw_fd(), waker, WAKER_TOKEN)
+            .map_err(os_error)?;
+        for (&fd, w) in st.fds.iter_mut() {
+            // An fd closed under its watchers fails (EBADF): the kernel had dropped it from
+            // the old instance too, and the table keeps it as it did.
+            let _ = self.register(fd, w, false);
+        }
+        Ok(())
     }
 
     /// Watches `w`'s reader level-triggered from now on (see `run.rs`, `process_events`).

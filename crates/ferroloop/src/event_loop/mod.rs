@@ -248,6 +248,11 @@ pub(crate) struct State {
     pub loop_kwargs: Option<Py<pyo3::types::PyDict>>,
     /// The fds whose readers (`FdWatch::hup`) are queued again in the next iteration.
     pub hup_next: Vec<RawFd>,
+    /// The tokens of the events the last poll dropped as stale (`run.rs`), and for how many
+    /// polls in a row one of them came again: a stale level-triggered registration, which
+    /// makes every poll return at once until the epoll instance is renewed (`io_watch.rs`).
+    pub stale_tokens: Vec<u64>,
+    pub stale_polls: u32,
     /// The handle last returned for a `Ready::Soon` entry: reused for the next one once
     /// nothing else references it (see `schedule_soon_detached`).
     pub soon_handle: Option<Py<Handle>>,
@@ -431,6 +436,8 @@ impl LoopCore {
                 pool_surplus_since: None,
                 loop_kwargs: None,
                 hup_next: Vec::new(),
+                stale_tokens: Vec::new(),
+                stale_polls: 0,
                 soon_handle: None,
             }),
             shared: Arc::new(Shared {
