@@ -368,6 +368,58 @@ def test_fd_number_can_be_watched_again_after_close_and_reuse(loop):
         assert loop.remove_reader(c) is True
 
 
+def _reuse_number_closed_under_its_reader(loop, keep_a_dup):
+    """Watch a socket, close it under its reader (a dup of it kept or not) while it holds
+    unread data, get its number again for a new socket and watch that: returns the calls of
+    both readers over 0.3 s, and the CPU time the loop used meanwhile."""
+    import time
+
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    old, new = [], []
+    copy = a.dup() if keep_a_dup else None
+    try:
+        a.setblocking(False)
+        loop.add_reader(fd, old.append, "old")
+        b.send(b"never read")  # the old file stays readable
+        a.close()
+        c, d = socket.socketpair()
+        with c, d:
+            if c.fileno() != fd:
+                pytest.skip("the number was not reused")
+            c.setblocking(False)
+            loop.add_reader(c, lambda: new.append(c.recv(100)))
+            d.send(b"for the new one")
+            cpu = time.process_time()
+            run_for(loop, 0.3)
+            cpu = time.process_time() - cpu
+            loop.remove_reader(c)
+    finally:
+        b.close()
+        if copy is not None:
+            copy.close()
+    return old, new, cpu
+
+
+def test_a_number_closed_under_its_reader_and_reused_can_be_watched_again(loop_impl, loop):
+    if loop_impl.name == "asyncio":
+        pytest.skip("CPython's loop keeps the old key: the new socket is never polled")
+    old, new, _ = _reuse_number_closed_under_its_reader(loop, keep_a_dup=False)
+    assert (old, new) == ([], [b"for the new one"])
+
+
+def test_a_dup_of_a_number_closed_under_its_reader_neither_wakes_nor_spins_its_next_reader(
+    loop_impl, loop
+):
+    # The dup keeps the old file registered (level-triggered, and readable), under a token no
+    # remove can reach: its readiness is not the new socket's, and the loop does not spin on it.
+    if loop_impl.name == "asyncio":
+        pytest.skip("CPython's loop runs the new reader for the old file, on every iteration")
+    old, new, cpu = _reuse_number_closed_under_its_reader(loop, keep_a_dup=True)
+    assert (old, new) == ([], [b"for the new one"])
+    assert cpu < 0.1
+
+
 # -- bad input --------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ import pytest
 
 import ferroloop
 
-from conftest import fd_count, requires_py311
+from conftest import fd_count, requires_py311, run_python_c
 
 TIMEOUT = 10
 
@@ -907,6 +907,162 @@ def test_half_closed_transport_writes_a_backlog_then_closes_and_its_fd_is_reused
         await server.wait_closed()
 
     run(loop, main())
+
+
+# A closed transport's socket whose open file lives on (a dup, a forked child): its kernel
+# registration may outlive its fd number (see `io_watch.rs`), and must not reach whatever the
+# loop watches on that number next. Each case runs in a fresh interpreter: a fork() anywhere in
+# this process (other tests fork) changes how ferroloop unregisters closing transports.
+_REUSED_NUMBER_SCRIPT = """\
+import asyncio
+import os
+import socket
+import sys
+import time
+
+kind, case = sys.argv[1:]
+if kind == "ferroloop":
+    import ferroloop
+
+    loop = ferroloop.new_event_loop()
+else:
+    loop = asyncio.SelectorEventLoop()
+made, lost, received = [], [], []
+
+
+class Server(asyncio.Protocol):
+    def connection_made(self, transport):
+        made.append(transport)
+
+    def data_received(self, data):
+        received.append(data)
+
+    def connection_lost(self, exc):
+        lost.append(exc)
+
+
+async def until(done):
+    for _ in range(2000):
+        if done():
+            return
+        await asyncio.sleep(0.005)
+    raise TimeoutError
+
+
+def registrations_of(inode):
+    # The epoll sets of this process as the kernel shows them: a "tfd: N ... ino:I" line per
+    # registration.
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/self/fdinfo/{name}") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        found += [
+            line for line in lines
+            if line.startswith("tfd:") and int(line.split("ino:")[1].split()[0], 16) == inode
+        ]
+    return found
+
+
+async def main():
+    server = await loop.create_server(Server, "127.0.0.1", 0)
+    address = server.sockets[0].getsockname()
+    old_peer = socket.create_connection(address)
+    await until(lambda: made)
+    sock = made[0].get_extra_info("socket")
+    fd, inode = sock.fileno(), os.fstat(sock.fileno()).st_ino
+    copy = child = None
+    if case == "fork":
+        # A child inherits the socket and keeps it open until told to exit.
+        hold_r, hold_w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(hold_w)
+            os.read(hold_r, 1)
+            os._exit(0)
+        os.close(hold_r)
+    else:
+        copy = sock.dup()
+    # Made before the close, so that the fd number freed is the lowest free one again.
+    new_peer = socket.socket()
+    made[0].close()
+    await until(lambda: lost)
+    if case == "reader":
+        r, w = os.pipe()
+        if r != fd:
+            os.dup2(r, fd)
+            os.close(r)
+        calls = []
+        loop.add_reader(fd, calls.append, None)
+        old_peer.sendall(b"to the old file")
+        await asyncio.sleep(0.1)
+        old_peer.close()
+        await asyncio.sleep(0.1)
+        print("reader calls", len(calls))
+        loop.remove_reader(fd)
+        os.close(fd)
+        os.close(w)
+    elif case == "connection":
+        new_peer.connect(address)
+        await until(lambda: len(made) == 2)
+        print("same number", made[1].get_extra_info("socket").fileno() == fd)
+        old_peer.close()  # a FIN, then nothing, for the old file
+        await asyncio.sleep(0.05)
+        cpu = time.process_time()
+        await asyncio.sleep(0.5)
+        print("busy", time.process_time() - cpu > 0.1)
+        new_peer.sendall(b"ping")
+        await until(lambda: received)
+        print("received", received)
+        made[1].close()
+    else:
+        print("registrations", registrations_of(inode))
+        os.write(hold_w, b"x")
+        os.close(hold_w)
+        os.waitpid(child, 0)
+        old_peer.close()
+    new_peer.close()
+    if copy is not None:
+        copy.close()
+    server.close()
+    await server.wait_closed()
+    await asyncio.sleep(0.01)
+
+
+loop.run_until_complete(main())
+loop.close()
+"""
+
+
+def test_a_dup_of_a_closed_transports_socket_does_not_wake_a_reader_on_its_reused_number(
+    loop_impl,
+):
+    proc = run_python_c(_REUSED_NUMBER_SCRIPT, loop_impl.name, "reader")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["reader calls 0"], proc.stderr
+
+
+def test_a_dup_of_a_closed_transports_socket_does_not_make_the_next_connection_spin(loop_impl):
+    # The old file's EOF, taken for the new connection's, had its reader queued on every
+    # iteration (a hung-up edge-triggered reader is queued as level-triggering would have it).
+    proc = run_python_c(_REUSED_NUMBER_SCRIPT, loop_impl.name, "connection")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    if lines[:1] != ["same number True"]:
+        pytest.skip(f"the next connection did not get the freed number: {lines}")
+    assert lines == ["same number True", "busy False", "received [b'ping']"], proc.stderr
+
+
+def test_a_transport_closed_after_a_fork_unregisters_the_socket_a_child_holds(loop_impl):
+    # After fork(), a child may hold any socket: closing it in the parent then leaves no
+    # registration of its open file in the parent's epoll set.
+    proc = run_python_c(_REUSED_NUMBER_SCRIPT, loop_impl.name, "fork")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["registrations []"], proc.stderr
 
 
 def test_buffered_protocol(loop):

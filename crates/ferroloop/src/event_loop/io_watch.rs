@@ -15,6 +15,16 @@
 //! (`Event::hangup`). While a writer is also
 //! registered (a transport with queued writes) the registration is level-triggered, so the
 //! writer keeps `selectors`' semantics.
+//!
+//! A registration's epoll token is its fd number and a generation (`FdWatch::generation`),
+//! new with each registration the kernel makes (a new table entry, or a number whose old file
+//! the kernel forgot): a registration can outlive its fd number (the file is closed while a
+//! `dup` or a forked child holds it, see `reactor`), and its events must not reach whatever
+//! is watched on that number next. Events of another generation are dropped. Nothing can
+//! unregister such a registration but closing the epoll instance: when one keeps reporting
+//! (level-triggered, left by a user who closed a shared fd without removing its watcher, its
+//! file ready: every poll would return at once), the loop moves its watches to a new instance
+//! (`renew_poller`).
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +36,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use super::{FdWatch, LoopCore};
+use super::{FdWatch, LoopCore, State, WAKER_TOKEN};
 use crate::errors::os_error;
 use crate::handles::{Args, Handle};
 
@@ -115,6 +125,21 @@ pub(crate) fn watch_forks() {
     });
 }
 
+/// Polls in a row that return again a token dropped as stale by the one before, after which
+/// the epoll instance is renewed. An edge-triggered registration left behind reports each
+/// change of its file once: it is gone after a few polls, or reports a peer that keeps sending
+/// (until its socket buffer fills). A level-triggered one reports on every poll.
+const STALE_POLLS_BEFORE_RENEW: u32 = 16;
+
+/// Records the tokens the last poll dropped as stale (`run.rs`); true when the epoll instance
+/// should be renewed (see `STALE_POLLS_BEFORE_RENEW`).
+pub(crate) fn stale_again(st: &mut State, tokens: Vec<u64>) -> bool {
+    let again = tokens.iter().any(|t| st.stale_tokens.contains(t));
+    st.stale_polls = if again { st.stale_polls + 1 } else { 0 };
+    st.stale_tokens = tokens;
+    st.stale_polls >= STALE_POLLS_BEFORE_RENEW
+}
+
 fn interest_of(w: &FdWatch) -> Interest {
     Interest {
         readable: w.reader.is_some(),
@@ -122,20 +147,74 @@ fn interest_of(w: &FdWatch) -> Interest {
     }
 }
 
+/// The epoll token of `fd`'s registration of generation `generation`.
+fn token(fd: RawFd, generation: u32) -> u64 {
+    (generation as u64) << 32 | fd as u32 as u64
+}
+
+/// The fd number and generation of an event's token (the waker's token aside).
+pub(crate) fn untoken(token: u64) -> (RawFd, u32) {
+    (token as u32 as RawFd, (token >> 32) as u32)
+}
+
 impl LoopCore {
-    /// Tells the kernel what `w` watches `fd` for: see the module comment.
-    fn register(&self, fd: RawFd, w: &FdWatch, existed: bool) -> std::io::Result<()> {
+    /// Tells the kernel what `w` watches `fd` for: see the module comment. A new
+    /// registration (`existed` false, or the kernel forgot the fd) gets a new generation.
+    fn register(&self, fd: RawFd, w: &mut FdWatch, existed: bool) -> std::io::Result<()> {
         let poller = &self.shared.poller;
-        let token = fd as u64;
-        match (
-            w.reader_edge && w.reader.is_some() && w.writer.is_none(),
-            existed,
-        ) {
-            (true, true) => poller.modify_read_edge(fd, token),
-            (true, false) => poller.add_read_edge(fd, token),
-            (false, true) => poller.modify(fd, interest_of(w), token),
-            (false, false) => poller.add(fd, interest_of(w), token),
+        let edge = w.reader_edge && w.reader.is_some() && w.writer.is_none();
+        if existed {
+            let token = token(fd, w.generation);
+            let r = if edge {
+                poller.modify_read_edge(fd, token)
+            } else {
+                poller.modify(fd, interest_of(w), token)
+            };
+            match r {
+                // The fd was closed under its watchers and the number reused: the old file
+                // may still be registered (a dup holds it), so the new one needs a token
+                // of its own.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                r => return r,
+            }
         }
+        w.generation = self
+            .generation
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
+        let token = token(fd, w.generation);
+        if edge {
+            poller.add_read_edge(fd, token)
+        } else {
+            poller.add(fd, interest_of(w), token)
+        }
+    }
+
+    /// Moves every watch to a new epoll instance, leaving behind the registrations that
+    /// outlived their fds: a level-triggered one whose file stays ready would have every poll
+    /// return at once (a `dup` of an fd the user closed under its watcher, say).
+    pub(crate) fn renew_poller(&self, py: Python<'_>) -> PyResult<()> {
+        let mut st = self.state.borrow_mut(py)?;
+        let st = &mut *st;
+        st.stale_polls = 0;
+        st.stale_tokens.clear();
+        let poller = &self.shared.poller;
+        if poller.renew().is_err() {
+            return Ok(()); // no fd for a new instance (EMFILE): keep the old one
+        }
+        let waker = Interest {
+            readable: true,
+            writable: false,
+        };
+        poller
+            .add(self.shared.waker.as_raw_fd(), waker, WAKER_TOKEN)
+            .map_err(os_error)?;
+        for (&fd, w) in st.fds.iter_mut() {
+            // An fd closed under its watchers fails (EBADF): the kernel had dropped it from
+            // the old instance too, and the table keeps it as it did.
+            let _ = self.register(fd, w, false);
+        }
+        Ok(())
     }
 
     /// Watches `w`'s reader level-triggered from now on (see `run.rs`, `process_events`).
@@ -146,8 +225,8 @@ impl LoopCore {
 
     /// `_rearm_reader`: an edge-triggered reader stopped before the fd was drained.
     pub(crate) fn rearm_reader(&self, py: Python<'_>, fd: RawFd) -> PyResult<()> {
-        let st = self.state.borrow_mut(py)?;
-        match st.fds.get(&fd) {
+        let mut st = self.state.borrow_mut(py)?;
+        match st.fds.get_mut(&fd) {
             Some(w) if w.reader_edge && w.reader.is_some() && w.writer.is_none() => {
                 self.register(fd, w, true).map_err(os_error)
             }
@@ -192,6 +271,7 @@ impl LoopCore {
             let old_edge = w.reader_edge;
             let old_native = w.native_reader;
             let old_hup = w.hup;
+            let old_generation = w.generation;
             if reader {
                 w.reader_edge = edge;
                 w.native_reader = native;
@@ -199,7 +279,7 @@ impl LoopCore {
                 // the fd's current state).
                 w.hup = false;
             }
-            let r = self.register(fd, &w, existed);
+            let r = self.register(fd, &mut w, existed);
             match r {
                 Ok(()) => {
                     st.fds.insert(fd, w);
@@ -215,6 +295,7 @@ impl LoopCore {
                     w.reader_edge = old_edge;
                     w.native_reader = old_native;
                     w.hup = old_hup;
+                    w.generation = old_generation;
                     if existed {
                         st.fds.insert(fd, w);
                     }
@@ -386,12 +467,15 @@ impl LoopCore {
     /// at most (a reset). Re-watching it meanwhile (a writer for queued data after a half-close)
     /// registers it again: `EPOLL_CTL_ADD` finds it and turns into a modification.
     ///
-    /// The exception is a socket whose open file outlives its fd (a `dup` or a forked child
-    /// holding it): the kernel then keeps reporting its changes, edge-triggered, under the old
-    /// number, to whatever this loop watches on that number next (a spurious readiness event,
-    /// which the reader meets with EAGAIN). The usual source of such copies, `fork()`
-    /// without exec, turns this off for the process's life (`FORKED`); a child that execs
-    /// drops them (accepted sockets are close-on-exec).
+    /// A socket whose open file outlives its fd (a `dup`, a forked child holding it) stays
+    /// registered until the copy closes, and its changes keep coming, edge-triggered, under
+    /// its old token: the fd number it had, and the generation of that registration. The
+    /// number may be watched again by then, but under a new generation, so those events are
+    /// dropped (`run.rs`) rather than taken for the new watcher's (a hang-up taken so had a new
+    /// connection's reader queued on every iteration). The usual source of such copies,
+    /// `fork()` without exec, turns this off for the process's life (`FORKED`), so that no
+    /// such registrations pile up; a child that execs drops them (accepted sockets are
+    /// close-on-exec).
     pub(crate) fn remove_reader_closing(
         &self,
         py: Python<'_>,

@@ -19,7 +19,7 @@ mod run;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use ferroloop_core::{EventBuf, Poller, TimerHeap, Waker};
@@ -219,6 +219,10 @@ pub(crate) struct FdWatch {
     /// readable, so the reader is queued on every iteration from now on (`State::hup_next`),
     /// as a level-triggered registration would have it, without a syscall to make it one.
     pub hup: bool,
+    /// Which registration of the fd number this is (the high half of its epoll token): an
+    /// event whose token carries another comes from a registration the kernel still holds
+    /// for a file this number no longer refers to, and is dropped (see `io_watch.rs`).
+    pub generation: u32,
 }
 
 pub(crate) struct State {
@@ -244,6 +248,11 @@ pub(crate) struct State {
     pub loop_kwargs: Option<Py<pyo3::types::PyDict>>,
     /// The fds whose readers (`FdWatch::hup`) are queued again in the next iteration.
     pub hup_next: Vec<RawFd>,
+    /// The tokens of the events the last poll dropped as stale (`run.rs`), and for how many
+    /// polls in a row one of them came again: a stale level-triggered registration, which
+    /// makes every poll return at once until the epoll instance is renewed (`io_watch.rs`).
+    pub stale_tokens: Vec<u64>,
+    pub stale_polls: u32,
     /// The handle last returned for a `Ready::Soon` entry: reused for the next one once
     /// nothing else references it (see `schedule_soon_detached`).
     pub soon_handle: Option<Py<Handle>>,
@@ -299,7 +308,8 @@ impl Ready {
     }
 }
 
-/// Token of the waker's eventfd in the poller; user fds use their own number.
+/// Token of the waker's eventfd in the poller; a watched fd's is its number and generation
+/// (`io_watch::token`), never this (fd numbers are not negative).
 pub(crate) const WAKER_TOKEN: u64 = u64::MAX;
 
 #[pyclass(module = "ferroloop._ferroloop", subclass, frozen, weakref)]
@@ -311,6 +321,8 @@ pub struct LoopCore {
     /// The process that created the loop. In a forked child the epoll instance is shared
     /// with the parent, so closing the loop there must not unregister anything from it.
     pub(crate) owner_pid: libc::pid_t,
+    /// The last generation given to a registration (`FdWatch::generation`).
+    pub(crate) generation: AtomicU32,
 }
 
 impl Drop for LoopCore {
@@ -424,6 +436,8 @@ impl LoopCore {
                 pool_surplus_since: None,
                 loop_kwargs: None,
                 hup_next: Vec::new(),
+                stale_tokens: Vec::new(),
+                stale_polls: 0,
                 soon_handle: None,
             }),
             shared: Arc::new(Shared {
@@ -446,6 +460,7 @@ impl LoopCore {
             clock_resolution,
             // SAFETY: getpid has no preconditions.
             owner_pid: unsafe { libc::getpid() },
+            generation: AtomicU32::new(0),
         })
     }
 

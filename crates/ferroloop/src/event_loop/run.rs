@@ -21,7 +21,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::{ffi, intern};
 
-use super::{current_thread_id, monotonic, LoopCore, Ready, WAKER_TOKEN};
+use super::{current_thread_id, io_watch, monotonic, LoopCore, Ready, WAKER_TOKEN};
 use crate::errors::os_error;
 use crate::handles::Handle;
 use crate::stdlib::{stdlib, support};
@@ -177,7 +177,8 @@ impl LoopCore {
 
     fn process_events(&self, py: Python<'_>, events: &[Event]) -> PyResult<()> {
         let mut stale = Vec::new();
-        {
+        let mut stale_tokens = Vec::new();
+        let renew = {
             let mut st = self.state.borrow_mut(py)?;
             let st = &mut *st;
             for ev in events {
@@ -185,9 +186,15 @@ impl LoopCore {
                     self.shared.waker.drain();
                     continue;
                 }
-                let fd = ev.token as i32;
-                let Some(w) = st.fds.get_mut(&fd) else {
-                    continue;
+                let (fd, generation) = io_watch::untoken(ev.token);
+                let w = match st.fds.get_mut(&fd) {
+                    Some(w) if w.generation == generation => w,
+                    _ => {
+                        // A registration left by a closing transport, or one of a file this
+                        // number referred to before (see `io_watch.rs`): no watcher's.
+                        stale_tokens.push(ev.token);
+                        continue;
+                    }
                 };
                 let mut queued = false;
                 if ev.hangup && w.reader_edge {
@@ -229,6 +236,11 @@ impl LoopCore {
                     }
                 }
             }
+            !(stale_tokens.is_empty() && st.stale_tokens.is_empty())
+                && io_watch::stale_again(st, stale_tokens)
+        };
+        if renew {
+            self.renew_poller(py)?;
         }
         // A watcher whose handle was cancelled directly is unregistered, as asyncio does.
         for (fd, reader) in stale {
