@@ -470,7 +470,7 @@ const METHODS: [(&CStr, Raw, &CStr); 3] = [
     (
         c"write",
         write_raw,
-        c"write($self, data, /)\n--\n\nWrite data to the transport (sent at once when possible).",
+        c"write($self, /, data)\n--\n\nWrite data to the transport (sent at once when possible).",
     ),
     (
         c"is_closing",
