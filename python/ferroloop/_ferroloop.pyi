@@ -1,5 +1,6 @@
 """Type stubs for the native half of ferroloop."""
 
+import sys
 from contextvars import Context
 from typing import Any, Callable, Optional
 
@@ -86,7 +87,8 @@ def install_datagram_fast_paths(cls: type) -> None: ...
 class Handle:
     def cancel(self) -> None: ...
     def cancelled(self) -> bool: ...
-    def get_context(self) -> Context: ...
+    if sys.version_info >= (3, 12):
+        def get_context(self) -> Context: ...
 
 @final
 class TimerHandle(Handle):

@@ -19,6 +19,7 @@ import weakref
 from asyncio import coroutines, futures, tasks
 
 from . import _ferroloop
+from ._signatures import since
 from ._net import NetworkMixin
 from ._unix import UnixMixin
 
@@ -41,6 +42,7 @@ def _stop_loop_of(fut) -> None:
 _BIND_CALL_SOON = sys.version_info < (3, 12)
 _core_call_soon = _ferroloop.LoopCore.call_soon
 _core_time = _ferroloop.LoopCore.time
+_core_create_task = _ferroloop.LoopCore.create_task
 
 
 class Loop(_ferroloop.LoopCore, NetworkMixin, UnixMixin, asyncio.AbstractEventLoop):
@@ -171,6 +173,12 @@ class Loop(_ferroloop.LoopCore, NetworkMixin, UnixMixin, asyncio.AbstractEventLo
             sys.set_coroutine_origin_tracking_depth(self._coroutine_origin_tracking_saved_depth)
         self._coroutine_origin_tracking_enabled = enabled
 
+    if sys.version_info < (3, 11):
+
+        def create_task(self, coro, *, name=None):
+            """Schedule the coroutine as a Task (asyncio takes `context=` from 3.11 on)."""
+            return _core_create_task(self, coro, name=name)
+
     # ---- file descriptor watchers -----------------------------------------------------------
 
     def add_reader(self, fd, callback, *args) -> None:
@@ -220,6 +228,7 @@ class Loop(_ferroloop.LoopCore, NetworkMixin, UnixMixin, asyncio.AbstractEventLo
             )
         self._default_executor = executor
 
+    @since(timeout=(3, 12))
     async def shutdown_default_executor(self, timeout=None) -> None:
         """Shut the default executor down, waiting for its jobs (at most `timeout` seconds)."""
         self._executor_shutdown_called = True

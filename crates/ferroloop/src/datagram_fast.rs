@@ -321,7 +321,7 @@ const DATAGRAM_METHODS: [(&CStr, Raw, &CStr); 2] = [
     (
         c"sendto",
         datagram_sendto_raw,
-        c"sendto($self, data, addr=None, /)\n--\n\nSend a datagram (at once when possible).",
+        c"sendto($self, /, data, addr=None)\n--\n\nSend a datagram (at once when possible).",
     ),
 ];
 

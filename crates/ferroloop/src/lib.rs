@@ -28,6 +28,12 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     event_loop::fastcall::install(m.py(), &m.py().get_type::<event_loop::LoopCore>())?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
+    if m.py().version_info() < (3, 12) {
+        // asyncio's handles have get_context() from 3.12 on; before, neither does ours.
+        m.py()
+            .get_type::<handles::Handle>()
+            .delattr(pyo3::intern!(m.py(), "get_context"))?;
+    }
     // Both, unconditionally (no short circuit); the flag is for the tests.
     let uncounted = [
         gc_alloc::install::<handles::Handle>(m.py()),

@@ -608,7 +608,7 @@ const METHODS: [(&CStr, Raw, &CStr); 4] = [
     (
         c"write",
         write_raw,
-        c"write($self, data, /)\n--\n\nWrite data to the transport (sent at once when possible).",
+        c"write($self, /, data)\n--\n\nWrite data to the transport (sent at once when possible).",
     ),
     (
         c"writelines",

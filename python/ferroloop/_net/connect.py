@@ -15,6 +15,7 @@ import socket
 import sys
 from asyncio import constants, exceptions, protocols, staggered
 
+from .._signatures import since
 from . import tls
 from .dns import interleave_addrinfos
 from .sock_ops import check_ssl_socket
@@ -38,9 +39,6 @@ def ssl_shutdown_kwargs(ssl_shutdown_timeout):
     if _HAS_SSL_SHUTDOWN_TIMEOUT:
         return {"ssl_shutdown_timeout": ssl_shutdown_timeout}
     return {}
-
-
-_HAS_ALL_ERRORS = sys.version_info >= (3, 12)
 
 
 def _ssl_timeouts(handshake, shutdown):
@@ -164,6 +162,7 @@ class ConnectMixin:
         finally:
             exceptions_out = my_exceptions = None
 
+    @since(ssl_shutdown_timeout=(3, 11), all_errors=(3, 12))
     async def create_connection(
         self,
         protocol_factory,
@@ -239,7 +238,7 @@ class ConnectMixin:
             if sock is None:
                 errors = [exc for sub in errors for exc in sub]
                 try:
-                    if all_errors and _HAS_ALL_ERRORS:
+                    if all_errors:  # (a keyword from 3.12, where ExceptionGroup exists)
                         raise ExceptionGroup("create_connection failed", errors)  # noqa: F821
                     if len(errors) == 1:
                         raise errors[0]
@@ -270,6 +269,7 @@ class ConnectMixin:
             logger.debug("%r connected to %s:%r: (%r, %r)", sock, host, port, transport, protocol)
         return transport, protocol
 
+    @since(ssl_shutdown_timeout=(3, 11))
     async def create_unix_connection(
         self,
         protocol_factory,
@@ -320,6 +320,7 @@ class ConnectMixin:
             ssl_shutdown_timeout=ssl_shutdown_timeout,
         )
 
+    @since(ssl_shutdown_timeout=(3, 11))
     async def connect_accepted_socket(
         self,
         protocol_factory,
@@ -353,6 +354,7 @@ class ConnectMixin:
 
     # ---- TLS upgrade --------------------------------------------------------------------
 
+    @since(ssl_shutdown_timeout=(3, 11))
     async def start_tls(
         self,
         transport,

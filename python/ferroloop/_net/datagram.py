@@ -9,7 +9,7 @@ import socket
 import sys
 import stat
 import warnings
-from asyncio import constants, futures, transports
+from asyncio import base_events, constants, futures, transports
 
 from .. import _ferroloop as _ferroloop_native
 from .._ferroloop import recvfrom_inet as _recvfrom_inet
@@ -17,8 +17,9 @@ from .transports import MAX_READ, SocketTransportBase, as_bytes_like, replaces_s
 
 logger = logging.getLogger("asyncio")
 
-# create_datagram_endpoint's reuse_address when not given (Python 3.9 and 3.10 take it).
-_UNSET = object()
+# create_datagram_endpoint's reuse_address when not given (Python 3.9 and 3.10 take it):
+# asyncio's own sentinel, so the signatures are the same.
+_UNSET = getattr(base_events, "_unset", None) or object()
 
 
 class DatagramTransport(SocketTransportBase, transports.DatagramTransport):

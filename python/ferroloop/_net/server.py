@@ -17,6 +17,7 @@ from .._ferroloop import accept_connections as _accept_connections
 from .._ferroloop import accept_plain_connection as _accept_plain_native
 from .._ferroloop import accept_socket as _accept_socket
 from .._ferroloop import install_server_class as _install_server_class
+from .._signatures import since
 from .connect import ConnectMixin, ssl_shutdown_kwargs
 from .datagram import set_reuseport
 from .sock_ops import check_ssl_socket
@@ -156,6 +157,9 @@ class Server(events.AbstractServer):
     def abort_clients(self) -> None:
         for transport in self._clients():
             transport.abort()
+
+    if sys.version_info < (3, 13):  # asyncio's Server has them from 3.13
+        del close_clients, abort_clients
 
     async def start_serving(self) -> None:
         self._start_serving()
@@ -461,6 +465,7 @@ class ServingMixin:
             raise OSError(f"getaddrinfo({host!r}) returned empty list")
         return infos
 
+    @since(ssl_shutdown_timeout=(3, 11), keep_alive=(3, 13))
     async def create_server(
         self,
         protocol_factory,
@@ -572,6 +577,7 @@ class ServingMixin:
             logger.info("%r is serving", server)
         return server
 
+    @since(ssl_shutdown_timeout=(3, 11), cleanup_socket=(3, 13))
     async def create_unix_server(
         self,
         protocol_factory,

@@ -11,6 +11,7 @@ import errno
 import functools
 import os
 import socket
+import sys
 import weakref
 from operator import methodcaller
 
@@ -237,6 +238,9 @@ class SockOpsMixin:
             fut, sock, self._sock_retry, fut, methodcaller("sendto", data, address), sock
         )
         return await fut
+
+    if sys.version_info < (3, 11):  # asyncio's loop has them from 3.11
+        del sock_recvfrom, sock_recvfrom_into, sock_sendto
 
     # ---- connecting and accepting -------------------------------------------------------
 

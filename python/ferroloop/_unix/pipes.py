@@ -221,8 +221,11 @@ class ReadPipeTransport(_PipeTransportBase, transports.ReadTransport):
         self._schedule_connection_lost(exc)
 
 
-class WritePipeTransport(_PipeTransportBase, WriteFlowControl, transports.WriteTransport):
-    """The write end of a pipe, FIFO, pty or socket, with asyncio's write flow control."""
+class WritePipeTransport(_PipeTransportBase, WriteFlowControl, transports.Transport):
+    """The write end of a pipe, FIFO, pty or socket, with asyncio's write flow control.
+
+    A `Transport`, not only a `WriteTransport`, as asyncio's is: its read methods are
+    ReadTransport's, which raise NotImplementedError."""
 
     def __init__(self, loop, pipe, protocol, waiter=None, extra=None, *, _subprocess=False,
                  _nonblocking=False):
