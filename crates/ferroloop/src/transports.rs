@@ -613,7 +613,7 @@ const METHODS: [(&CStr, Raw, &CStr); 4] = [
     (
         c"writelines",
         writelines_raw,
-        c"writelines($self, list_of_data, /)\n--\n\nWrite a list (or any iterable) of data bytes to the transport.",
+        c"writelines($self, /, list_of_data)\n--\n\nWrite a list (or any iterable) of data bytes to the transport.",
     ),
     (
         c"is_closing",
