@@ -7,8 +7,13 @@
 
 Kinds (the servers of bench/net/server.py):
   tcp-stream  `echo_stream` on `asyncio.start_server` (the default)
+  tcp-proto   `EchoProtocol` on `loop.create_server`
   tls-proto   `EchoProtocol` on `loop.create_server(ssl=...)` (TLS 1.3; the client is
               Python's `ssl`, certificates from runner.make_certs)
+  tcp-stream-churn, tcp-proto-churn
+              the same servers, and a client that opens a connection per round trip
+              (connect, one `--size`-byte echo, close): the figure is then the cost of a
+              whole connection (accept, transport, protocol, echo, EOF, close)
 
 The server runs under `valgrind --tool=callgrind` and exits once its clients are gone;
 the client is a plain Python process, `--conns` connections in ping-pong, each doing N
@@ -34,9 +39,10 @@ import tempfile
 from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+KINDS = ("tcp-stream", "tcp-proto", "tls-proto", "tcp-stream-churn", "tcp-proto-churn")
 
 
-def serve(loop_name: str, kind: str, conns: int, certs: Optional[str]) -> None:
+def serve(loop_name: str, kind: str, expect: int, certs: Optional[str]) -> None:
     sys.path.insert(0, HERE)
     sys.path.insert(0, os.path.dirname(HERE))
     import asyncio
@@ -51,10 +57,10 @@ def serve(loop_name: str, kind: str, conns: int, certs: Optional[str]) -> None:
     def one_gone():
         nonlocal done
         done += 1
-        if done == conns:
+        if done == expect:
             loop.call_later(0.05, loop.stop)
 
-    if kind == "tcp-stream":
+    if kind.startswith("tcp-stream"):
         async def handler(reader, writer):
             try:
                 await server.echo_stream(reader, writer)
@@ -63,15 +69,17 @@ def serve(loop_name: str, kind: str, conns: int, certs: Optional[str]) -> None:
 
         coro = asyncio.start_server(handler, "127.0.0.1", 0)
     else:
-        import ssl
-
         class Echo(server.EchoProtocol):
             def connection_lost(self, exc):
                 super().connection_lost(exc)
                 one_gone()
 
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(os.path.join(certs, "cert.pem"), os.path.join(certs, "key.pem"))
+        ctx = None
+        if kind == "tls-proto":
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(os.path.join(certs, "cert.pem"), os.path.join(certs, "key.pem"))
         coro = loop.create_server(Echo, "127.0.0.1", 0, ssl=ctx)
     srv = loop.run_until_complete(coro)
     print("READY", srv.sockets[0].getsockname()[1], flush=True)
@@ -139,11 +147,29 @@ def client(port: int, conns: int, size: int, rounds: int, certs: Optional[str]) 
                 s.setblocking(False)
 
 
+def churn_client(port: int, conns: int, size: int, rounds: int) -> None:
+    """`conns * rounds` whole connections, one after another: connect, echo, close."""
+    msg = b"x" * size
+    for _ in range(conns * rounds):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(msg)
+        got = 0
+        while got < size:
+            data = s.recv(1 << 20)
+            if not data:
+                raise SystemExit("server closed a churn connection before its echo")
+            got += len(data)
+        s.close()
+
+
 def measure(loop_name: str, kind: str, conns: int, size: int, rounds: int, out: str,
             certs: Optional[str]) -> int:
+    churn = kind.endswith("-churn")
+    expect = conns * rounds if churn else conns
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
            sys.executable, os.path.abspath(__file__), "--serve", loop_name, "--kind", kind,
-           "--conns", str(conns)]
+           "--expect", str(expect)]
     if certs is not None:
         cmd += ["--certs", certs]
     with open(out + ".log", "w") as log:
@@ -151,7 +177,10 @@ def measure(loop_name: str, kind: str, conns: int, size: int, rounds: int, out: 
         try:
             tag, port = srv.stdout.readline().split()
             assert tag == "READY", tag
-            client(int(port), conns, size, rounds, certs)
+            if churn:
+                churn_client(int(port), conns, size, rounds)
+            else:
+                client(int(port), conns, size, rounds, certs)
             if srv.wait(timeout=600) != 0:
                 raise SystemExit(f"server failed, see {out}.log")
         finally:
@@ -165,7 +194,7 @@ def measure(loop_name: str, kind: str, conns: int, size: int, rounds: int, out: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loops", default="ferroloop,uvloop")
-    ap.add_argument("--kind", default="tcp-stream", choices=("tcp-stream", "tls-proto"))
+    ap.add_argument("--kind", default="tcp-stream", choices=KINDS)
     ap.add_argument("--size", default="1024", help="message size(s) in bytes, comma-separated")
     ap.add_argument("--conns", type=int, default=10)
     ap.add_argument("--base", type=int, default=100, help="round trips per connection, first run")
@@ -173,9 +202,10 @@ def main() -> int:
     ap.add_argument("--keep", help="directory for the callgrind files (default: a temporary one)")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--certs", help=argparse.SUPPRESS)
+    ap.add_argument("--expect", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.kind, args.conns, args.certs)
+        serve(args.serve, args.kind, args.expect, args.certs)
         return 0
     tmp = args.keep or tempfile.mkdtemp(prefix="cg-echo-")
     os.makedirs(tmp, exist_ok=True)
@@ -188,7 +218,8 @@ def main() -> int:
             a = measure(name, args.kind, args.conns, size, args.base, base + "-a.out", certs)
             b = measure(name, args.kind, args.conns, size, args.base + args.extra, base + "-b.out", certs)
             per = (b - a) / (args.conns * args.extra)
-            print(f"{args.kind:10s} {name:10s} {size:7d} B  {per:9,.0f} instructions/request  (files in {tmp})",
+            unit = "connection" if args.kind.endswith("-churn") else "request"
+            print(f"{args.kind:10s} {name:10s} {size:7d} B  {per:9,.0f} instructions/{unit}  (files in {tmp})",
                   flush=True)
     return 0
 
