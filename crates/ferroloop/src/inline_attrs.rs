@@ -25,7 +25,7 @@
 //! Python code runs: take a new one after any call that may run code.
 
 use std::os::raw::c_ulong;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use pyo3::ffi;
@@ -77,6 +77,21 @@ impl Hint {
     }
 }
 
+/// Shared keys once seen holding none of some names ([`Attrs::lacks_all`]).
+pub(crate) struct KeysSeen {
+    keys: AtomicPtr<DictKeys>,
+    len: AtomicUsize,
+}
+
+impl KeysSeen {
+    pub(crate) const fn new() -> Self {
+        KeysSeen {
+            keys: AtomicPtr::new(std::ptr::null_mut()),
+            len: AtomicUsize::new(0),
+        }
+    }
+}
+
 enum Lookup {
     At(usize),
     Absent,
@@ -86,6 +101,7 @@ enum Lookup {
 
 /// A snapshot of one instance's inline attributes (valid until Python code runs).
 pub(crate) struct Attrs {
+    keys: *mut DictKeys,
     values: *mut *mut ffi::PyObject,
     indices: *const u8,
     entries: *const Entry,
@@ -135,6 +151,7 @@ impl Attrs {
                 .add(1usize << (*keys).dk_log2_index_bytes)
                 .cast::<Entry>();
             Some(Attrs {
+                keys,
                 values,
                 indices,
                 entries,
@@ -215,6 +232,47 @@ impl Attrs {
             Lookup::At(i) => unsafe { (*self.values.add(i)).is_null() },
             Lookup::Unknown => false,
         }
+    }
+
+    /// True when the instance certainly has none of the attributes `names`: its class's
+    /// shared keys hold none of them. That verdict is kept in `seen` for these keys as they
+    /// are (the same object, with as many entries), so it costs two comparisons until a name
+    /// is added to the keys, whatever instance asks.
+    ///
+    /// Sound because shared keys only grow: an entry, once added, is never removed or
+    /// replaced (an attribute deleted from an instance leaves its key, with a NULL value),
+    /// so keys with the same address and entry count hold the same names. The address is
+    /// only compared while it cannot be reused: the keys are kept alive (one reference,
+    /// never released, taken when `seen` first names them).
+    #[inline(always)]
+    pub(crate) fn lacks_all(&self, names: &[&Bound<'_, PyString>], seen: &KeysSeen) -> bool {
+        if seen.keys.load(Ordering::Relaxed) == self.keys
+            && seen.len.load(Ordering::Relaxed) == self.len
+        {
+            return true;
+        }
+        self.lacks_all_slow(names, seen)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn lacks_all_slow(&self, names: &[&Bound<'_, PyString>], seen: &KeysSeen) -> bool {
+        let unused = Hint::new();
+        if names
+            .iter()
+            .all(|n| matches!(self.find(n, &unused), Lookup::Absent))
+        {
+            if seen.keys.load(Ordering::Relaxed) != self.keys {
+                // SAFETY: live shared keys (their class holds them); the GIL is held, which
+                // guards the count. The reference is never released (see above).
+                unsafe { (*self.keys).dk_refcnt += 1 };
+                seen.keys.store(self.keys, Ordering::Relaxed);
+            }
+            seen.len.store(self.len, Ordering::Relaxed);
+            return true;
+        }
+        // A name among the keys: this instance may still lack it (no value).
+        names.iter().all(|n| self.lacks(n))
     }
 
     /// Replaces the instance's existing value for `name` with `value`, as `setattr` does;

@@ -17,16 +17,20 @@
 //! is not a bytearray or that a memoryview holds (it cannot be resized).
 //!
 //! The checks on the two classes (their functions are streams.py's) only change when a class
-//! does, so they are cached per type version tag ([`ClassCheck`]); those on the instances
-//! (nothing shadows a function, the reader and its state) run on every read.
+//! does, so they are cached per type version tag ([`ClassCheck`]). Those on the instances run
+//! on every read: the reader and its state, and that nothing on the instance shadows a
+//! function, which on 3.11 is settled per class too: an instance keeping its attributes inline
+//! has no name its class's shared keys lack, and keys once seen lacking the function names are
+//! remembered until they grow (`Attrs::lacks_all`; a name set on any instance adds it).
 //!
 //! Per read that is about ten attribute reads and writes on the reader and the protocol, and
-//! two method calls on the waiter. On 3.11, when a class defines none of the attribute names
+//! one method call on the waiter (`set_result`; `cancelled` only when that fails). On 3.11, when a class defines none of the attribute names
 //! (cached per version tag too), they go straight to the instance's inline values
 //! (`inline_attrs.rs`), with a new snapshot after anything that may run code; the waiter's
 //! `cancelled` and `set_result` are called through the C Future's method descriptors when the
 //! future has no instance attribute that could shadow them. A 1 KiB streams echo, server
-//! instructions per request (`bench/net/callgrind_echo.py`): 20.6k before, 18.1k after.
+//! instructions per request (`bench/net/callgrind_echo.py`): 20.6k before, 18.1k after; the
+//! remembered keys and the single waiter call, 17.5k -> 17.1k.
 
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
@@ -37,7 +41,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyByteArray, PyFunction, PyInt, PyString, PyType};
 use pyo3::{ffi, intern};
 
-use crate::inline_attrs::{Attrs, Hint};
+use crate::inline_attrs::{Attrs, Hint, KeysSeen};
 use crate::slots::{truthy, version_tag};
 use crate::sock_io::ReadError;
 
@@ -386,7 +390,10 @@ impl<'py> Feed<'py> {
             attrs,
         };
         // `_stream_reader` is a property, which the instance cannot shadow.
-        if !proto.not_shadowed(intern!(py, "data_received"), &st.data_received) {
+        if !proto.not_shadowed(
+            &[(intern!(py, "data_received"), &st.data_received)],
+            &PROTOCOL_SEEN,
+        ) {
             return None;
         }
         // `self._stream_reader`: the weakref's referent.
@@ -419,9 +426,13 @@ impl<'py> Feed<'py> {
         }
         // One snapshot of the reader's attributes while no code runs (see `Feed::inst`).
         let mut r = Feed::inst_of(&reader);
-        if !r.not_shadowed(intern!(py, "feed_data"), &st.feed_data)
-            || !r.not_shadowed(intern!(py, "_wakeup_waiter"), &st.wakeup_waiter)
-        {
+        if !r.not_shadowed(
+            &[
+                (intern!(py, "feed_data"), &st.feed_data),
+                (intern!(py, "_wakeup_waiter"), &st.wakeup_waiter),
+            ],
+            &READER_SEEN,
+        ) {
             return None;
         }
         let eof = r.get(intern!(py, "_eof"), &HINTS.eof).ok()?;
@@ -499,9 +510,16 @@ impl<'py> Feed<'py> {
                 .and_then(|st| st.waiter.as_ref())
                 .and_then(|w| Some((w, w.exact(&waiter)?)));
             if let Some((w, fut)) = direct {
-                if !truthy(&Waiter::call(&w.cancelled, fut, None)?)? {
-                    let none = py.None().into_bound(py);
-                    Waiter::call(&w.set_result, fut, Some(&none))?;
+                // `if not waiter.cancelled(): waiter.set_result(None)`, asking `cancelled()`
+                // only when `set_result` fails: the C method raises before changing anything
+                // when the future is done, and a cancelled one is then dropped as streams.py
+                // drops it. Any other failure is what the two calls raise in that order (an
+                // uninitialised future: the same RuntimeError from either).
+                let none = py.None().into_bound(py);
+                if let Err(e) = Waiter::call(&w.set_result, fut, Some(&none)) {
+                    if !truthy(&Waiter::call(&w.cancelled, fut, None)?)? {
+                        return Err(e);
+                    }
                 }
             } else if !truthy(&call_method(&waiter, intern!(py, "cancelled"), None)?)? {
                 let none = py.None().into_bound(py);
@@ -565,6 +583,11 @@ const NONE: *mut ffi::PyObject = std::ptr::null_mut();
 static PROTOCOL_ATTRS: ClassCheck = ClassCheck::new();
 static READER_ATTRS: ClassCheck = ClassCheck::new();
 
+/// The classes' shared keys as last seen holding none of the function names checked per
+/// read (`Inst::not_shadowed`).
+static PROTOCOL_SEEN: KeysSeen = KeysSeen::new();
+static READER_SEEN: KeysSeen = KeysSeen::new();
+
 /// Where the attributes read per read were last found among their class's keys.
 struct Hints {
     stream_reader_wr: Hint,
@@ -619,12 +642,21 @@ impl<'py> Inst<'_, 'py> {
         self.obj.setattr(name, value)
     }
 
-    /// `obj.name` is the class's function `expected` (checked by the caller's `ClassCheck`),
-    /// unshadowed by the instance.
-    fn not_shadowed(&self, name: &Bound<'py, PyString>, expected: &Py<PyAny>) -> bool {
+    /// For each `(name, expected)`, `obj.name` is the class's function `expected` (checked by
+    /// the caller's `ClassCheck`), unshadowed by the instance. With inline attributes, the
+    /// class's shared keys holding none of the names settle it, `seen` remembering keys that
+    /// did not (see `Attrs::lacks_all`).
+    #[inline(always)]
+    fn not_shadowed<const N: usize>(
+        &self,
+        checks: &[(&Bound<'py, PyString>, &Py<PyAny>); N],
+        seen: &KeysSeen,
+    ) -> bool {
         match &self.attrs {
-            Some(a) => a.lacks(name),
-            None => not_shadowed(self.obj, name, expected),
+            Some(a) => a.lacks_all(&checks.map(|(name, _)| name), seen),
+            None => checks
+                .iter()
+                .all(|(name, expected)| not_shadowed(self.obj, name, expected)),
         }
     }
 }
