@@ -9,7 +9,7 @@
 //! module: a hint per attribute name, checked against the key (identity) before use.
 //!
 //! What makes a direct read equal to `getattr`: the instance's type uses the generic
-//! `__getattribute__`/`__setattr__` (checked here), and the class defines nothing under the
+//! `__getattribute__`/`__setattr__` (`Attrs::type_ok`, which callers cache per version tag), and the class defines nothing under the
 //! name, so no descriptor can take precedence (the caller checks that, cached per version tag,
 //! see `ClassCheck`). Then `getattr` is exactly the instance's value, and a name that is not
 //! among the instance's attributes is not shadowing the class's function of that name.
@@ -111,21 +111,19 @@ pub(crate) struct Attrs {
 }
 
 impl Attrs {
-    /// `obj`'s inline attributes, if it keeps them inline and its type uses the generic
-    /// attribute access.
+    /// Whether instances of `ty` may keep their attributes inline and read them through the
+    /// generic attribute access: what [`Attrs::of_instance`] needs of the type. It only
+    /// changes when the type does (a `__getattribute__` or `__setattr__` set on it or a base
+    /// gives it a new version tag), so a caller may cache it per tag.
     ///
     /// # Safety
-    /// `obj` is a live object; the GIL is held.
-    #[inline(always)]
-    pub(crate) unsafe fn of(py: Python<'_>, obj: *mut ffi::PyObject) -> Option<Attrs> {
+    /// `ty` is a live type object; the GIL is held.
+    pub(crate) unsafe fn type_ok(py: Python<'_>, ty: *mut ffi::PyTypeObject) -> bool {
         if !enabled(py) {
-            return None;
+            return false;
         }
-        // SAFETY: a live object's type; on 3.11 (checked above) a type with MANAGED_DICT is a
-        // heap type with the values pointer four words before its instances, and its shared
-        // keys (when not NULL) have the layout of `DictKeys`.
+        // SAFETY: a live type's fields.
         unsafe {
-            let ty = ffi::Py_TYPE(obj);
             let generic_get = (*ty).tp_getattro.is_some_and(|f| {
                 std::ptr::fn_addr_eq(f, ffi::PyObject_GenericGetAttr as ffi::getattrofunc)
             });
@@ -133,9 +131,22 @@ impl Attrs {
                 std::ptr::fn_addr_eq(f, ffi::PyObject_GenericSetAttr as ffi::setattrofunc)
             });
             let heap_managed = MANAGED_DICT | ffi::Py_TPFLAGS_HEAPTYPE;
-            if (*ty).tp_flags & heap_managed != heap_managed || !generic_get || !generic_set {
-                return None;
-            }
+            (*ty).tp_flags & heap_managed == heap_managed && generic_get && generic_set
+        }
+    }
+
+    /// `obj`'s inline attributes, if it keeps them inline.
+    ///
+    /// # Safety
+    /// `obj` is a live object whose type passes [`Attrs::type_ok`] (now, not only once); the
+    /// GIL is held.
+    #[inline(always)]
+    pub(crate) unsafe fn of_instance(obj: *mut ffi::PyObject) -> Option<Attrs> {
+        // SAFETY: on 3.11 (`type_ok`) a type with MANAGED_DICT is a heap type with the values
+        // pointer four words before its instances, and its shared keys (when not NULL) have
+        // the layout of `DictKeys`.
+        unsafe {
+            let ty = ffi::Py_TYPE(obj);
             let values = *obj.cast::<*mut *mut ffi::PyObject>().sub(4);
             if values.is_null() {
                 return None;
@@ -164,15 +175,23 @@ impl Attrs {
 
     /// Where `name` is among the keys: the hint if it still holds, else a probe of the keys'
     /// hash table (the steps of CPython's `unicodekeys_lookup_unicode`).
+    #[inline(always)]
     fn find(&self, name: &Bound<'_, PyString>, hint: &Hint) -> Lookup {
-        let name = name.as_ptr();
         let h = hint.0.load(Ordering::Relaxed) as usize;
+        // SAFETY: entries `0..len` are initialised keys of the live keys.
+        if h < self.len && unsafe { (*self.entries.add(h)).key } == name.as_ptr() {
+            return Lookup::At(h);
+        }
+        self.probe(name, hint)
+    }
+
+    /// `find` without a hint that holds.
+    #[inline(never)]
+    fn probe(&self, name: &Bound<'_, PyString>, hint: &Hint) -> Lookup {
+        let name = name.as_ptr();
         // SAFETY: entries `0..len` are initialised keys (exact str objects) of the live keys;
         // the index table holds `1 << dk_log2_size` one-byte indices when the two logs are equal.
         unsafe {
-            if h < self.len && (*self.entries.add(h)).key == name {
-                return Lookup::At(h);
-            }
             let hash = (*name.cast::<ffi::PyASCIIObject>()).hash;
             // Shared keys hold at most 30 names: one-byte indices. Anything else is unexpected.
             if hash == -1 || self.log2_size != self.log2_index_bytes {
@@ -210,7 +229,7 @@ impl Attrs {
     }
 
     /// The instance's value for `name` (borrowed), or None: unknown here, ask `getattr`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn get(
         &self,
         name: &Bound<'_, PyString>,

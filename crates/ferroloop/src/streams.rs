@@ -225,12 +225,23 @@ impl Waiter {
 struct ClassCheck {
     /// The tag the checks last passed for (0: never).
     passed: AtomicU32,
+    /// The checks also require instances' inline attributes to be usable (`Attrs::type_ok`).
+    inline_attrs: bool,
 }
 
 impl ClassCheck {
     const fn new() -> Self {
         ClassCheck {
             passed: AtomicU32::new(0),
+            inline_attrs: false,
+        }
+    }
+
+    /// Names the class must not define, and instances with inline attributes.
+    const fn inline_attrs() -> Self {
+        ClassCheck {
+            passed: AtomicU32::new(0),
+            inline_attrs: true,
         }
     }
 
@@ -263,7 +274,9 @@ impl ClassCheck {
         // or NULL, and runs no code.
         let ok = checks
             .iter()
-            .all(|(name, f)| unsafe { _PyType_Lookup(ty, name.as_ptr()) } == *f);
+            .all(|(name, f)| unsafe { _PyType_Lookup(ty, name.as_ptr()) } == *f)
+            // SAFETY: a live type.
+            && (!self.inline_attrs || unsafe { Attrs::type_ok(py, ty) });
         // The lookups gave the type a tag if it had none; 0 caches nothing.
         // SAFETY: as above.
         let tag = unsafe { version_tag(py, ty) };
@@ -332,6 +345,8 @@ fn call_method<'py>(
 pub(crate) struct Feed<'py> {
     reader: Bound<'py, PyAny>,
     buffer: Bound<'py, PyAny>,
+    /// The reader's attributes as the checks last saw them (valid while no code runs).
+    attrs: Option<Attrs>,
 }
 
 impl<'py> Feed<'py> {
@@ -381,8 +396,8 @@ impl<'py> Feed<'py> {
         let attrs = PROTOCOL_ATTRS
             .holds(py, ty, || [(intern!(py, "_stream_reader_wr"), NONE)])
             .then(|| {
-                // SAFETY: a live object.
-                unsafe { Attrs::of(py, protocol.as_ptr()) }
+                // SAFETY: a live object, whose type passed `type_ok` for its current tag.
+                unsafe { Attrs::of_instance(protocol.as_ptr()) }
             })
             .flatten();
         let proto = Inst {
@@ -451,7 +466,12 @@ impl<'py> Feed<'py> {
         if exports != 0 {
             return None;
         }
-        Some(Feed { reader, buffer })
+        let attrs = r.attrs;
+        Some(Feed {
+            reader,
+            buffer,
+            attrs,
+        })
     }
 
     /// The reader with its attributes as they are now: take a new one after any call that
@@ -477,8 +497,8 @@ impl<'py> Feed<'py> {
             ]
         });
         let attrs = if direct {
-            // SAFETY: a live object.
-            unsafe { Attrs::of(py, reader.as_ptr()) }
+            // SAFETY: a live object, whose type passed `type_ok` for its current tag.
+            unsafe { Attrs::of_instance(reader.as_ptr()) }
         } else {
             None
         };
@@ -494,11 +514,18 @@ impl<'py> Feed<'py> {
     /// The rest of `feed_data` once the data is in the buffer: wake the reader, and pause
     /// reading when the buffer holds more than twice the limit. An error is what
     /// `data_received` would have raised.
-    pub(crate) fn fed(self) -> PyResult<()> {
+    /// `code_ran`: Python code may have run since `of` (the snapshot it took is stale).
+    pub(crate) fn fed(mut self, code_ran: bool) -> PyResult<()> {
         let py = self.reader.py();
-        let reader = &self.reader;
         // _wakeup_waiter()
-        let r = self.inst();
+        let r = match self.attrs.take() {
+            Some(attrs) if !code_ran => Inst {
+                obj: &self.reader,
+                attrs: Some(attrs),
+            },
+            _ => self.inst(),
+        };
+        let reader = &self.reader;
         let waiter = r.get(intern!(py, "_waiter"), &HINTS.waiter)?;
         if !waiter.is_none() {
             r.set(
@@ -580,8 +607,8 @@ impl<'py> Feed<'py> {
 /// "The class defines no attribute of this name" in a [`ClassCheck`].
 const NONE: *mut ffi::PyObject = std::ptr::null_mut();
 
-static PROTOCOL_ATTRS: ClassCheck = ClassCheck::new();
-static READER_ATTRS: ClassCheck = ClassCheck::new();
+static PROTOCOL_ATTRS: ClassCheck = ClassCheck::inline_attrs();
+static READER_ATTRS: ClassCheck = ClassCheck::inline_attrs();
 
 /// The classes' shared keys as last seen holding none of the function names checked per
 /// read (`Inst::not_shadowed`).

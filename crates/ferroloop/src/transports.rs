@@ -130,7 +130,8 @@ fn read_ready_stream_reader(tr: &Bound<'_, PyAny>, fd: i32, feed: Feed<'_>) -> P
     if !after_read(tr, fd, n)? {
         return Ok(());
     }
-    match feed.fed() {
+    // Only `rearm` may have run code since the checks (a read or a resize runs none).
+    match feed.fed(n == crate::sock_io::MAX_READ) {
         Ok(()) => Ok(()),
         Err(e) => fatal(tr, e, "Fatal error: protocol.data_received() call failed."),
     }
