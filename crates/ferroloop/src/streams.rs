@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use pyo3::exceptions::PyNotImplementedError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyByteArray, PyFunction, PyInt, PyString, PyType};
+use pyo3::types::{PyBool, PyByteArray, PyFunction, PyString, PyType};
 use pyo3::{ffi, intern};
 
 use crate::inline_attrs::{Attrs, Hint, KeysSeen};
@@ -570,22 +570,17 @@ impl<'py> Feed<'py> {
             r = self.inst();
         }
         let buffer = r.get(intern!(py, "_buffer"), &HINTS.buffer)?;
-        let size = buffer.len()?;
-        if !buffer.is_exact_instance_of::<PyByteArray>() {
-            r = self.inst();
-        }
+        let size = if buffer.is_exact_instance_of::<PyByteArray>() {
+            // SAFETY: an exact bytearray, whose length is its size field.
+            unsafe { ffi::Py_SIZE(buffer.as_ptr()) as usize }
+        } else {
+            let size = buffer.len()?;
+            r = self.inst(); // `len()` may have run code
+            size
+        };
         let limit = r.get(intern!(py, "_limit"), &HINTS.limit)?;
-        let over = match limit
-            .cast::<PyInt>()
-            .ok()
-            .filter(|l| l.is_exact_instance_of::<PyInt>())
-        {
-            Some(l) => match l.extract::<i64>() {
-                Ok(l) => size as i128 > 2 * l as i128,
-                Err(_) => size
-                    .into_pyobject(py)?
-                    .gt(2i32.into_pyobject(py)?.mul(&limit)?)?,
-            },
+        let over = match exact_int(&limit) {
+            Some(l) => size as i128 > 2 * l as i128,
             None => size
                 .into_pyobject(py)?
                 .gt(2i32.into_pyobject(py)?.mul(&limit)?)?,
@@ -601,6 +596,21 @@ impl<'py> Feed<'py> {
             }
         }
         Ok(())
+    }
+}
+
+/// The value of an exact int that fits a C long (no code runs, no exception left).
+#[inline(always)]
+fn exact_int(obj: &Bound<'_, PyAny>) -> Option<i64> {
+    // SAFETY: a live object; on an exact int `PyLong_AsLongAndOverflow` sets no exception and
+    // reports a value out of range through `overflow`.
+    unsafe {
+        if ffi::PyLong_CheckExact(obj.as_ptr()) == 0 {
+            return None;
+        }
+        let mut overflow = 0;
+        let v = ffi::PyLong_AsLongAndOverflow(obj.as_ptr(), &mut overflow);
+        (overflow == 0).then_some(v as i64)
     }
 }
 

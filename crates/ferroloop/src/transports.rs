@@ -232,7 +232,22 @@ fn recv_into(
 
 /// Nothing is queued, written after `write_eof`, in the way of a sendfile, or lost: a write
 /// goes straight to the socket.
+#[inline(always)]
 fn idle(s: &SlotReader<'_, '_, 8>) -> PyResult<bool> {
+    // The usual values, read in place.
+    if s.is_plainly_false(BUFFER)
+        && s.is_plainly_false(EOF)
+        && s.is_plainly_none(EMPTY_WAITER)
+        && s.is_plainly_false(CONN_LOST)
+    {
+        return Ok(true);
+    }
+    idle_slow(s)
+}
+
+#[cold]
+#[inline(never)]
+fn idle_slow(s: &SlotReader<'_, '_, 8>) -> PyResult<bool> {
     Ok(!truthy(&s.get(BUFFER)?)?
         && !truthy(&s.get(EOF)?)?
         && s.get(EMPTY_WAITER)?.is_none()
