@@ -70,6 +70,40 @@ struct Streams {
     /// The C `asyncio.Future` and its `cancelled` / `set_result` method descriptors, when the
     /// type is C (immutable): see [`Waiter`].
     waiter: Option<Waiter>,
+    /// The attribute names read per read, interned (one lookup of `Streams` instead of one
+    /// per name).
+    names: Names,
+}
+
+struct Names {
+    stream_reader_wr: Py<PyString>,
+    data_received: Py<PyString>,
+    feed_data: Py<PyString>,
+    wakeup_waiter: Py<PyString>,
+    eof: Py<PyString>,
+    buffer: Py<PyString>,
+    waiter: Py<PyString>,
+    transport: Py<PyString>,
+    paused: Py<PyString>,
+    limit: Py<PyString>,
+}
+
+impl Names {
+    fn new(py: Python<'_>) -> Self {
+        let n = |s: &str| PyString::intern(py, s).unbind();
+        Names {
+            stream_reader_wr: n("_stream_reader_wr"),
+            data_received: n("data_received"),
+            feed_data: n("feed_data"),
+            wakeup_waiter: n("_wakeup_waiter"),
+            eof: n("_eof"),
+            buffer: n("_buffer"),
+            waiter: n("_waiter"),
+            transport: n("_transport"),
+            paused: n("_paused"),
+            limit: n("_limit"),
+        }
+    }
 }
 
 /// The reader's `_waiter` when it is exactly a C `asyncio.Future`: its type cannot be changed,
@@ -144,6 +178,7 @@ fn load(py: Python<'_>) -> PyResult<Option<Streams>> {
         feed_data,
         wakeup_waiter,
         waiter: load_waiter(py)?,
+        names: Names::new(py),
     }))
 }
 
@@ -343,6 +378,7 @@ fn call_method<'py>(
 
 /// A `StreamReader` that the transport may feed directly, and its buffer.
 pub(crate) struct Feed<'py> {
+    st: &'static Streams,
     reader: Bound<'py, PyAny>,
     buffer: Bound<'py, PyAny>,
     /// The reader's attributes as the checks last saw them (valid while no code runs).
@@ -379,8 +415,9 @@ impl<'py> Feed<'py> {
         Self::of(protocol)
     }
 
-    fn checked(protocol: &Bound<'py, PyAny>, st: &Streams) -> Option<Feed<'py>> {
+    fn checked(protocol: &Bound<'py, PyAny>, st: &'static Streams) -> Option<Feed<'py>> {
         let py = protocol.py();
+        let names = &st.names;
         // SAFETY: a live object's type (`of` checked it is `StreamReaderProtocol`).
         let ty = unsafe { ffi::Py_TYPE(protocol.as_ptr()) };
         let class_ok = PROTOCOL_CLASS.holds(py, ty, || {
@@ -406,14 +443,14 @@ impl<'py> Feed<'py> {
         };
         // `_stream_reader` is a property, which the instance cannot shadow.
         if !proto.not_shadowed(
-            &[(intern!(py, "data_received"), &st.data_received)],
+            &[(names.data_received.bind(py), &st.data_received)],
             &PROTOCOL_SEEN,
         ) {
             return None;
         }
         // `self._stream_reader`: the weakref's referent.
         let wr = proto
-            .get(intern!(py, "_stream_reader_wr"), &HINTS.stream_reader_wr)
+            .get(names.stream_reader_wr.bind(py), &HINTS.stream_reader_wr)
             .ok()?;
         // SAFETY: a live object.
         if unsafe { ffi::PyWeakref_CheckRefExact(wr.as_ptr()) } == 0 {
@@ -443,21 +480,21 @@ impl<'py> Feed<'py> {
         let mut r = Feed::inst_of(&reader);
         if !r.not_shadowed(
             &[
-                (intern!(py, "feed_data"), &st.feed_data),
-                (intern!(py, "_wakeup_waiter"), &st.wakeup_waiter),
+                (names.feed_data.bind(py), &st.feed_data),
+                (names.wakeup_waiter.bind(py), &st.wakeup_waiter),
             ],
             &READER_SEEN,
         ) {
             return None;
         }
-        let eof = r.get(intern!(py, "_eof"), &HINTS.eof).ok()?;
+        let eof = r.get(names.eof.bind(py), &HINTS.eof).ok()?;
         if truthy(&eof).ok()? {
             return None;
         }
         if !eof.is_exact_instance_of::<PyBool>() {
             r = Feed::inst_of(&reader); // `bool()` may have run code
         }
-        let buffer = r.get(intern!(py, "_buffer"), &HINTS.buffer).ok()?;
+        let buffer = r.get(names.buffer.bind(py), &HINTS.buffer).ok()?;
         if !buffer.is_exact_instance_of::<PyByteArray>() {
             return None;
         }
@@ -468,6 +505,7 @@ impl<'py> Feed<'py> {
         }
         let attrs = r.attrs;
         Some(Feed {
+            st,
             reader,
             buffer,
             attrs,
@@ -517,6 +555,7 @@ impl<'py> Feed<'py> {
     /// `code_ran`: Python code may have run since `of` (the snapshot it took is stale).
     pub(crate) fn fed(mut self, code_ran: bool) -> PyResult<()> {
         let py = self.reader.py();
+        let names = &self.st.names;
         // _wakeup_waiter()
         let r = match self.attrs.take() {
             Some(attrs) if !code_ran => Inst {
@@ -526,16 +565,14 @@ impl<'py> Feed<'py> {
             _ => self.inst(),
         };
         let reader = &self.reader;
-        let waiter = r.get(intern!(py, "_waiter"), &HINTS.waiter)?;
+        let waiter = r.get(names.waiter.bind(py), &HINTS.waiter)?;
         if !waiter.is_none() {
             r.set(
-                intern!(py, "_waiter"),
+                names.waiter.bind(py),
                 &HINTS.waiter,
                 &py.None().into_bound(py),
             )?;
-            let direct = streams(py)
-                .and_then(|st| st.waiter.as_ref())
-                .and_then(|w| Some((w, w.exact(&waiter)?)));
+            let direct = (self.st.waiter.as_ref()).and_then(|w| Some((w, w.exact(&waiter)?)));
             if let Some((w, fut)) = direct {
                 // `if not waiter.cancelled(): waiter.set_result(None)`, asking `cancelled()`
                 // only when `set_result` fails: the C method raises before changing anything
@@ -558,18 +595,18 @@ impl<'py> Feed<'py> {
         // A new snapshot after waking the waiter, and after `bool()` or `len()` on an object
         // of another type, which may run code.
         let mut r = self.inst();
-        let transport = r.get(intern!(py, "_transport"), &HINTS.transport)?;
+        let transport = r.get(names.transport.bind(py), &HINTS.transport)?;
         if transport.is_none() {
             return Ok(());
         }
-        let paused = r.get(intern!(py, "_paused"), &HINTS.paused)?;
+        let paused = r.get(names.paused.bind(py), &HINTS.paused)?;
         if truthy(&paused)? {
             return Ok(());
         }
         if !paused.is_exact_instance_of::<PyBool>() {
             r = self.inst();
         }
-        let buffer = r.get(intern!(py, "_buffer"), &HINTS.buffer)?;
+        let buffer = r.get(names.buffer.bind(py), &HINTS.buffer)?;
         let size = if buffer.is_exact_instance_of::<PyByteArray>() {
             // SAFETY: an exact bytearray, whose length is its size field.
             unsafe { ffi::Py_SIZE(buffer.as_ptr()) as usize }
@@ -578,7 +615,7 @@ impl<'py> Feed<'py> {
             r = self.inst(); // `len()` may have run code
             size
         };
-        let limit = r.get(intern!(py, "_limit"), &HINTS.limit)?;
+        let limit = r.get(names.limit.bind(py), &HINTS.limit)?;
         let over = match exact_int(&limit) {
             Some(l) => size as i128 > 2 * l as i128,
             None => size
@@ -589,10 +626,10 @@ impl<'py> Feed<'py> {
             match call_method(&transport, intern!(py, "pause_reading"), None) {
                 // The transport cannot pause: forget it, and buffer everything.
                 Err(e) if e.is_instance_of::<PyNotImplementedError>(py) => {
-                    reader.setattr(intern!(py, "_transport"), py.None())?
+                    reader.setattr(names.transport.bind(py), py.None())?
                 }
                 Err(e) => return Err(e),
-                Ok(_) => reader.setattr(intern!(py, "_paused"), true)?,
+                Ok(_) => reader.setattr(names.paused.bind(py), true)?,
             }
         }
         Ok(())
