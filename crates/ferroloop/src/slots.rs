@@ -15,6 +15,7 @@
 //! what an unset slot does, so the error raised is Python's own.
 
 use std::os::raw::c_uint;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -41,6 +42,16 @@ struct Entry<const N: usize> {
 pub(crate) struct SlotTable<const N: usize> {
     names: [&'static str; N],
     cache: GilCell<Vec<Entry<N>>>,
+    /// The entry last found with offsets, copied out of `cache`: what nearly every lookup
+    /// asks for, read without borrowing the cache or searching it. Written and read with
+    /// the GIL held (no other thread runs in between), so its fields always agree.
+    last: Last<N>,
+}
+
+struct Last<const N: usize> {
+    ty: AtomicUsize,
+    tag: AtomicU32,
+    offsets: [AtomicU16; N],
 }
 
 /// Whether a non-zero `tp_version_tag` is valid by itself. Up to 3.11 a modified type keeps
@@ -71,10 +82,16 @@ impl<const N: usize> SlotTable<N> {
         SlotTable {
             names,
             cache: GilCell::new(Vec::new()),
+            last: Last {
+                ty: AtomicUsize::new(0),
+                tag: AtomicU32::new(0),
+                offsets: [const { AtomicU16::new(0) }; N],
+            },
         }
     }
 
     /// A reader of `obj`'s slots: direct when its class's layout is known, `getattr` otherwise.
+    #[inline(always)]
     pub(crate) fn reader<'a, 'py>(&'a self, obj: &'a Bound<'py, PyAny>) -> SlotReader<'a, 'py, N> {
         SlotReader {
             obj,
@@ -90,16 +107,49 @@ impl<const N: usize> SlotTable<N> {
         let ty_ptr = unsafe { ffi::Py_TYPE(obj.as_ptr()) };
         // SAFETY: `ty_ptr` is a live type (held by `obj`).
         let tag = unsafe { version_tag(py, ty_ptr) };
-        if tag != 0 {
+        if tag != 0
+            && self.last.ty.load(Ordering::Relaxed) == ty_ptr as usize
+            && self.last.tag.load(Ordering::Relaxed) == tag
+        {
+            return Some(std::array::from_fn(|i| {
+                self.last.offsets[i].load(Ordering::Relaxed)
+            }));
+        }
+        self.lookup(obj, ty_ptr, tag)
+    }
+
+    /// `offsets` past the last entry: the cache, else a new resolution.
+    #[inline(never)]
+    fn lookup(
+        &self,
+        obj: &Bound<'_, PyAny>,
+        ty_ptr: *mut ffi::PyTypeObject,
+        tag: c_uint,
+    ) -> Option<[Offset; N]> {
+        let py = obj.py();
+        let found = if tag != 0 {
             let cache = self.cache.borrow_mut(py).ok()?;
-            if let Some(e) = cache
+            cache
                 .iter()
                 .find(|e| e.ty == ty_ptr as usize && e.tag == tag)
-            {
-                return e.offsets;
+                .map(|e| e.offsets)
+        } else {
+            None
+        };
+        let offsets = match found {
+            Some(offsets) => offsets,
+            None => self.refresh(obj),
+        };
+        // SAFETY: a live type (held by `obj`); the tag again, as resolving may have set it.
+        let tag = unsafe { version_tag(py, ty_ptr) };
+        if let (Some(o), true) = (offsets, tag != 0) {
+            self.last.ty.store(ty_ptr as usize, Ordering::Relaxed);
+            self.last.tag.store(tag, Ordering::Relaxed);
+            for (slot, v) in self.last.offsets.iter().zip(o) {
+                slot.store(v, Ordering::Relaxed);
             }
         }
-        self.refresh(obj)
+        offsets
     }
 
     #[cold]

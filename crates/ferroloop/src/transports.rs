@@ -62,10 +62,10 @@ const CLOSING: usize = 7;
 fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
     let s = SLOTS.reader(tr);
-    if truthy(&s.get(CONN_LOST)?)? {
+    if !s.is_plainly_false(CONN_LOST) && truthy(&s.get(CONN_LOST)?)? {
         return Ok(());
     }
-    if truthy(&s.get(BUFFERED)?)? {
+    if !s.is_plainly_false(BUFFERED) && truthy(&s.get(BUFFERED)?)? {
         return read_ready_buffered(tr, &s);
     }
     let fd = small_int(&s.get(SOCK_FD)?)?;
