@@ -30,7 +30,8 @@
 //! `cancelled` and `set_result` are called through the C Future's method descriptors when the
 //! future has no instance attribute that could shadow them. A 1 KiB streams echo, server
 //! instructions per request (`bench/net/callgrind_echo.py`): 20.6k before, 18.1k after; the
-//! remembered keys and the single waiter call, 17.5k -> 17.1k.
+//! remembered keys, the single waiter call, the type checks of the inline attributes cached
+//! per tag and the checks' snapshot reused for the wake-up, 17.5k -> 16.9k.
 
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
