@@ -20,6 +20,7 @@ import time
 import weakref
 
 import pytest
+from conftest import run_python_c
 
 TIMEOUT = 10
 
@@ -682,6 +683,201 @@ def test_data_received_replaced_on_the_class_of_another_connection_is_called(loo
         assert sorted(seen) == [b"a2", b"b1"]
         await a.close()
         await b.close()
+
+    run(loop, main())
+
+
+# ---- the same instances changed once data flowed ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target, name",
+    [
+        ("reader", "feed_data"),
+        ("reader", "_wakeup_waiter"),
+        ("protocol", "data_received"),
+    ],
+)
+def test_a_method_set_on_the_instance_after_reads_is_called_then_deleted(loop, target, name):
+    """A connection fed several times, then one of the functions data_received goes through
+    set on that very reader or protocol: the next chunk goes through it; deleted, no more."""
+    calls = []
+
+    async def main():
+        c = await Conn.open()
+        for i in range(3):
+            c.peer.sendall(b"warm%d" % i)
+            assert await c.reader.readexactly(5) == b"warm%d" % i
+        obj = c.reader if target == "reader" else c.writer.transport.get_protocol()
+        original = getattr(obj, name)
+
+        def spy(*args):
+            calls.append(args)
+            return original(*args)
+
+        setattr(obj, name, spy)
+        c.peer.sendall(b"during")
+        assert await c.reader.readexactly(6) == b"during"
+        assert calls, f"{name} set on the {target} instance was not called"
+        delattr(obj, name)
+        n = len(calls)
+        c.peer.sendall(b"after")
+        assert await c.reader.readexactly(5) == b"after"
+        assert len(calls) == n
+        await c.close()
+
+    run(loop, main())
+
+
+_FRESH_INSTANCE_PATCH = """
+import asyncio, socket, sys
+
+loop_name, target, name = sys.argv[1:]
+if loop_name == "ferroloop":
+    import ferroloop
+    loop = ferroloop.new_event_loop()
+else:
+    loop = asyncio.SelectorEventLoop()
+calls = []
+
+async def main():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        reader, writer = await asyncio.open_connection(*listener.getsockname())
+        peer, _ = listener.accept()
+    with peer:
+        for i in range(3):
+            peer.sendall(b"warm%d" % i)
+            assert await reader.readexactly(5) == b"warm%d" % i
+        obj = reader if target == "reader" else writer.transport.get_protocol()
+        original = getattr(obj, name)
+
+        def spy(*args):
+            calls.append(args)
+            return original(*args)
+
+        setattr(obj, name, spy)
+        peer.sendall(b"during")
+        assert await reader.readexactly(6) == b"during"
+        assert calls, f"{name} set on the {target} instance was not called"
+        delattr(obj, name)
+        n = len(calls)
+        peer.sendall(b"after")
+        assert await reader.readexactly(5) == b"after"
+        assert len(calls) == n
+        writer.close()
+
+loop.run_until_complete(asyncio.wait_for(main(), 10))
+loop.close()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize(
+    "target, name",
+    [
+        ("reader", "feed_data"),
+        ("reader", "_wakeup_waiter"),
+        ("protocol", "data_received"),
+    ],
+)
+def test_a_method_set_on_the_instance_after_reads_in_a_fresh_interpreter(
+    loop_impl, target, name
+):
+    """As above, in an interpreter where no instance of the stdlib classes ever had an
+    attribute of that name (which the classes' shared attribute keys remember)."""
+    proc = run_python_c(_FRESH_INSTANCE_PATCH, loop_impl.name, target, name)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+
+
+def test_a_method_set_on_another_reader_is_not_called_for_this_one(loop):
+    """`feed_data` set on another reader of the same class changes nothing for this one."""
+
+    async def main():
+        c = await Conn.open()
+        c.peer.sendall(b"one")
+        assert await c.reader.readexactly(3) == b"one"
+        other = asyncio.StreamReader()
+        other.feed_data = lambda data: pytest.fail("the other reader's feed_data was called")
+        c.peer.sendall(b"two")
+        assert await c.reader.readexactly(3) == b"two"
+        del other.feed_data
+        c.peer.sendall(b"three")
+        assert await c.reader.readexactly(5) == b"three"
+        await c.close()
+
+    run(loop, main())
+
+
+def test_set_protocol_mid_stream_sends_the_next_data_to_the_new_protocol(loop):
+    """A stream connection fed, then its transport given another protocol (a plain one, then
+    a StreamReaderProtocol over another reader): each gets the data from then on."""
+
+    class Collect(asyncio.Protocol):
+        def __init__(self):
+            self.data = bytearray()
+            self.got = asyncio.Event()
+
+        def data_received(self, data):
+            self.data += data
+            self.got.set()
+
+    async def main():
+        c = await Conn.open()
+        tr = c.writer.transport
+        own = tr.get_protocol()
+        c.peer.sendall(b"first")
+        assert await c.reader.readexactly(5) == b"first"
+        collect = Collect()
+        tr.set_protocol(collect)
+        c.peer.sendall(b"second")
+        await asyncio.wait_for(collect.got.wait(), TIMEOUT)
+        assert collect.data == b"second"
+        other = asyncio.StreamReader()
+        tr.set_protocol(asyncio.StreamReaderProtocol(other))
+        c.peer.sendall(b"third")
+        assert await asyncio.wait_for(other.readexactly(5), TIMEOUT) == b"third"
+        tr.set_protocol(own)
+        c.peer.sendall(b"fourth")
+        assert await c.reader.readexactly(6) == b"fourth"
+        assert collect.data == b"second"
+        await c.close()
+
+    run(loop, main())
+
+
+def test_a_waiter_cancelled_after_reads_is_dropped_and_one_already_done_fails(loop):
+    """With reads before (the direct paths warm): a cancelled waiter is dropped silently, one
+    that holds a result makes data_received fail with InvalidStateError."""
+
+    async def main():
+        calls = handler_calls(loop)
+        c = await Conn.open()
+        for i in range(3):
+            c.peer.sendall(b"warm%d" % i)
+            assert await c.reader.readexactly(5) == b"warm%d" % i
+        waiter = loop.create_future()
+        waiter.cancel()
+        c.reader._waiter = waiter
+        c.peer.sendall(b"data")
+        deadline = time.monotonic() + TIMEOUT
+        while c.reader._waiter is not None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        assert waiter.cancelled() and calls == []
+        assert await c.reader.readexactly(4) == b"data"
+        waiter = loop.create_future()
+        waiter.set_result("someone else's")
+        c.reader._waiter = waiter
+        c.peer.sendall(b"more")
+        while not c.writer.transport.is_closing():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        assert waiter.result() == "someone else's"
+        assert [ctx["message"] for ctx in calls] == [
+            "Fatal error: protocol.data_received() call failed."
+        ]
+        assert isinstance(calls[0]["exception"], asyncio.InvalidStateError)
+        await c.close()
 
     run(loop, main())
 

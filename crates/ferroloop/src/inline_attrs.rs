@@ -9,7 +9,7 @@
 //! module: a hint per attribute name, checked against the key (identity) before use.
 //!
 //! What makes a direct read equal to `getattr`: the instance's type uses the generic
-//! `__getattribute__`/`__setattr__` (checked here), and the class defines nothing under the
+//! `__getattribute__`/`__setattr__` (`Attrs::type_ok`, which callers cache per version tag), and the class defines nothing under the
 //! name, so no descriptor can take precedence (the caller checks that, cached per version tag,
 //! see `ClassCheck`). Then `getattr` is exactly the instance's value, and a name that is not
 //! among the instance's attributes is not shadowing the class's function of that name.
@@ -25,7 +25,7 @@
 //! Python code runs: take a new one after any call that may run code.
 
 use std::os::raw::c_ulong;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use pyo3::ffi;
@@ -77,6 +77,21 @@ impl Hint {
     }
 }
 
+/// Shared keys once seen holding none of some names ([`Attrs::lacks_all`]).
+pub(crate) struct KeysSeen {
+    keys: AtomicPtr<DictKeys>,
+    len: AtomicUsize,
+}
+
+impl KeysSeen {
+    pub(crate) const fn new() -> Self {
+        KeysSeen {
+            keys: AtomicPtr::new(std::ptr::null_mut()),
+            len: AtomicUsize::new(0),
+        }
+    }
+}
+
 enum Lookup {
     At(usize),
     Absent,
@@ -86,6 +101,7 @@ enum Lookup {
 
 /// A snapshot of one instance's inline attributes (valid until Python code runs).
 pub(crate) struct Attrs {
+    keys: *mut DictKeys,
     values: *mut *mut ffi::PyObject,
     indices: *const u8,
     entries: *const Entry,
@@ -95,21 +111,19 @@ pub(crate) struct Attrs {
 }
 
 impl Attrs {
-    /// `obj`'s inline attributes, if it keeps them inline and its type uses the generic
-    /// attribute access.
+    /// Whether instances of `ty` may keep their attributes inline and read them through the
+    /// generic attribute access: what [`Attrs::of_instance`] needs of the type. It only
+    /// changes when the type does (a `__getattribute__` or `__setattr__` set on it or a base
+    /// gives it a new version tag), so a caller may cache it per tag.
     ///
     /// # Safety
-    /// `obj` is a live object; the GIL is held.
-    #[inline(always)]
-    pub(crate) unsafe fn of(py: Python<'_>, obj: *mut ffi::PyObject) -> Option<Attrs> {
+    /// `ty` is a live type object; the GIL is held.
+    pub(crate) unsafe fn type_ok(py: Python<'_>, ty: *mut ffi::PyTypeObject) -> bool {
         if !enabled(py) {
-            return None;
+            return false;
         }
-        // SAFETY: a live object's type; on 3.11 (checked above) a type with MANAGED_DICT is a
-        // heap type with the values pointer four words before its instances, and its shared
-        // keys (when not NULL) have the layout of `DictKeys`.
+        // SAFETY: a live type's fields.
         unsafe {
-            let ty = ffi::Py_TYPE(obj);
             let generic_get = (*ty).tp_getattro.is_some_and(|f| {
                 std::ptr::fn_addr_eq(f, ffi::PyObject_GenericGetAttr as ffi::getattrofunc)
             });
@@ -117,9 +131,22 @@ impl Attrs {
                 std::ptr::fn_addr_eq(f, ffi::PyObject_GenericSetAttr as ffi::setattrofunc)
             });
             let heap_managed = MANAGED_DICT | ffi::Py_TPFLAGS_HEAPTYPE;
-            if (*ty).tp_flags & heap_managed != heap_managed || !generic_get || !generic_set {
-                return None;
-            }
+            (*ty).tp_flags & heap_managed == heap_managed && generic_get && generic_set
+        }
+    }
+
+    /// `obj`'s inline attributes, if it keeps them inline.
+    ///
+    /// # Safety
+    /// `obj` is a live object whose type passes [`Attrs::type_ok`] (now, not only once); the
+    /// GIL is held.
+    #[inline(always)]
+    pub(crate) unsafe fn of_instance(obj: *mut ffi::PyObject) -> Option<Attrs> {
+        // SAFETY: on 3.11 (`type_ok`) a type with MANAGED_DICT is a heap type with the values
+        // pointer four words before its instances, and its shared keys (when not NULL) have
+        // the layout of `DictKeys`.
+        unsafe {
+            let ty = ffi::Py_TYPE(obj);
             let values = *obj.cast::<*mut *mut ffi::PyObject>().sub(4);
             if values.is_null() {
                 return None;
@@ -135,6 +162,7 @@ impl Attrs {
                 .add(1usize << (*keys).dk_log2_index_bytes)
                 .cast::<Entry>();
             Some(Attrs {
+                keys,
                 values,
                 indices,
                 entries,
@@ -147,15 +175,23 @@ impl Attrs {
 
     /// Where `name` is among the keys: the hint if it still holds, else a probe of the keys'
     /// hash table (the steps of CPython's `unicodekeys_lookup_unicode`).
+    #[inline(always)]
     fn find(&self, name: &Bound<'_, PyString>, hint: &Hint) -> Lookup {
-        let name = name.as_ptr();
         let h = hint.0.load(Ordering::Relaxed) as usize;
+        // SAFETY: entries `0..len` are initialised keys of the live keys.
+        if h < self.len && unsafe { (*self.entries.add(h)).key } == name.as_ptr() {
+            return Lookup::At(h);
+        }
+        self.probe(name, hint)
+    }
+
+    /// `find` without a hint that holds.
+    #[inline(never)]
+    fn probe(&self, name: &Bound<'_, PyString>, hint: &Hint) -> Lookup {
+        let name = name.as_ptr();
         // SAFETY: entries `0..len` are initialised keys (exact str objects) of the live keys;
         // the index table holds `1 << dk_log2_size` one-byte indices when the two logs are equal.
         unsafe {
-            if h < self.len && (*self.entries.add(h)).key == name {
-                return Lookup::At(h);
-            }
             let hash = (*name.cast::<ffi::PyASCIIObject>()).hash;
             // Shared keys hold at most 30 names: one-byte indices. Anything else is unexpected.
             if hash == -1 || self.log2_size != self.log2_index_bytes {
@@ -193,7 +229,7 @@ impl Attrs {
     }
 
     /// The instance's value for `name` (borrowed), or None: unknown here, ask `getattr`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn get(
         &self,
         name: &Bound<'_, PyString>,
@@ -215,6 +251,47 @@ impl Attrs {
             Lookup::At(i) => unsafe { (*self.values.add(i)).is_null() },
             Lookup::Unknown => false,
         }
+    }
+
+    /// True when the instance certainly has none of the attributes `names`: its class's
+    /// shared keys hold none of them. That verdict is kept in `seen` for these keys as they
+    /// are (the same object, with as many entries), so it costs two comparisons until a name
+    /// is added to the keys, whatever instance asks.
+    ///
+    /// Sound because shared keys only grow: an entry, once added, is never removed or
+    /// replaced (an attribute deleted from an instance leaves its key, with a NULL value),
+    /// so keys with the same address and entry count hold the same names. The address is
+    /// only compared while it cannot be reused: the keys are kept alive (one reference,
+    /// never released, taken when `seen` first names them).
+    #[inline(always)]
+    pub(crate) fn lacks_all(&self, names: &[&Bound<'_, PyString>], seen: &KeysSeen) -> bool {
+        if seen.keys.load(Ordering::Relaxed) == self.keys
+            && seen.len.load(Ordering::Relaxed) == self.len
+        {
+            return true;
+        }
+        self.lacks_all_slow(names, seen)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn lacks_all_slow(&self, names: &[&Bound<'_, PyString>], seen: &KeysSeen) -> bool {
+        let unused = Hint::new();
+        if names
+            .iter()
+            .all(|n| matches!(self.find(n, &unused), Lookup::Absent))
+        {
+            if seen.keys.load(Ordering::Relaxed) != self.keys {
+                // SAFETY: live shared keys (their class holds them); the GIL is held, which
+                // guards the count. The reference is never released (see above).
+                unsafe { (*self.keys).dk_refcnt += 1 };
+                seen.keys.store(self.keys, Ordering::Relaxed);
+            }
+            seen.len.store(self.len, Ordering::Relaxed);
+            return true;
+        }
+        // A name among the keys: this instance may still lack it (no value).
+        names.iter().all(|n| self.lacks(n))
     }
 
     /// Replaces the instance's existing value for `name` with `value`, as `setattr` does;

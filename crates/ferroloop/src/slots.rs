@@ -15,6 +15,7 @@
 //! what an unset slot does, so the error raised is Python's own.
 
 use std::os::raw::c_uint;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -26,16 +27,31 @@ use crate::gil::GilCell;
 /// user subclass).
 const MAX_ENTRIES: usize = 8;
 
+/// A slot's offset in its instance. Slots sit just after the object's header, so the offsets
+/// are small; kept narrow so that a table's copy per reader is a few words (a class with an
+/// offset beyond this is read through `getattr`).
+type Offset = u16;
+
 struct Entry<const N: usize> {
     ty: usize,
     tag: c_uint,
-    offsets: Option<[isize; N]>,
+    offsets: Option<[Offset; N]>,
 }
 
 /// The offsets of `N` named slots, per concrete class.
 pub(crate) struct SlotTable<const N: usize> {
     names: [&'static str; N],
     cache: GilCell<Vec<Entry<N>>>,
+    /// The entry last found with offsets, copied out of `cache`: what nearly every lookup
+    /// asks for, read without borrowing the cache or searching it. Written and read with
+    /// the GIL held (no other thread runs in between), so its fields always agree.
+    last: Last<N>,
+}
+
+struct Last<const N: usize> {
+    ty: AtomicUsize,
+    tag: AtomicU32,
+    offsets: [AtomicU16; N],
 }
 
 /// Whether a non-zero `tp_version_tag` is valid by itself. Up to 3.11 a modified type keeps
@@ -66,10 +82,16 @@ impl<const N: usize> SlotTable<N> {
         SlotTable {
             names,
             cache: GilCell::new(Vec::new()),
+            last: Last {
+                ty: AtomicUsize::new(0),
+                tag: AtomicU32::new(0),
+                offsets: [const { AtomicU16::new(0) }; N],
+            },
         }
     }
 
     /// A reader of `obj`'s slots: direct when its class's layout is known, `getattr` otherwise.
+    #[inline(always)]
     pub(crate) fn reader<'a, 'py>(&'a self, obj: &'a Bound<'py, PyAny>) -> SlotReader<'a, 'py, N> {
         SlotReader {
             obj,
@@ -79,26 +101,59 @@ impl<const N: usize> SlotTable<N> {
     }
 
     #[inline(always)]
-    fn offsets(&self, obj: &Bound<'_, PyAny>) -> Option<[isize; N]> {
+    fn offsets(&self, obj: &Bound<'_, PyAny>) -> Option<[Offset; N]> {
         let py = obj.py();
         // SAFETY: `obj` is live, so is its type.
         let ty_ptr = unsafe { ffi::Py_TYPE(obj.as_ptr()) };
         // SAFETY: `ty_ptr` is a live type (held by `obj`).
         let tag = unsafe { version_tag(py, ty_ptr) };
-        if tag != 0 {
+        if tag != 0
+            && self.last.ty.load(Ordering::Relaxed) == ty_ptr as usize
+            && self.last.tag.load(Ordering::Relaxed) == tag
+        {
+            return Some(std::array::from_fn(|i| {
+                self.last.offsets[i].load(Ordering::Relaxed)
+            }));
+        }
+        self.lookup(obj, ty_ptr, tag)
+    }
+
+    /// `offsets` past the last entry: the cache, else a new resolution.
+    #[inline(never)]
+    fn lookup(
+        &self,
+        obj: &Bound<'_, PyAny>,
+        ty_ptr: *mut ffi::PyTypeObject,
+        tag: c_uint,
+    ) -> Option<[Offset; N]> {
+        let py = obj.py();
+        let found = if tag != 0 {
             let cache = self.cache.borrow_mut(py).ok()?;
-            if let Some(e) = cache
+            cache
                 .iter()
                 .find(|e| e.ty == ty_ptr as usize && e.tag == tag)
-            {
-                return e.offsets;
+                .map(|e| e.offsets)
+        } else {
+            None
+        };
+        let offsets = match found {
+            Some(offsets) => offsets,
+            None => self.refresh(obj),
+        };
+        // SAFETY: a live type (held by `obj`); the tag again, as resolving may have set it.
+        let tag = unsafe { version_tag(py, ty_ptr) };
+        if let (Some(o), true) = (offsets, tag != 0) {
+            self.last.ty.store(ty_ptr as usize, Ordering::Relaxed);
+            self.last.tag.store(tag, Ordering::Relaxed);
+            for (slot, v) in self.last.offsets.iter().zip(o) {
+                slot.store(v, Ordering::Relaxed);
             }
         }
-        self.refresh(obj)
+        offsets
     }
 
     #[cold]
-    fn refresh(&self, obj: &Bound<'_, PyAny>) -> Option<[isize; N]> {
+    fn refresh(&self, obj: &Bound<'_, PyAny>) -> Option<[Offset; N]> {
         let py = obj.py();
         let ty = obj.get_type();
         let ty_ptr = ty.as_type_ptr();
@@ -122,7 +177,7 @@ impl<const N: usize> SlotTable<N> {
         offsets
     }
 
-    fn resolve(&self, ty: &Bound<'_, pyo3::types::PyType>) -> Option<[isize; N]> {
+    fn resolve(&self, ty: &Bound<'_, pyo3::types::PyType>) -> Option<[Offset; N]> {
         let py = ty.py();
         // A class with its own __getattribute__ or __getattr__ does not read slots plainly.
         // SAFETY: `ty` is a live type object.
@@ -132,7 +187,7 @@ impl<const N: usize> SlotTable<N> {
         if !generic {
             return None;
         }
-        let mut offsets = [0isize; N];
+        let mut offsets = [0 as Offset; N];
         for (slot, name) in offsets.iter_mut().zip(self.names) {
             // Class attribute access returns a member descriptor itself.
             let descr = ty.getattr(PyString::intern(py, name)).ok()?;
@@ -156,7 +211,7 @@ impl<const N: usize> SlotTable<N> {
             if def.type_code != ffi::Py_T_OBJECT_EX || !is_base || def.offset <= 0 {
                 return None;
             }
-            *slot = def.offset;
+            *slot = Offset::try_from(def.offset).ok()?;
         }
         Some(offsets)
     }
@@ -165,7 +220,7 @@ impl<const N: usize> SlotTable<N> {
 pub(crate) struct SlotReader<'a, 'py, const N: usize> {
     obj: &'a Bound<'py, PyAny>,
     names: &'a [&'static str; N],
-    offsets: Option<[isize; N]>,
+    offsets: Option<[Offset; N]>,
 }
 
 impl<'py, const N: usize> SlotReader<'_, 'py, N> {
@@ -181,7 +236,7 @@ impl<'py, const N: usize> SlotReader<'_, 'py, N> {
                     .obj
                     .as_ptr()
                     .cast::<u8>()
-                    .offset(offsets[i])
+                    .add(usize::from(offsets[i]))
                     .cast::<*mut ffi::PyObject>()
             };
             if !p.is_null() {
@@ -190,6 +245,45 @@ impl<'py, const N: usize> SlotReader<'_, 'py, N> {
             }
         }
         self.getattr(i)
+    }
+
+    /// Whether slot `i` certainly holds a value that is false without running code (False,
+    /// None, 0, the empty tuple): read in place, no reference taken. False also means
+    /// "unknown here": ask `truthy(get(i))`.
+    #[inline(always)]
+    pub(crate) fn is_plainly_false(&self, i: usize) -> bool {
+        let Some(offsets) = &self.offsets else {
+            return false;
+        };
+        // SAFETY: as in `get`; the pointer is only compared, or its type and size read while
+        // the instance holds it.
+        unsafe {
+            let p = *self
+                .obj
+                .as_ptr()
+                .cast::<u8>()
+                .add(usize::from(offsets[i]))
+                .cast::<*mut ffi::PyObject>();
+            !p.is_null() && plainly_false(p)
+        }
+    }
+
+    /// Whether slot `i` holds None (read in place). False also means "unknown here".
+    #[inline(always)]
+    pub(crate) fn is_plainly_none(&self, i: usize) -> bool {
+        let Some(offsets) = &self.offsets else {
+            return false;
+        };
+        // SAFETY: as in `get`; the pointer is only compared.
+        unsafe {
+            *self
+                .obj
+                .as_ptr()
+                .cast::<u8>()
+                .add(usize::from(offsets[i]))
+                .cast::<*mut ffi::PyObject>()
+                == ffi::Py_None()
+        }
     }
 
     /// `setattr(obj, names[i], value)`: a direct store when the class's layout is known.
@@ -204,7 +298,7 @@ impl<'py, const N: usize> SlotReader<'_, 'py, N> {
                     .obj
                     .as_ptr()
                     .cast::<u8>()
-                    .offset(offsets[i])
+                    .add(usize::from(offsets[i]))
                     .cast::<*mut ffi::PyObject>();
                 let old = *slot;
                 *slot = value.clone().into_ptr();
@@ -260,6 +354,22 @@ pub(crate) fn small_int(obj: &Bound<'_, PyAny>) -> PyResult<i32> {
 /// The interpreter's cached `0` (CPython keeps one object per small int), once looked up.
 static ZERO: std::sync::atomic::AtomicPtr<ffi::PyObject> =
     std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// `p` is one of the false values `truthy` knows without a call.
+///
+/// # Safety
+/// `p` is a live object.
+#[inline(always)]
+unsafe fn plainly_false(p: *mut ffi::PyObject) -> bool {
+    // SAFETY: pointer comparisons with the interpreter's singletons, and the type and size
+    // fields of a live object.
+    unsafe {
+        p == ffi::Py_False()
+            || p == ffi::Py_None()
+            || (p == ZERO.load(std::sync::atomic::Ordering::Relaxed) && !p.is_null())
+            || (ffi::PyTuple_CheckExact(p) != 0 && ffi::Py_SIZE(p) == 0)
+    }
+}
 
 /// `bool(obj)`, without a call for the values slots usually hold (True, False, None, the
 /// counter at 0, the empty tuple that stands for "no write queue").

@@ -17,16 +17,21 @@
 //! is not a bytearray or that a memoryview holds (it cannot be resized).
 //!
 //! The checks on the two classes (their functions are streams.py's) only change when a class
-//! does, so they are cached per type version tag ([`ClassCheck`]); those on the instances
-//! (nothing shadows a function, the reader and its state) run on every read.
+//! does, so they are cached per type version tag ([`ClassCheck`]). Those on the instances run
+//! on every read: the reader and its state, and that nothing on the instance shadows a
+//! function, which on 3.11 is settled per class too: an instance keeping its attributes inline
+//! has no name its class's shared keys lack, and keys once seen lacking the function names are
+//! remembered until they grow (`Attrs::lacks_all`; a name set on any instance adds it).
 //!
 //! Per read that is about ten attribute reads and writes on the reader and the protocol, and
-//! two method calls on the waiter. On 3.11, when a class defines none of the attribute names
+//! one method call on the waiter (`set_result`; `cancelled` only when that fails). On 3.11, when a class defines none of the attribute names
 //! (cached per version tag too), they go straight to the instance's inline values
 //! (`inline_attrs.rs`), with a new snapshot after anything that may run code; the waiter's
 //! `cancelled` and `set_result` are called through the C Future's method descriptors when the
 //! future has no instance attribute that could shadow them. A 1 KiB streams echo, server
-//! instructions per request (`bench/net/callgrind_echo.py`): 20.6k before, 18.1k after.
+//! instructions per request (`bench/net/callgrind_echo.py`): 20.6k before, 18.1k after; the
+//! remembered keys, the single waiter call, the type checks of the inline attributes cached
+//! per tag and the checks' snapshot reused for the wake-up, 17.5k -> 16.9k.
 
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
@@ -34,10 +39,10 @@ use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use pyo3::exceptions::PyNotImplementedError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyByteArray, PyFunction, PyInt, PyString, PyType};
+use pyo3::types::{PyBool, PyByteArray, PyFunction, PyString, PyType};
 use pyo3::{ffi, intern};
 
-use crate::inline_attrs::{Attrs, Hint};
+use crate::inline_attrs::{Attrs, Hint, KeysSeen};
 use crate::slots::{truthy, version_tag};
 use crate::sock_io::ReadError;
 
@@ -66,6 +71,40 @@ struct Streams {
     /// The C `asyncio.Future` and its `cancelled` / `set_result` method descriptors, when the
     /// type is C (immutable): see [`Waiter`].
     waiter: Option<Waiter>,
+    /// The attribute names read per read, interned (one lookup of `Streams` instead of one
+    /// per name).
+    names: Names,
+}
+
+struct Names {
+    stream_reader_wr: Py<PyString>,
+    data_received: Py<PyString>,
+    feed_data: Py<PyString>,
+    wakeup_waiter: Py<PyString>,
+    eof: Py<PyString>,
+    buffer: Py<PyString>,
+    waiter: Py<PyString>,
+    transport: Py<PyString>,
+    paused: Py<PyString>,
+    limit: Py<PyString>,
+}
+
+impl Names {
+    fn new(py: Python<'_>) -> Self {
+        let n = |s: &str| PyString::intern(py, s).unbind();
+        Names {
+            stream_reader_wr: n("_stream_reader_wr"),
+            data_received: n("data_received"),
+            feed_data: n("feed_data"),
+            wakeup_waiter: n("_wakeup_waiter"),
+            eof: n("_eof"),
+            buffer: n("_buffer"),
+            waiter: n("_waiter"),
+            transport: n("_transport"),
+            paused: n("_paused"),
+            limit: n("_limit"),
+        }
+    }
 }
 
 /// The reader's `_waiter` when it is exactly a C `asyncio.Future`: its type cannot be changed,
@@ -140,6 +179,7 @@ fn load(py: Python<'_>) -> PyResult<Option<Streams>> {
         feed_data,
         wakeup_waiter,
         waiter: load_waiter(py)?,
+        names: Names::new(py),
     }))
 }
 
@@ -221,12 +261,23 @@ impl Waiter {
 struct ClassCheck {
     /// The tag the checks last passed for (0: never).
     passed: AtomicU32,
+    /// The checks also require instances' inline attributes to be usable (`Attrs::type_ok`).
+    inline_attrs: bool,
 }
 
 impl ClassCheck {
     const fn new() -> Self {
         ClassCheck {
             passed: AtomicU32::new(0),
+            inline_attrs: false,
+        }
+    }
+
+    /// Names the class must not define, and instances with inline attributes.
+    const fn inline_attrs() -> Self {
+        ClassCheck {
+            passed: AtomicU32::new(0),
+            inline_attrs: true,
         }
     }
 
@@ -259,7 +310,9 @@ impl ClassCheck {
         // or NULL, and runs no code.
         let ok = checks
             .iter()
-            .all(|(name, f)| unsafe { _PyType_Lookup(ty, name.as_ptr()) } == *f);
+            .all(|(name, f)| unsafe { _PyType_Lookup(ty, name.as_ptr()) } == *f)
+            // SAFETY: a live type.
+            && (!self.inline_attrs || unsafe { Attrs::type_ok(py, ty) });
         // The lookups gave the type a tag if it had none; 0 caches nothing.
         // SAFETY: as above.
         let tag = unsafe { version_tag(py, ty) };
@@ -326,8 +379,11 @@ fn call_method<'py>(
 
 /// A `StreamReader` that the transport may feed directly, and its buffer.
 pub(crate) struct Feed<'py> {
+    st: &'static Streams,
     reader: Bound<'py, PyAny>,
     buffer: Bound<'py, PyAny>,
+    /// The reader's attributes as the checks last saw them (valid while no code runs).
+    attrs: Option<Attrs>,
 }
 
 impl<'py> Feed<'py> {
@@ -360,8 +416,9 @@ impl<'py> Feed<'py> {
         Self::of(protocol)
     }
 
-    fn checked(protocol: &Bound<'py, PyAny>, st: &Streams) -> Option<Feed<'py>> {
+    fn checked(protocol: &Bound<'py, PyAny>, st: &'static Streams) -> Option<Feed<'py>> {
         let py = protocol.py();
+        let names = &st.names;
         // SAFETY: a live object's type (`of` checked it is `StreamReaderProtocol`).
         let ty = unsafe { ffi::Py_TYPE(protocol.as_ptr()) };
         let class_ok = PROTOCOL_CLASS.holds(py, ty, || {
@@ -377,8 +434,8 @@ impl<'py> Feed<'py> {
         let attrs = PROTOCOL_ATTRS
             .holds(py, ty, || [(intern!(py, "_stream_reader_wr"), NONE)])
             .then(|| {
-                // SAFETY: a live object.
-                unsafe { Attrs::of(py, protocol.as_ptr()) }
+                // SAFETY: a live object, whose type passed `type_ok` for its current tag.
+                unsafe { Attrs::of_instance(protocol.as_ptr()) }
             })
             .flatten();
         let proto = Inst {
@@ -386,12 +443,15 @@ impl<'py> Feed<'py> {
             attrs,
         };
         // `_stream_reader` is a property, which the instance cannot shadow.
-        if !proto.not_shadowed(intern!(py, "data_received"), &st.data_received) {
+        if !proto.not_shadowed(
+            &[(names.data_received.bind(py), &st.data_received)],
+            &PROTOCOL_SEEN,
+        ) {
             return None;
         }
         // `self._stream_reader`: the weakref's referent.
         let wr = proto
-            .get(intern!(py, "_stream_reader_wr"), &HINTS.stream_reader_wr)
+            .get(names.stream_reader_wr.bind(py), &HINTS.stream_reader_wr)
             .ok()?;
         // SAFETY: a live object.
         if unsafe { ffi::PyWeakref_CheckRefExact(wr.as_ptr()) } == 0 {
@@ -419,19 +479,23 @@ impl<'py> Feed<'py> {
         }
         // One snapshot of the reader's attributes while no code runs (see `Feed::inst`).
         let mut r = Feed::inst_of(&reader);
-        if !r.not_shadowed(intern!(py, "feed_data"), &st.feed_data)
-            || !r.not_shadowed(intern!(py, "_wakeup_waiter"), &st.wakeup_waiter)
-        {
+        if !r.not_shadowed(
+            &[
+                (names.feed_data.bind(py), &st.feed_data),
+                (names.wakeup_waiter.bind(py), &st.wakeup_waiter),
+            ],
+            &READER_SEEN,
+        ) {
             return None;
         }
-        let eof = r.get(intern!(py, "_eof"), &HINTS.eof).ok()?;
+        let eof = r.get(names.eof.bind(py), &HINTS.eof).ok()?;
         if truthy(&eof).ok()? {
             return None;
         }
         if !eof.is_exact_instance_of::<PyBool>() {
             r = Feed::inst_of(&reader); // `bool()` may have run code
         }
-        let buffer = r.get(intern!(py, "_buffer"), &HINTS.buffer).ok()?;
+        let buffer = r.get(names.buffer.bind(py), &HINTS.buffer).ok()?;
         if !buffer.is_exact_instance_of::<PyByteArray>() {
             return None;
         }
@@ -440,7 +504,13 @@ impl<'py> Feed<'py> {
         if exports != 0 {
             return None;
         }
-        Some(Feed { reader, buffer })
+        let attrs = r.attrs;
+        Some(Feed {
+            st,
+            reader,
+            buffer,
+            attrs,
+        })
     }
 
     /// The reader with its attributes as they are now: take a new one after any call that
@@ -466,8 +536,8 @@ impl<'py> Feed<'py> {
             ]
         });
         let attrs = if direct {
-            // SAFETY: a live object.
-            unsafe { Attrs::of(py, reader.as_ptr()) }
+            // SAFETY: a live object, whose type passed `type_ok` for its current tag.
+            unsafe { Attrs::of_instance(reader.as_ptr()) }
         } else {
             None
         };
@@ -483,25 +553,38 @@ impl<'py> Feed<'py> {
     /// The rest of `feed_data` once the data is in the buffer: wake the reader, and pause
     /// reading when the buffer holds more than twice the limit. An error is what
     /// `data_received` would have raised.
-    pub(crate) fn fed(self) -> PyResult<()> {
+    /// `code_ran`: Python code may have run since `of` (the snapshot it took is stale).
+    pub(crate) fn fed(mut self, code_ran: bool) -> PyResult<()> {
         let py = self.reader.py();
-        let reader = &self.reader;
+        let names = &self.st.names;
         // _wakeup_waiter()
-        let r = self.inst();
-        let waiter = r.get(intern!(py, "_waiter"), &HINTS.waiter)?;
+        let r = match self.attrs.take() {
+            Some(attrs) if !code_ran => Inst {
+                obj: &self.reader,
+                attrs: Some(attrs),
+            },
+            _ => self.inst(),
+        };
+        let reader = &self.reader;
+        let waiter = r.get(names.waiter.bind(py), &HINTS.waiter)?;
         if !waiter.is_none() {
             r.set(
-                intern!(py, "_waiter"),
+                names.waiter.bind(py),
                 &HINTS.waiter,
                 &py.None().into_bound(py),
             )?;
-            let direct = streams(py)
-                .and_then(|st| st.waiter.as_ref())
-                .and_then(|w| Some((w, w.exact(&waiter)?)));
+            let direct = (self.st.waiter.as_ref()).and_then(|w| Some((w, w.exact(&waiter)?)));
             if let Some((w, fut)) = direct {
-                if !truthy(&Waiter::call(&w.cancelled, fut, None)?)? {
-                    let none = py.None().into_bound(py);
-                    Waiter::call(&w.set_result, fut, Some(&none))?;
+                // `if not waiter.cancelled(): waiter.set_result(None)`, asking `cancelled()`
+                // only when `set_result` fails: the C method raises before changing anything
+                // when the future is done, and a cancelled one is then dropped as streams.py
+                // drops it. Any other failure is what the two calls raise in that order (an
+                // uninitialised future: the same RuntimeError from either).
+                let none = py.None().into_bound(py);
+                if let Err(e) = Waiter::call(&w.set_result, fut, Some(&none)) {
+                    if !truthy(&Waiter::call(&w.cancelled, fut, None)?)? {
+                        return Err(e);
+                    }
                 }
             } else if !truthy(&call_method(&waiter, intern!(py, "cancelled"), None)?)? {
                 let none = py.None().into_bound(py);
@@ -513,34 +596,29 @@ impl<'py> Feed<'py> {
         // A new snapshot after waking the waiter, and after `bool()` or `len()` on an object
         // of another type, which may run code.
         let mut r = self.inst();
-        let transport = r.get(intern!(py, "_transport"), &HINTS.transport)?;
+        let transport = r.get(names.transport.bind(py), &HINTS.transport)?;
         if transport.is_none() {
             return Ok(());
         }
-        let paused = r.get(intern!(py, "_paused"), &HINTS.paused)?;
+        let paused = r.get(names.paused.bind(py), &HINTS.paused)?;
         if truthy(&paused)? {
             return Ok(());
         }
         if !paused.is_exact_instance_of::<PyBool>() {
             r = self.inst();
         }
-        let buffer = r.get(intern!(py, "_buffer"), &HINTS.buffer)?;
-        let size = buffer.len()?;
-        if !buffer.is_exact_instance_of::<PyByteArray>() {
-            r = self.inst();
-        }
-        let limit = r.get(intern!(py, "_limit"), &HINTS.limit)?;
-        let over = match limit
-            .cast::<PyInt>()
-            .ok()
-            .filter(|l| l.is_exact_instance_of::<PyInt>())
-        {
-            Some(l) => match l.extract::<i64>() {
-                Ok(l) => size as i128 > 2 * l as i128,
-                Err(_) => size
-                    .into_pyobject(py)?
-                    .gt(2i32.into_pyobject(py)?.mul(&limit)?)?,
-            },
+        let buffer = r.get(names.buffer.bind(py), &HINTS.buffer)?;
+        let size = if buffer.is_exact_instance_of::<PyByteArray>() {
+            // SAFETY: an exact bytearray, whose length is its size field.
+            unsafe { ffi::Py_SIZE(buffer.as_ptr()) as usize }
+        } else {
+            let size = buffer.len()?;
+            r = self.inst(); // `len()` may have run code
+            size
+        };
+        let limit = r.get(names.limit.bind(py), &HINTS.limit)?;
+        let over = match exact_int(&limit) {
+            Some(l) => size as i128 > 2 * l as i128,
             None => size
                 .into_pyobject(py)?
                 .gt(2i32.into_pyobject(py)?.mul(&limit)?)?,
@@ -549,21 +627,41 @@ impl<'py> Feed<'py> {
             match call_method(&transport, intern!(py, "pause_reading"), None) {
                 // The transport cannot pause: forget it, and buffer everything.
                 Err(e) if e.is_instance_of::<PyNotImplementedError>(py) => {
-                    reader.setattr(intern!(py, "_transport"), py.None())?
+                    reader.setattr(names.transport.bind(py), py.None())?
                 }
                 Err(e) => return Err(e),
-                Ok(_) => reader.setattr(intern!(py, "_paused"), true)?,
+                Ok(_) => reader.setattr(names.paused.bind(py), true)?,
             }
         }
         Ok(())
     }
 }
 
+/// The value of an exact int that fits a C long (no code runs, no exception left).
+#[inline(always)]
+fn exact_int(obj: &Bound<'_, PyAny>) -> Option<i64> {
+    // SAFETY: a live object; on an exact int `PyLong_AsLongAndOverflow` sets no exception and
+    // reports a value out of range through `overflow`.
+    unsafe {
+        if ffi::PyLong_CheckExact(obj.as_ptr()) == 0 {
+            return None;
+        }
+        let mut overflow = 0;
+        let v = ffi::PyLong_AsLongAndOverflow(obj.as_ptr(), &mut overflow);
+        (overflow == 0).then_some(v as i64)
+    }
+}
+
 /// "The class defines no attribute of this name" in a [`ClassCheck`].
 const NONE: *mut ffi::PyObject = std::ptr::null_mut();
 
-static PROTOCOL_ATTRS: ClassCheck = ClassCheck::new();
-static READER_ATTRS: ClassCheck = ClassCheck::new();
+static PROTOCOL_ATTRS: ClassCheck = ClassCheck::inline_attrs();
+static READER_ATTRS: ClassCheck = ClassCheck::inline_attrs();
+
+/// The classes' shared keys as last seen holding none of the function names checked per
+/// read (`Inst::not_shadowed`).
+static PROTOCOL_SEEN: KeysSeen = KeysSeen::new();
+static READER_SEEN: KeysSeen = KeysSeen::new();
 
 /// Where the attributes read per read were last found among their class's keys.
 struct Hints {
@@ -619,12 +717,21 @@ impl<'py> Inst<'_, 'py> {
         self.obj.setattr(name, value)
     }
 
-    /// `obj.name` is the class's function `expected` (checked by the caller's `ClassCheck`),
-    /// unshadowed by the instance.
-    fn not_shadowed(&self, name: &Bound<'py, PyString>, expected: &Py<PyAny>) -> bool {
+    /// For each `(name, expected)`, `obj.name` is the class's function `expected` (checked by
+    /// the caller's `ClassCheck`), unshadowed by the instance. With inline attributes, the
+    /// class's shared keys holding none of the names settle it, `seen` remembering keys that
+    /// did not (see `Attrs::lacks_all`).
+    #[inline(always)]
+    fn not_shadowed<const N: usize>(
+        &self,
+        checks: &[(&Bound<'py, PyString>, &Py<PyAny>); N],
+        seen: &KeysSeen,
+    ) -> bool {
         match &self.attrs {
-            Some(a) => a.lacks(name),
-            None => not_shadowed(self.obj, name, expected),
+            Some(a) => a.lacks_all(&checks.map(|(name, _)| name), seen),
+            None => checks
+                .iter()
+                .all(|(name, expected)| not_shadowed(self.obj, name, expected)),
         }
     }
 }

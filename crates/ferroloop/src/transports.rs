@@ -62,10 +62,10 @@ const CLOSING: usize = 7;
 fn read_ready(tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = tr.py();
     let s = SLOTS.reader(tr);
-    if truthy(&s.get(CONN_LOST)?)? {
+    if !s.is_plainly_false(CONN_LOST) && truthy(&s.get(CONN_LOST)?)? {
         return Ok(());
     }
-    if truthy(&s.get(BUFFERED)?)? {
+    if !s.is_plainly_false(BUFFERED) && truthy(&s.get(BUFFERED)?)? {
         return read_ready_buffered(tr, &s);
     }
     let fd = small_int(&s.get(SOCK_FD)?)?;
@@ -130,7 +130,8 @@ fn read_ready_stream_reader(tr: &Bound<'_, PyAny>, fd: i32, feed: Feed<'_>) -> P
     if !after_read(tr, fd, n)? {
         return Ok(());
     }
-    match feed.fed() {
+    // Only `rearm` may have run code since the checks (a read or a resize runs none).
+    match feed.fed(n == crate::sock_io::MAX_READ) {
         Ok(()) => Ok(()),
         Err(e) => fatal(tr, e, "Fatal error: protocol.data_received() call failed."),
     }
@@ -231,7 +232,22 @@ fn recv_into(
 
 /// Nothing is queued, written after `write_eof`, in the way of a sendfile, or lost: a write
 /// goes straight to the socket.
+#[inline(always)]
 fn idle(s: &SlotReader<'_, '_, 8>) -> PyResult<bool> {
+    // The usual values, read in place.
+    if s.is_plainly_false(BUFFER)
+        && s.is_plainly_false(EOF)
+        && s.is_plainly_none(EMPTY_WAITER)
+        && s.is_plainly_false(CONN_LOST)
+    {
+        return Ok(true);
+    }
+    idle_slow(s)
+}
+
+#[cold]
+#[inline(never)]
+fn idle_slow(s: &SlotReader<'_, '_, 8>) -> PyResult<bool> {
     Ok(!truthy(&s.get(BUFFER)?)?
         && !truthy(&s.get(EOF)?)?
         && s.get(EMPTY_WAITER)?.is_none()
