@@ -2934,6 +2934,69 @@ def test_accepted_connection_uses_an_overridden_make_socket_transport(loop):
     run(loop, main())
 
 
+class _Echo(asyncio.Protocol):
+    def __init__(self, done):
+        self.done = done
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_result(exc)
+
+
+def test_listener_readiness_goes_to_an_overridden_accept_connection(loop):
+    # A loop that replaces _accept_connection (here on the instance) before the server starts
+    # serving gets each readiness event of the listener.
+    async def main():
+        calls = []
+        original = loop._accept_connection
+
+        def accept(protocol_factory, sock, *args, **kwargs):
+            calls.append(sock)
+            return original(protocol_factory, sock, *args, **kwargs)
+
+        loop._accept_connection = accept
+        try:
+            done = loop.create_future()
+            server = await loop.create_server(lambda: _Echo(done), "127.0.0.1", 0)
+            address = server.sockets[0].getsockname()
+            assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+            assert await asyncio.wait_for(done, TIMEOUT) is None
+            assert calls and calls[0] is server.sockets[0]._sock
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+        finally:
+            del loop._accept_connection
+
+    run(loop, main())
+
+
+def test_accept_logs_each_connection_once_debug_mode_is_on(loop, caplog):
+    # Debug mode turned on while the server serves: the next accepted connection is logged,
+    # as asyncio's accept loop logs it.
+    async def main():
+        done = loop.create_future()
+        server = await loop.create_server(lambda: _Echo(done), "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        loop.set_debug(True)
+        try:
+            with caplog.at_level("DEBUG", logger="asyncio"):
+                assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+                assert await asyncio.wait_for(done, TIMEOUT) is None
+        finally:
+            loop.set_debug(False)
+        assert any("got a new connection" in r.getMessage() for r in caplog.records)
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
 def test_accepted_transport_extra_info_other_keys_and_later_ones(loop):
     # Names the transport has no value for give the default (StreamReaderProtocol asks for
     # "sslcontext" in connection_made); the socket's own names are still right afterwards,

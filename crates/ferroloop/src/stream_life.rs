@@ -149,41 +149,35 @@ extern "C" {
     fn _PyType_Lookup(ty: *mut ffi::PyTypeObject, name: *mut ffi::PyObject) -> *mut ffi::PyObject;
 }
 
-/// `LoopCore.call_soon` (the method descriptor).
+/// `LoopCore`'s method descriptors, for [`core_method`].
 static CORE_CALL_SOON: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static CORE_GET_DEBUG: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-/// Whether `lp.call_soon` is the loop core's own method: nothing replaced it on the class or
-/// on the instance (where `ferroloop.Loop` may keep the core's method bound, before 3.12).
-fn native_call_soon(lp: &Bound<'_, PyAny>) -> bool {
+/// Whether `lp.<name>` is the loop core's own method (`descr`, taken from `LoopCore` once):
+/// nothing replaced it on the class or on the instance (where `ferroloop.Loop` may keep the
+/// core's method bound, before 3.12). `dict` is the loop's instance dict.
+fn core_method(
+    lp: &Bound<'_, PyAny>,
+    dict: &Bound<'_, PyDict>,
+    cell: &'static PyOnceLock<Py<PyAny>>,
+    name: &Bound<'_, PyString>,
+) -> bool {
     let py = lp.py();
-    let Ok(descr) = CORE_CALL_SOON
+    let Ok(descr) = cell
         .get_or_try_init(py, || {
-            py.get_type::<LoopCore>()
-                .getattr("call_soon")
-                .map(Bound::unbind)
+            py.get_type::<LoopCore>().getattr(name).map(Bound::unbind)
         })
         .map(|d| d.as_ptr())
     else {
         return false;
     };
-    let name = intern!(py, "call_soon");
-    // SAFETY: live objects; `_PyType_Lookup` returns a borrowed reference (only compared);
-    // `PyObject_GenericGetDict` returns a new reference or NULL with an exception set; an
+    // SAFETY: live objects; `_PyType_Lookup` returns a borrowed reference (only compared); an
     // exact method descriptor and a builtin method have the layouts read.
     unsafe {
         if _PyType_Lookup(ffi::Py_TYPE(lp.as_ptr()), name.as_ptr()) != descr {
             return false;
         }
-        let d = ffi::PyObject_GenericGetDict(lp.as_ptr(), std::ptr::null_mut());
-        if d.is_null() {
-            drop(PyErr::take(py));
-            return false;
-        }
-        let d = Bound::from_owned_ptr(py, d);
-        let Ok(d) = d.cast::<PyDict>() else {
-            return false;
-        };
-        match d.get_item(name) {
+        match dict.get_item(name) {
             Ok(None) => true,
             Ok(Some(m)) => {
                 if ffi::Py_TYPE(m.as_ptr()) != std::ptr::addr_of_mut!(ffi::PyCFunction_Type)
@@ -198,6 +192,15 @@ fn native_call_soon(lp: &Bound<'_, PyAny>) -> bool {
             Err(_) => false,
         }
     }
+}
+
+/// Whether `lp.call_soon` is the loop core's own method.
+fn native_call_soon(lp: &Bound<'_, PyAny>) -> bool {
+    let Ok(d) = instance_dict(lp) else {
+        drop(PyErr::take(lp.py()));
+        return false;
+    };
+    core_method(lp, &d, &CORE_CALL_SOON, intern!(lp.py(), "call_soon"))
 }
 
 /// `loop.call_soon(callback, *args)` (the loop's own method: an override is honoured).
@@ -257,19 +260,30 @@ struct ServerClass {
     cls: Py<PyType>,
     attach: Py<PyAny>,
     detach: Py<PyAny>,
+    /// `ConnectMixin._make_socket_transport` (the function) and the native set-up of an
+    /// accepted connection that assumes it (`accept_plain_connection`), for `accept_ready`.
+    make_socket_transport: Py<PyAny>,
+    accept_plain: Py<PyAny>,
 }
 
 static SERVER_CLASS: PyOnceLock<ServerClass> = PyOnceLock::new();
 
 /// Registers ferroloop's `Server` class: its `_attach` / `_detach` then run natively for
-/// an exact instance whose class and instance still have those functions.
+/// an exact instance whose class and instance still have those functions. Also the accept
+/// path's objects (see `ServerClass`).
 #[pyfunction]
-pub fn install_server_class(cls: &Bound<'_, PyType>) -> PyResult<()> {
+pub fn install_server_class(
+    cls: &Bound<'_, PyType>,
+    make_socket_transport: &Bound<'_, PyAny>,
+    accept_plain: &Bound<'_, PyAny>,
+) -> PyResult<()> {
     let d = cls.getattr("__dict__")?;
     let s = ServerClass {
         cls: cls.clone().unbind(),
         attach: d.get_item("_attach")?.unbind(),
         detach: d.get_item("_detach")?.unbind(),
+        make_socket_transport: make_socket_transport.clone().unbind(),
+        accept_plain: accept_plain.clone().unbind(),
     };
     let _ = SERVER_CLASS.set(cls.py(), s);
     Ok(())
@@ -1199,5 +1213,115 @@ pub fn accept_connections(
             &[lp, protocol_factory, &sock, addr.bind(py), server],
         )?;
     }
+    Ok(())
+}
+
+/// `ServingMixin._accept_connection(protocol_factory, sock, sslcontext, server, backlog,
+/// ssl_handshake_timeout, ssl_shutdown_timeout)` without its Python frame, the listener's
+/// reader callback (`_start_serving` registers it for a plain TCP `socket.socket` when the
+/// loop's `_accept_connection` is the mixin's): the batch of `accept_connections`, its set-up
+/// callback chosen as the Python method chooses it. Debug mode, a replaced `get_debug` and
+/// any other case go to the Python method, the reference implementation.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn accept_ready(
+    lp: &Bound<'_, PyAny>,
+    protocol_factory: &Bound<'_, PyAny>,
+    sock: &Bound<'_, PyAny>,
+    sslcontext: &Bound<'_, PyAny>,
+    server: &Bound<'_, PyAny>,
+    backlog: &Bound<'_, PyAny>,
+    ssl_handshake_timeout: &Bound<'_, PyAny>,
+    ssl_shutdown_timeout: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = lp.py();
+    let plan = (|| {
+        let l = LIFE.get(py)?;
+        let sv = SERVER_CLASS.get(py)?;
+        let (family, stype, proto) = socket_fields(l, sock)?;
+        if !sslcontext.is_none() || !(family == libc::AF_INET || family == libc::AF_INET6) {
+            return None;
+        }
+        let core = lp.cast::<LoopCore>().ok()?;
+        if core.get().shared.debug() {
+            return None;
+        }
+        let dict = instance_dict(lp).ok()?;
+        if !core_method(lp, &dict, &CORE_GET_DEBUG, intern!(py, "get_debug")) {
+            return None;
+        }
+        let backlog = backlog.extract::<usize>().ok()?;
+        // SAFETY: an exact `socket.socket` (checked above) starts with `SockHead`.
+        let fd = unsafe { (*sock.as_ptr().cast::<SockHead>()).fd };
+        // `getattr(self._make_socket_transport, "__func__", None) is
+        // _DEFAULT_MAKE_SOCKET_TRANSPORT`: the class's, not shadowed on the instance.
+        let name = intern!(py, "_make_socket_transport");
+        // SAFETY: a live object's type; a borrowed reference (compared) or NULL.
+        let default_make = unsafe { _PyType_Lookup(ffi::Py_TYPE(lp.as_ptr()), name.as_ptr()) }
+            == sv.make_socket_transport.as_ptr()
+            && matches!(dict.contains(name), Ok(false));
+        Some((l, sv, fd, family, stype, proto, backlog, default_make))
+    })();
+    let Some((l, sv, fd, family, stype, proto, backlog, default_make)) = plan else {
+        lp.call_method1(
+            intern!(py, "_accept_connection"),
+            (
+                protocol_factory,
+                sock,
+                sslcontext,
+                server,
+                backlog,
+                ssl_handshake_timeout,
+                ssl_shutdown_timeout,
+            ),
+        )?;
+        return Ok(());
+    };
+    let setup = if default_make {
+        sv.accept_plain.bind(py).clone()
+    } else {
+        lp.get_type()
+            .getattr(intern!(py, "_accept_plain_connection"))?
+    };
+    let err = match accept_connections(
+        lp,
+        fd,
+        l.socket_type.bind(py),
+        family,
+        stype | libc::SOCK_NONBLOCK,
+        proto,
+        backlog,
+        &setup,
+        protocol_factory,
+        server,
+    ) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.is_instance_of::<PyOSError>(py) => e,
+        Err(e) => return Err(e),
+    };
+    let errno = err.value(py).getattr(intern!(py, "errno"))?;
+    let out_of_resources = match errno.extract::<c_int>() {
+        Ok(n) => matches!(
+            n,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        ),
+        Err(_) => false,
+    };
+    if !out_of_resources {
+        return Err(err); // the loop reports it through the exception handler
+    }
+    lp.call_method1(
+        intern!(py, "_accept_out_of_resources"),
+        (
+            err.into_value(py),
+            protocol_factory,
+            sock,
+            sslcontext,
+            server,
+            backlog,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        ),
+    )?;
     Ok(())
 }
