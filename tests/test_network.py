@@ -2997,6 +2997,51 @@ def test_accept_logs_each_connection_once_debug_mode_is_on(loop, caplog):
     run(loop, main())
 
 
+def test_accepted_protocol_whose_class_claims_buffered_protocol_gets_buffers(loop):
+    # The transport picks the buffered read path by isinstance(protocol, BufferedProtocol),
+    # which honours a `__class__` that is not the object's type.
+    async def main():
+        done = loop.create_future()
+        got = []
+
+        class Claimed(asyncio.BufferedProtocol):
+            pass
+
+        class Proto(asyncio.Protocol):
+            @property
+            def __class__(self):
+                return Claimed
+
+            def connection_made(self, transport):
+                self.transport = transport
+                self.buf = bytearray(100)
+
+            def get_buffer(self, sizehint):
+                return self.buf
+
+            def buffer_updated(self, nbytes):
+                got.append(bytes(self.buf[:nbytes]))
+                self.transport.write(self.buf[:nbytes])
+
+            def data_received(self, data):
+                got.append(("data_received", data))
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                if not done.done():
+                    done.set_result(exc)
+
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+        assert await asyncio.wait_for(done, TIMEOUT) is None
+        assert got == [b"ping"]
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
 def test_accepted_transport_extra_info_other_keys_and_later_ones(loop):
     # Names the transport has no value for give the default (StreamReaderProtocol asks for
     # "sslcontext" in connection_made); the socket's own names are still right afterwards,

@@ -236,6 +236,9 @@ fn call_soon(
     }
 }
 
+/// `TransportTable`'s one slot, `_refs` (its dict of fd -> weak reference).
+static TABLE_SLOTS: SlotTable<1> = SlotTable::new(["_refs"]);
+
 /// The loop's fd -> transport table (`loop._transports`), without creating it.
 fn transport_table<'py>(lp: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
     instance_dict(lp)?.get_item(intern!(lp.py(), "_net_transports"))
@@ -251,6 +254,38 @@ fn instance_dict<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
         )?
     };
     Ok(d.cast_into::<PyDict>()?)
+}
+
+/// `object.__class__` (its descriptor), for `is_instance`.
+static OBJECT_CLASS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// `isinstance(obj, cls)`. For a class whose metaclass is `type` and an object whose type
+/// neither overrides `__class__` nor attribute lookup, `obj.__class__` is `type(obj)`, so
+/// the answer is whether that type is a subclass: the `__class__` lookup `isinstance` makes
+/// when it is not is skipped.
+fn is_instance(obj: &Bound<'_, PyAny>, cls: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = obj.py();
+    let descr = OBJECT_CLASS
+        .get_or_try_init(py, || {
+            py.get_type::<pyo3::types::PyAny>()
+                .getattr("__dict__")?
+                .get_item("__class__")
+                .map(Bound::unbind)
+        })?
+        .as_ptr();
+    // SAFETY: live objects and their types; `_PyType_Lookup` returns a borrowed reference
+    // (compared) or NULL.
+    unsafe {
+        let ty = ffi::Py_TYPE(obj.as_ptr());
+        if ffi::Py_TYPE(cls.as_ptr()) == std::ptr::addr_of_mut!(ffi::PyType_Type)
+            && (*ty).tp_getattro.map(|f| f as usize)
+                == Some(ffi::PyObject_GenericGetAttr as ffi::getattrofunc as usize)
+            && _PyType_Lookup(ty, intern!(py, "__class__").as_ptr()) == descr
+        {
+            return Ok(ffi::PyType_IsSubtype(ty, cls.as_ptr().cast()) != 0);
+        }
+    }
+    obj.is_instance(cls)
 }
 
 // ---- the server's connection count -----------------------------------------------------------
@@ -289,36 +324,42 @@ pub fn install_server_class(
     Ok(())
 }
 
-/// The server's instance dict when `server.<name>` is `Server`'s own function `f`, unshadowed.
-fn plain_server<'py>(
-    server: &Bound<'py, PyAny>,
-    name: &Bound<'py, pyo3::types::PyString>,
+/// `Server`'s slots the native paths read and write (see `slots.rs`).
+static SERVER_SLOTS: SlotTable<3> = SlotTable::new(["_sockets", "_active_count", "_local_name"]);
+const SV_SOCKETS: usize = 0;
+const SV_ACTIVE_COUNT: usize = 1;
+const SV_LOCAL_NAME: usize = 2;
+
+/// Whether `server.<name>` is `Server`'s own function (`pick`), unshadowed.
+fn plain_server(
+    server: &Bound<'_, PyAny>,
+    name: &Bound<'_, pyo3::types::PyString>,
     pick: fn(&ServerClass) -> &Py<PyAny>,
-) -> Option<Bound<'py, PyDict>> {
-    let sv = SERVER_CLASS.get(server.py())?;
+) -> bool {
+    let Some(sv) = SERVER_CLASS.get(server.py()) else {
+        return false;
+    };
     // SAFETY: a live object's type; `_PyType_Lookup` returns a borrowed reference (compared).
     unsafe {
         let ty = ffi::Py_TYPE(server.as_ptr());
         if ty != sv.cls.as_ptr().cast() || _PyType_Lookup(ty, name.as_ptr()) != pick(sv).as_ptr() {
-            return None;
+            return false;
         }
     }
-    let d = instance_dict(server).ok()?;
-    match d.contains(name) {
-        Ok(false) => Some(d),
-        _ => None,
+    match instance_dict(server) {
+        Ok(d) => matches!(d.contains(name), Ok(false)),
+        Err(_) => false,
     }
 }
 
 /// `server._attach(tr)`: `assert self._sockets is not None; self._active_count += 1`.
 fn server_attach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = server.py();
-    if let Some(d) = plain_server(server, intern!(py, "_attach"), |s| &s.attach) {
-        let sockets = d.get_item(intern!(py, "_sockets"))?;
-        let count = d.get_item(intern!(py, "_active_count"))?;
-        if let (Some(sockets), Some(count)) = (sockets, count) {
+    if plain_server(server, intern!(py, "_attach"), |s| &s.attach) {
+        let s = SERVER_SLOTS.reader(server);
+        if let (Ok(sockets), Ok(count)) = (s.get(SV_SOCKETS), s.get(SV_ACTIVE_COUNT)) {
             if !sockets.is_none() {
-                return d.set_item(intern!(py, "_active_count"), count.add(1)?);
+                return s.set(SV_ACTIVE_COUNT, &count.add(1)?);
             }
         }
     }
@@ -331,18 +372,13 @@ fn server_attach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<(
 /// `wait_closed()`.
 fn server_detach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = server.py();
-    if let Some(d) = plain_server(server, intern!(py, "_detach"), |s| &s.detach) {
-        if let Some(count) = d.get_item(intern!(py, "_active_count"))? {
+    if plain_server(server, intern!(py, "_detach"), |s| &s.detach) {
+        let s = SERVER_SLOTS.reader(server);
+        if let Ok(count) = s.get(SV_ACTIVE_COUNT) {
             let count = count.sub(1)?;
-            d.set_item(intern!(py, "_active_count"), &count)?;
-            if count.eq(0)? {
-                let closed = match d.get_item(intern!(py, "_sockets"))? {
-                    Some(s) => s.is_none(),
-                    None => server.getattr(intern!(py, "_sockets"))?.is_none(),
-                };
-                if closed {
-                    server.call_method0(intern!(py, "_wakeup"))?;
-                }
+            s.set(SV_ACTIVE_COUNT, &count)?;
+            if count.eq(0)? && s.get(SV_SOCKETS)?.is_none() {
+                server.call_method0(intern!(py, "_wakeup"))?;
             }
             return Ok(());
         }
@@ -388,7 +424,7 @@ fn init(
     let none = py.None().into_bound(py);
     s.set(PROTOCOL, &none)?;
     // StreamTransport.set_protocol
-    let buffered = protocol.is_instance(l.buffered_protocol.bind(py))?;
+    let buffered = is_instance(protocol, l.buffered_protocol.bind(py))?;
     s.set(
         BUFFERED,
         &pyo3::types::PyBool::new(py, buffered).to_owned().into_any(),
@@ -416,13 +452,16 @@ fn init(
         Some(t) => t,
         None => lp.getattr(intern!(py, "_transports"))?,
     };
-    let refs = table.getattr(intern!(py, "_refs"))?;
+    let refs = TABLE_SLOTS.reader(&table).get(0)?;
     // SAFETY: `tr` is live and weakly referenceable (its class has `__weakref__`); a new
     // reference or NULL with an exception set.
     let wr = unsafe {
         Bound::from_owned_ptr_or_err(py, ffi::PyWeakref_NewRef(tr.as_ptr(), std::ptr::null_mut()))?
     };
-    refs.set_item(&fd, wr)?;
+    match refs.cast::<PyDict>() {
+        Ok(refs) => refs.set_item(&fd, wr)?,
+        Err(_) => refs.set_item(&fd, wr)?,
+    }
     if let Some(fields) = socket_fields(l, sock) {
         if is_tcp(fields) {
             let one: c_int = 1;
@@ -761,7 +800,7 @@ fn teardown(
     let fd = s.get(SOCK_FD)?;
     // _forget_fd(loop): TransportTable.discard(fd, self)
     if let Some(table) = transport_table(&lp)? {
-        let refs = table.getattr(intern!(py, "_refs"))?;
+        let refs = TABLE_SLOTS.reader(&table).get(0)?;
         let refs = refs.cast::<PyDict>()?;
         if let Some(r) = refs.get_item(&fd)? {
             let mut obj = std::ptr::null_mut();
@@ -849,10 +888,7 @@ fn server_local_name<'py>(s: &crate::slots::SlotReader<'_, 'py, 17>) -> Option<B
     if unsafe { ffi::Py_TYPE(server.as_ptr()) } != sv.cls.as_ptr().cast() {
         return None;
     }
-    let name = instance_dict(&server)
-        .ok()?
-        .get_item(intern!(server.py(), "_local_name"))
-        .ok()??;
+    let name = SERVER_SLOTS.reader(&server).get(SV_LOCAL_NAME).ok()?;
     name.is_exact_instance_of::<PyTuple>().then_some(name)
 }
 

@@ -43,6 +43,10 @@ _DEFAULT_MAKE_SOCKET_TRANSPORT = ConnectMixin._make_socket_transport
 class Server(events.AbstractServer):
     """A listening server: its sockets, the connections it accepted, serve_forever()."""
 
+    # Read and written natively for each accepted connection (stream_life.rs); the other
+    # attributes live in the instance's __dict__ (AbstractServer has one).
+    __slots__ = ("_sockets", "_active_count", "_local_name")
+
     def __init__(
         self,
         loop,

@@ -248,6 +248,8 @@ pub(crate) struct State {
     pub loop_kwargs: Option<Py<pyo3::types::PyDict>>,
     /// The fds whose readers (`FdWatch::hup`) are queued again in the next iteration.
     pub hup_next: Vec<RawFd>,
+    /// An empty list kept for `hup_next`'s next turn (see `requeue_hung_up`).
+    pub hup_spare: Vec<RawFd>,
     /// The tokens of the events the last poll dropped as stale (`run.rs`), and for how many
     /// polls in a row one of them came again: a stale level-triggered registration, which
     /// makes every poll return at once until the epoll instance is renewed (`io_watch.rs`).
@@ -436,6 +438,7 @@ impl LoopCore {
                 pool_surplus_since: None,
                 loop_kwargs: None,
                 hup_next: Vec::new(),
+                hup_spare: Vec::new(),
                 stale_tokens: Vec::new(),
                 stale_polls: 0,
                 soon_handle: None,

@@ -54,8 +54,7 @@ const MAX_TIMEOUT: f64 = 24.0 * 3600.0;
 impl LoopCore {
     fn purge_timers(&self, py: Python<'_>) -> PyResult<()> {
         let cancelled = self.shared.timer_cancelled_count.load(Ordering::Relaxed);
-        let mut removed = Vec::new();
-        {
+        let removed = {
             let mut st = self.state.borrow_mut(py)?;
             let is_cancelled =
                 |t: &Py<crate::handles::TimerHandle>| t.bind(py).as_super().get().is_cancelled();
@@ -66,9 +65,11 @@ impl LoopCore {
             if !head_cancelled && !rebuild_due {
                 return Ok(());
             }
+            let mut removed = Vec::new();
             st.timers
                 .purge(cancelled, is_cancelled, |t| removed.push(t));
-        }
+            removed
+        };
         for t in &removed {
             t.get().scheduled.store(false, Ordering::Relaxed);
         }
@@ -252,13 +253,13 @@ impl LoopCore {
     /// Queues again the native readers of hung-up fds (`FdWatch::hup`) that are still
     /// registered: once per iteration, as a level-triggered fd that stays readable is
     /// reported. A reader at EOF removes itself (the transport closes or half-closes).
-    fn requeue_hung_up(&self, py: Python<'_>, fds: Vec<RawFd>) -> PyResult<()> {
-        if fds.is_empty() {
+    fn requeue_hung_up(&self, py: Python<'_>, mut fds: Vec<RawFd>) -> PyResult<()> {
+        if fds.capacity() == 0 {
             return Ok(());
         }
         let mut st = self.state.borrow_mut(py)?;
         let st = &mut *st;
-        for fd in fds {
+        for &fd in &fds {
             let Some(w) = st.fds.get(&fd) else {
                 continue;
             };
@@ -272,6 +273,10 @@ impl LoopCore {
                 }
             }
         }
+        // Its allocation serves again (a connection hanging up once would otherwise allocate
+        // and free this list).
+        fds.clear();
+        st.hup_spare = fds;
         Ok(())
     }
 
@@ -299,7 +304,11 @@ impl LoopCore {
         events.clear();
         // The hung-up readers queued again this iteration: those pending before this poll
         // (one hung up by an event of this poll was queued by it).
-        let hung_up = std::mem::take(&mut self.state.borrow_mut(py)?.hup_next);
+        let hung_up = {
+            let mut st = self.state.borrow_mut(py)?;
+            let spare = std::mem::take(&mut st.hup_spare);
+            std::mem::replace(&mut st.hup_next, spare)
+        };
         let polled = self
             .poll(loop_obj, &mut events, !hung_up.is_empty())
             .and_then(|()| {
