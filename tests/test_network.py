@@ -1742,6 +1742,83 @@ def test_accepted_connection_factory_runs_in_a_copy_of_the_servers_context(loop)
     run(loop, main())
 
 
+def _serve_from_an_empty_context(loop, factory):
+    """create_server run in a task whose context holds no variable."""
+    return contextvars.Context().run(loop.create_task, loop.create_server(factory, "127.0.0.1", 0))
+
+
+def test_variable_set_in_connection_made_is_not_seen_by_data_received(loop):
+    # connection_made and the start of reading are two callbacks, each in its own copy of the
+    # context the transport was made in: the reader's callbacks run in a copy of the second.
+    var = contextvars.ContextVar("var", default="unset")
+
+    async def main():
+        seen = []
+        done = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                seen.append(("made", var.get()))
+                var.set("set in connection_made")
+                self.transport = transport
+
+            def data_received(self, data):
+                seen.append(("data", var.get()))
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                seen.append(("lost", var.get()))
+                if not done.done():
+                    done.set_result(None)
+
+        server = await _serve_from_an_empty_context(loop, Proto)
+        address = server.sockets[0].getsockname()
+        assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+        await asyncio.wait_for(done, TIMEOUT)
+        assert seen == [("made", "unset"), ("data", "unset"), ("lost", "unset")]
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
+def test_connection_made_error_is_reported_with_its_handle_and_reading_still_starts(loop):
+    async def main():
+        reported = []
+        done = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                raise ValueError("made")
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                if not done.done():
+                    done.set_result(exc)
+
+        loop.set_exception_handler(lambda lp, ctx: reported.append(ctx))
+        try:
+            server = await _serve_from_an_empty_context(loop, Proto)
+            address = server.sockets[0].getsockname()
+            assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+            assert await asyncio.wait_for(done, TIMEOUT) is None
+        finally:
+            loop.set_exception_handler(None)
+        assert len(reported) == 1
+        ctx = reported[0]
+        assert ctx["message"].startswith("Exception in callback ")
+        assert "connection_made" in ctx["message"]
+        assert isinstance(ctx["exception"], ValueError)
+        assert "connection_made" in repr(ctx["handle"])
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
 @pytest.mark.parametrize("debug", [False, True])
 def test_protocol_factory_error_closes_the_socket_and_the_server_keeps_serving(loop, debug):
     async def main():

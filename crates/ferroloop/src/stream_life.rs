@@ -212,11 +212,17 @@ fn call_soon(
     if let Ok(core) = lp.cast::<LoopCore>() {
         if native_call_soon(lp) {
             let py = lp.py();
-            let a = match args {
-                [one] => crate::handles::Args::One((*one).clone().unbind()),
-                _ => crate::handles::Args::Many(PyTuple::new(py, args)?.unbind()),
+            let pack = || {
+                Ok(match args {
+                    [one] => crate::handles::Args::One((*one).clone().unbind()),
+                    _ => crate::handles::Args::Many(PyTuple::new(py, args)?.unbind()),
+                })
             };
-            core.get().call_soon_impl(py, callback, a, None)?;
+            // The handle is dropped here: nobody sees it, so none is made when that is
+            // possible.
+            if !core.get().push_internal(py, callback, pack)? {
+                core.get().call_soon_impl(py, callback, pack()?, None)?;
+            }
             return Ok(());
         }
     }

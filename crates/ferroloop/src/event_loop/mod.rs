@@ -280,6 +280,13 @@ pub(crate) enum Ready {
         args: crate::handles::Args,
         ticket: u64,
     },
+    /// A `call_soon(cb, *args)` of a native transport path (`stream_life.rs`) from an empty
+    /// context, outside debug mode, whose handle nobody ever sees: queued without one (see
+    /// `LoopCore::push_internal`) and run as the handle would run, in the shared empty context.
+    Internal {
+        func: Py<PyAny>,
+        args: crate::handles::Args,
+    },
 }
 
 impl Ready {
@@ -295,7 +302,7 @@ impl Ready {
                 args.visit(visit)?;
                 visit.call(context)
             }
-            Ready::Soon { func, args, .. } => {
+            Ready::Soon { func, args, .. } | Ready::Internal { func, args } => {
                 visit.call(func)?;
                 args.visit(visit)
             }
@@ -305,7 +312,7 @@ impl Ready {
     pub(crate) fn handle(&self) -> Option<&Py<Handle>> {
         match self {
             Ready::Handle(h) | Ready::Reader(h, _) => Some(h),
-            Ready::TaskStep { .. } | Ready::Soon { .. } => None,
+            Ready::TaskStep { .. } | Ready::Soon { .. } | Ready::Internal { .. } => None,
         }
     }
 }

@@ -341,8 +341,12 @@ impl LoopCore {
                 }
                 Ready::Soon { func, args, ticket } => {
                     let mark = self.shared.leave_soon(py, ticket)?;
-                    self.run_soon(func, args, ticket, mark, loop_obj)?;
+                    self.run_soon(func, args, Some(ticket), mark, loop_obj)?;
                     self.release_soon_handle(py, ticket)?;
+                    continue;
+                }
+                Ready::Internal { func, args } => {
+                    self.run_soon(func, args, None, None, loop_obj)?;
                     continue;
                 }
                 Ready::Reader(h, reader) => {
@@ -415,12 +419,13 @@ impl LoopCore {
     /// Runs a `Ready::Soon` entry as its handle's `run` would: skipped if the handle was
     /// cancelled, in the context the handle gave out or else in the shared empty context, a
     /// raised exception to the exception handler (with a handle made for the report),
-    /// SystemExit and KeyboardInterrupt out of the loop.
+    /// SystemExit and KeyboardInterrupt out of the loop. A `Ready::Internal` entry (no
+    /// `ticket`: it has no handle) runs the same way.
     fn run_soon(
         &self,
         func: Py<PyAny>,
         args: crate::handles::Args,
-        ticket: u64,
+        ticket: Option<u64>,
         mark: Option<super::SoonMark>,
         loop_obj: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
@@ -462,13 +467,16 @@ impl LoopCore {
                 let args_tuple = args.to_tuple(py)?;
                 // The handle returned for it if the loop still has it, else one made for the
                 // report.
-                let returned = self
-                    .state
-                    .borrow_mut(py)?
-                    .soon_handle
-                    .as_ref()
-                    .filter(|h| h.get().soon_ticket() == ticket)
-                    .map(|h| h.clone_ref(py));
+                let returned = match ticket {
+                    Some(ticket) => self
+                        .state
+                        .borrow_mut(py)?
+                        .soon_handle
+                        .as_ref()
+                        .filter(|h| h.get().soon_ticket() == ticket)
+                        .map(|h| h.clone_ref(py)),
+                    None => None,
+                };
                 let handle = match returned {
                     Some(h) => h,
                     None => Py::new(py, self.new_handle(py, fb, args, Some(&context))?)?,
@@ -629,7 +637,7 @@ impl LoopCore {
                         crate::handles::track(h.bind(py).as_any())
                     }
                     Ready::TaskStep { func, .. } => crate::handles::track(func.bind(py)),
-                    Ready::Soon { .. } => {}
+                    Ready::Soon { .. } | Ready::Internal { .. } => {}
                 }
             }
             for t in st.timers.iter() {
