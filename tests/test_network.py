@@ -3220,6 +3220,55 @@ def test_accepted_transport_schedules_through_an_overridden_call_soon(loop):
     run(loop, main())
 
 
+def test_call_soon_replaced_after_connections_were_served_is_honoured(loop):
+    # A replacement of loop.call_soon on the instance made once connections have already been
+    # served (whatever the loop learnt about its call_soon then) is used by the next ones.
+    async def main():
+        names = []
+        original = loop.call_soon
+
+        def spy(callback, *args, **kwargs):
+            names.append(getattr(callback, "__name__", None))
+            return original(callback, *args, **kwargs)
+
+        lost = []
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                lost.append(exc)
+
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        for _ in range(2):
+            assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+        while len(lost) < 2:
+            await asyncio.sleep(0.01)
+        assert "connection_made" not in names
+        loop.call_soon = spy
+        try:
+            assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+            while len(lost) < 3:
+                await asyncio.sleep(0.01)
+        finally:
+            del loop.call_soon
+        assert "connection_made" in names and "_call_connection_lost" in names
+        names.clear()
+        assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+        while len(lost) < 4:
+            await asyncio.sleep(0.01)
+        assert names == []
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
 @pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0"])
 def test_accepted_transport_sockname_after_close_specific_and_wildcard_listener(loop, bind):
     # The local address a closed connection reports is the one it had: the listener's own

@@ -29,8 +29,12 @@ const MAX_ENTRIES: usize = 8;
 struct Entry<const N: usize> {
     ty: usize,
     tag: c_uint,
-    offsets: Option<[isize; N]>,
+    offsets: Option<Offsets<N>>,
 }
+
+/// A class's resolved offsets, shared with the readers made for its instances (a reader
+/// takes a reference, not a copy of the array).
+type Offsets<const N: usize> = std::sync::Arc<[isize; N]>;
 
 /// The offsets of `N` named slots, per concrete class.
 pub(crate) struct SlotTable<const N: usize> {
@@ -79,7 +83,7 @@ impl<const N: usize> SlotTable<N> {
     }
 
     #[inline(always)]
-    fn offsets(&self, obj: &Bound<'_, PyAny>) -> Option<[isize; N]> {
+    fn offsets(&self, obj: &Bound<'_, PyAny>) -> Option<Offsets<N>> {
         let py = obj.py();
         // SAFETY: `obj` is live, so is its type.
         let ty_ptr = unsafe { ffi::Py_TYPE(obj.as_ptr()) };
@@ -91,18 +95,18 @@ impl<const N: usize> SlotTable<N> {
                 .iter()
                 .find(|e| e.ty == ty_ptr as usize && e.tag == tag)
             {
-                return e.offsets;
+                return e.offsets.clone();
             }
         }
         self.refresh(obj)
     }
 
     #[cold]
-    fn refresh(&self, obj: &Bound<'_, PyAny>) -> Option<[isize; N]> {
+    fn refresh(&self, obj: &Bound<'_, PyAny>) -> Option<Offsets<N>> {
         let py = obj.py();
         let ty = obj.get_type();
         let ty_ptr = ty.as_type_ptr();
-        let offsets = self.resolve(&ty);
+        let offsets = self.resolve(&ty).map(std::sync::Arc::new);
         // Looking the names up gave the type a tag if it had none.
         // SAFETY: as above.
         let tag = unsafe { version_tag(py, ty_ptr) };
@@ -115,7 +119,7 @@ impl<const N: usize> SlotTable<N> {
                 cache.push(Entry {
                     ty: ty_ptr as usize,
                     tag,
-                    offsets,
+                    offsets: offsets.clone(),
                 });
             }
         }
@@ -165,7 +169,7 @@ impl<const N: usize> SlotTable<N> {
 pub(crate) struct SlotReader<'a, 'py, const N: usize> {
     obj: &'a Bound<'py, PyAny>,
     names: &'a [&'static str; N],
-    offsets: Option<[isize; N]>,
+    offsets: Option<Offsets<N>>,
 }
 
 impl<'py, const N: usize> SlotReader<'_, 'py, N> {

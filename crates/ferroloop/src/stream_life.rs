@@ -153,6 +153,58 @@ extern "C" {
 static CORE_CALL_SOON: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static CORE_GET_DEBUG: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
+/// Up to 3.11 a dict's `ma_version_tag` changes with every modification and is unique across
+/// all dicts (PEP 509): a dict found at the same address with the same tag is in the same
+/// state. From 3.12 the field serves dict watchers and is deprecated: not used there.
+static VERSION_TAGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// The version tag of `d`, where it can stand for its state (see `VERSION_TAGS`).
+#[inline(always)]
+fn dict_version(d: &Bound<'_, PyDict>) -> Option<u64> {
+    if !*VERSION_TAGS.get_or_init(|| d.py().version_info() < (3, 12)) {
+        return None;
+    }
+    // SAFETY: `d` is a live dict; the field exists in `PyDictObject` up to 3.13 (read only
+    // before 3.12, per the check above).
+    #[allow(deprecated)]
+    Some(unsafe { (*d.as_ptr().cast::<ffi::PyDictObject>()).ma_version_tag })
+}
+
+/// One check of an instance dict (that it lacks a name, or holds the expected value there)
+/// remembered for the dict's state in which it last passed: the same dict, unmodified since,
+/// passes without the lookup. The checks are pure lookups of `str` keys (no Python code).
+pub(crate) struct DictMemo(crate::gil::GilCell<(usize, u64)>);
+
+impl DictMemo {
+    pub(crate) const fn new() -> Self {
+        DictMemo(crate::gil::GilCell::new((0, 0)))
+    }
+
+    #[inline(always)]
+    fn check(&self, d: &Bound<'_, PyDict>, check: impl FnOnce() -> bool) -> bool {
+        let Some(version) = dict_version(d) else {
+            return check();
+        };
+        let state = (d.as_ptr() as usize, version);
+        if matches!(self.0.borrow_mut(d.py()), Ok(m) if *m == state) {
+            return true;
+        }
+        let ok = check();
+        if ok {
+            if let Ok(mut m) = self.0.borrow_mut(d.py()) {
+                *m = state;
+            }
+        }
+        ok
+    }
+}
+
+static CALL_SOON_MEMO: DictMemo = DictMemo::new();
+static GET_DEBUG_MEMO: DictMemo = DictMemo::new();
+static MAKE_TRANSPORT_MEMO: DictMemo = DictMemo::new();
+static ATTACH_MEMO: DictMemo = DictMemo::new();
+static DETACH_MEMO: DictMemo = DictMemo::new();
+
 /// Whether `lp.<name>` is the loop core's own method (`descr`, taken from `LoopCore` once):
 /// nothing replaced it on the class or on the instance (where `ferroloop.Loop` may keep the
 /// core's method bound, before 3.12). `dict` is the loop's instance dict.
@@ -160,6 +212,7 @@ fn core_method(
     lp: &Bound<'_, PyAny>,
     dict: &Bound<'_, PyDict>,
     cell: &'static PyOnceLock<Py<PyAny>>,
+    memo: &DictMemo,
     name: &Bound<'_, PyString>,
 ) -> bool {
     let py = lp.py();
@@ -177,7 +230,7 @@ fn core_method(
         if _PyType_Lookup(ffi::Py_TYPE(lp.as_ptr()), name.as_ptr()) != descr {
             return false;
         }
-        match dict.get_item(name) {
+        memo.check(dict, || match dict.get_item(name) {
             Ok(None) => true,
             Ok(Some(m)) => {
                 if ffi::Py_TYPE(m.as_ptr()) != std::ptr::addr_of_mut!(ffi::PyCFunction_Type)
@@ -190,7 +243,7 @@ fn core_method(
                 (*f).m_self == lp.as_ptr() && (*f).m_ml == def
             }
             Err(_) => false,
-        }
+        })
     }
 }
 
@@ -200,7 +253,13 @@ fn native_call_soon(lp: &Bound<'_, PyAny>) -> bool {
         drop(PyErr::take(lp.py()));
         return false;
     };
-    core_method(lp, &d, &CORE_CALL_SOON, intern!(lp.py(), "call_soon"))
+    core_method(
+        lp,
+        &d,
+        &CORE_CALL_SOON,
+        &CALL_SOON_MEMO,
+        intern!(lp.py(), "call_soon"),
+    )
 }
 
 /// `loop.call_soon(callback, *args)` (the loop's own method: an override is honoured).
@@ -341,6 +400,7 @@ fn plain_server(
     server: &Bound<'_, PyAny>,
     name: &Bound<'_, pyo3::types::PyString>,
     pick: fn(&ServerClass) -> &Py<PyAny>,
+    memo: &DictMemo,
 ) -> bool {
     let Some(sv) = SERVER_CLASS.get(server.py()) else {
         return false;
@@ -353,7 +413,7 @@ fn plain_server(
         }
     }
     match instance_dict(server) {
-        Ok(d) => matches!(d.contains(name), Ok(false)),
+        Ok(d) => memo.check(&d, || matches!(d.contains(name), Ok(false))),
         Err(_) => false,
     }
 }
@@ -361,7 +421,7 @@ fn plain_server(
 /// `server._attach(tr)`: `assert self._sockets is not None; self._active_count += 1`.
 fn server_attach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = server.py();
-    if plain_server(server, intern!(py, "_attach"), |s| &s.attach) {
+    if plain_server(server, intern!(py, "_attach"), |s| &s.attach, &ATTACH_MEMO) {
         let s = SERVER_SLOTS.reader(server);
         if let (Ok(sockets), Ok(count)) = (s.get(SV_SOCKETS), s.get(SV_ACTIVE_COUNT)) {
             if !sockets.is_none() {
@@ -378,7 +438,7 @@ fn server_attach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<(
 /// `wait_closed()`.
 fn server_detach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = server.py();
-    if plain_server(server, intern!(py, "_detach"), |s| &s.detach) {
+    if plain_server(server, intern!(py, "_detach"), |s| &s.detach, &DETACH_MEMO) {
         let s = SERVER_SLOTS.reader(server);
         if let Ok(count) = s.get(SV_ACTIVE_COUNT) {
             let count = count.sub(1)?;
@@ -1289,7 +1349,13 @@ pub fn accept_ready(
             return None;
         }
         let dict = instance_dict(lp).ok()?;
-        if !core_method(lp, &dict, &CORE_GET_DEBUG, intern!(py, "get_debug")) {
+        if !core_method(
+            lp,
+            &dict,
+            &CORE_GET_DEBUG,
+            &GET_DEBUG_MEMO,
+            intern!(py, "get_debug"),
+        ) {
             return None;
         }
         let backlog = backlog.extract::<usize>().ok()?;
@@ -1301,7 +1367,7 @@ pub fn accept_ready(
         // SAFETY: a live object's type; a borrowed reference (compared) or NULL.
         let default_make = unsafe { _PyType_Lookup(ffi::Py_TYPE(lp.as_ptr()), name.as_ptr()) }
             == sv.make_socket_transport.as_ptr()
-            && matches!(dict.contains(name), Ok(false));
+            && MAKE_TRANSPORT_MEMO.check(&dict, || matches!(dict.contains(name), Ok(false)));
         Some((l, sv, fd, family, stype, proto, backlog, default_make))
     })();
     let Some((l, sv, fd, family, stype, proto, backlog, default_make)) = plan else {
