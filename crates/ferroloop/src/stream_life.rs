@@ -52,6 +52,8 @@ struct Life {
     closed_extra: Py<PyAny>,
     /// `asyncio.Protocol.eof_received` (does nothing, returns None).
     protocol_eof_received: Py<PyAny>,
+    /// The native `__init__` installed on `StreamTransport` (its descriptor).
+    init_descr: Py<PyAny>,
 }
 
 static LIFE: PyOnceLock<Life> = PyOnceLock::new();
@@ -635,13 +637,12 @@ fn start_reading(l: &Life, tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let fd = s.get(SOCK_FD)?;
     let sock = s.get(SOCK)?;
     let lp = s.get(LOOP)?;
-    let args = PyTuple::new(py, [tr])?;
     let edge = socket_fields(l, &sock)
         .is_some_and(|(family, _, _)| family == libc::AF_INET || family == libc::AF_INET6);
     match lp.cast::<LoopCore>() {
         Ok(core) if edge => {
             core.get()
-                ._add_reader_edge_impl(py, &fd, l.read_ready.bind(py), &args)?;
+                .add_reader_edge_one(py, &fd, l.read_ready.bind(py), tr)?;
         }
         _ => {
             tr.call_method1(intern!(py, "_add_reader"), (fd, l.read_ready.bind(py), tr))?;
@@ -973,7 +974,18 @@ fn close_socket(l: &Life, sock: &Bound<'_, PyAny>) -> PyResult<()> {
     )?;
     let io_refs = s.get(IO_REFS)?;
     if io_refs.le(0)? {
-        l.raw_close.bind(py).call1((sock,))?;
+        // SAFETY: live objects; a one-argument vectorcall (no tuple) returning a new
+        // reference or NULL with an exception set.
+        unsafe {
+            let args = [sock.as_ptr()];
+            let r = ffi::PyObject_Vectorcall(
+                l.raw_close.as_ptr(),
+                args.as_ptr(),
+                1,
+                std::ptr::null_mut(),
+            );
+            Bound::from_owned_ptr_or_err(py, r)?;
+        }
     }
     Ok(())
 }
@@ -1044,6 +1056,7 @@ pub fn install_stream_lifecycle(
         call_connection_lost: cls.getattr("_call_connection_lost")?.unbind(),
         start_reading: cls.getattr("_start_reading")?.unbind(),
         closed_extra: closed_extra.clone().unbind(),
+        init_descr: cls.getattr("__dict__")?.get_item("__init__")?.unbind(),
         protocol_eof_received: py
             .import("asyncio.protocols")?
             .getattr("Protocol")?
@@ -1228,6 +1241,48 @@ pub fn accept_socket<'py>(
     }
 }
 
+/// `StreamTransport(lp, sock, protocol, None, None, server, peername)` for an exact
+/// `socket.socket`. While the class is made the plain way (metaclass `type`, `object.__new__`,
+/// not abstract) and its `__init__` is still the native one, what `type.__call__` would do is
+/// done directly: the instance allocated, then the native `__init__`'s body (see `init_raw`),
+/// without the argument tuple and the calls between.
+fn new_transport<'py>(
+    l: &Life,
+    lp: &Bound<'py, PyAny>,
+    sock: &Bound<'py, PyAny>,
+    protocol: &Bound<'py, PyAny>,
+    server: &Bound<'py, PyAny>,
+    peername: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = lp.py();
+    let cls = l.cls.bind(py);
+    let tp = cls.as_type_ptr();
+    // SAFETY: live type objects; `_PyType_Lookup` returns a borrowed reference (compared).
+    let alloc = unsafe {
+        let plain = ffi::Py_TYPE(cls.as_ptr()) == std::ptr::addr_of_mut!(ffi::PyType_Type)
+            && (*tp).tp_new.map(|f| f as usize)
+                == (*std::ptr::addr_of_mut!(ffi::PyBaseObject_Type))
+                    .tp_new
+                    .map(|f| f as usize)
+            && (*tp).tp_flags & ffi::Py_TPFLAGS_IS_ABSTRACT == 0
+            && _PyType_Lookup(tp, intern!(py, "__init__").as_ptr()) == l.init_descr.as_ptr();
+        if plain {
+            (*tp).tp_alloc
+        } else {
+            None
+        }
+    };
+    let Some(alloc) = alloc else {
+        let none = py.None().into_bound(py);
+        return cls.call1((lp, sock, protocol, &none, &none, server, peername));
+    };
+    // SAFETY: `tp_alloc` of a live type returns a new reference (a zeroed instance, every
+    // slot unset, as `object.__new__` returns it) or NULL with an exception set.
+    let tr = unsafe { Bound::from_owned_ptr_or_err(py, alloc(tp, 0))? };
+    init(l, &tr, lp, sock, protocol, server, peername)?;
+    Ok(tr)
+}
+
 /// `_accept_plain_connection` (`python/ferroloop/_net/server.py`) for a loop whose
 /// `_make_socket_transport` is ferroloop's: the protocol factory, then the transport (for an
 /// exact `socket.socket`, `StreamTransport(...)` as `_make_socket_transport` calls it). An
@@ -1248,10 +1303,7 @@ pub fn accept_plain_connection(
         protocol = Some(p.clone());
         let t = match LIFE.get(py) {
             Some(l) if socket_fields(l, conn).is_some() => {
-                let none = py.None().into_bound(py);
-                l.cls
-                    .bind(py)
-                    .call1((lp, conn, &p, &none, &none, server, addr))?
+                new_transport(l, lp, conn, &p, server, addr)?
             }
             _ => {
                 let kw = PyDict::new(py);
