@@ -1742,6 +1742,83 @@ def test_accepted_connection_factory_runs_in_a_copy_of_the_servers_context(loop)
     run(loop, main())
 
 
+def _serve_from_an_empty_context(loop, factory):
+    """create_server run in a task whose context holds no variable."""
+    return contextvars.Context().run(loop.create_task, loop.create_server(factory, "127.0.0.1", 0))
+
+
+def test_variable_set_in_connection_made_is_not_seen_by_data_received(loop):
+    # connection_made and the start of reading are two callbacks, each in its own copy of the
+    # context the transport was made in: the reader's callbacks run in a copy of the second.
+    var = contextvars.ContextVar("var", default="unset")
+
+    async def main():
+        seen = []
+        done = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                seen.append(("made", var.get()))
+                var.set("set in connection_made")
+                self.transport = transport
+
+            def data_received(self, data):
+                seen.append(("data", var.get()))
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                seen.append(("lost", var.get()))
+                if not done.done():
+                    done.set_result(None)
+
+        server = await _serve_from_an_empty_context(loop, Proto)
+        address = server.sockets[0].getsockname()
+        assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+        await asyncio.wait_for(done, TIMEOUT)
+        assert seen == [("made", "unset"), ("data", "unset"), ("lost", "unset")]
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
+def test_connection_made_error_is_reported_with_its_handle_and_reading_still_starts(loop):
+    async def main():
+        reported = []
+        done = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                raise ValueError("made")
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                if not done.done():
+                    done.set_result(exc)
+
+        loop.set_exception_handler(lambda lp, ctx: reported.append(ctx))
+        try:
+            server = await _serve_from_an_empty_context(loop, Proto)
+            address = server.sockets[0].getsockname()
+            assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+            assert await asyncio.wait_for(done, TIMEOUT) is None
+        finally:
+            loop.set_exception_handler(None)
+        assert len(reported) == 1
+        ctx = reported[0]
+        assert ctx["message"].startswith("Exception in callback ")
+        assert "connection_made" in ctx["message"]
+        assert isinstance(ctx["exception"], ValueError)
+        assert "connection_made" in repr(ctx["handle"])
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
 @pytest.mark.parametrize("debug", [False, True])
 def test_protocol_factory_error_closes_the_socket_and_the_server_keeps_serving(loop, debug):
     async def main():
@@ -2934,6 +3011,114 @@ def test_accepted_connection_uses_an_overridden_make_socket_transport(loop):
     run(loop, main())
 
 
+class _Echo(asyncio.Protocol):
+    def __init__(self, done):
+        self.done = done
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_result(exc)
+
+
+def test_listener_readiness_goes_to_an_overridden_accept_connection(loop):
+    # A loop that replaces _accept_connection (here on the instance) before the server starts
+    # serving gets each readiness event of the listener.
+    async def main():
+        calls = []
+        original = loop._accept_connection
+
+        def accept(protocol_factory, sock, *args, **kwargs):
+            calls.append(sock)
+            return original(protocol_factory, sock, *args, **kwargs)
+
+        loop._accept_connection = accept
+        try:
+            done = loop.create_future()
+            server = await loop.create_server(lambda: _Echo(done), "127.0.0.1", 0)
+            address = server.sockets[0].getsockname()
+            assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+            assert await asyncio.wait_for(done, TIMEOUT) is None
+            assert calls and calls[0] is server.sockets[0]._sock
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+        finally:
+            del loop._accept_connection
+
+    run(loop, main())
+
+
+def test_accept_logs_each_connection_once_debug_mode_is_on(loop, caplog):
+    # Debug mode turned on while the server serves: the next accepted connection is logged,
+    # as asyncio's accept loop logs it.
+    async def main():
+        done = loop.create_future()
+        server = await loop.create_server(lambda: _Echo(done), "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        loop.set_debug(True)
+        try:
+            with caplog.at_level("DEBUG", logger="asyncio"):
+                assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+                assert await asyncio.wait_for(done, TIMEOUT) is None
+        finally:
+            loop.set_debug(False)
+        assert any("got a new connection" in r.getMessage() for r in caplog.records)
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
+def test_accepted_protocol_whose_class_claims_buffered_protocol_gets_buffers(loop):
+    # The transport picks the buffered read path by isinstance(protocol, BufferedProtocol),
+    # which honours a `__class__` that is not the object's type.
+    async def main():
+        done = loop.create_future()
+        got = []
+
+        class Claimed(asyncio.BufferedProtocol):
+            pass
+
+        class Proto(asyncio.Protocol):
+            @property
+            def __class__(self):
+                return Claimed
+
+            def connection_made(self, transport):
+                self.transport = transport
+                self.buf = bytearray(100)
+
+            def get_buffer(self, sizehint):
+                return self.buf
+
+            def buffer_updated(self, nbytes):
+                got.append(bytes(self.buf[:nbytes]))
+                self.transport.write(self.buf[:nbytes])
+
+            def data_received(self, data):
+                got.append(("data_received", data))
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                if not done.done():
+                    done.set_result(exc)
+
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+        assert await asyncio.wait_for(done, TIMEOUT) is None
+        assert got == [b"ping"]
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
 def test_accepted_transport_extra_info_other_keys_and_later_ones(loop):
     # Names the transport has no value for give the default (StreamReaderProtocol asks for
     # "sslcontext" in connection_made); the socket's own names are still right afterwards,
@@ -3029,6 +3214,55 @@ def test_accepted_transport_schedules_through_an_overridden_call_soon(loop):
         finally:
             del loop.call_soon
         assert "connection_made" in names and "_call_connection_lost" in names
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+
+
+def test_call_soon_replaced_after_connections_were_served_is_honoured(loop):
+    # A replacement of loop.call_soon on the instance made once connections have already been
+    # served (whatever the loop learnt about its call_soon then) is used by the next ones.
+    async def main():
+        names = []
+        original = loop.call_soon
+
+        def spy(callback, *args, **kwargs):
+            names.append(getattr(callback, "__name__", None))
+            return original(callback, *args, **kwargs)
+
+        lost = []
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+            def connection_lost(self, exc):
+                lost.append(exc)
+
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        for _ in range(2):
+            assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+        while len(lost) < 2:
+            await asyncio.sleep(0.01)
+        assert "connection_made" not in names
+        loop.call_soon = spy
+        try:
+            assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+            while len(lost) < 3:
+                await asyncio.sleep(0.01)
+        finally:
+            del loop.call_soon
+        assert "connection_made" in names and "_call_connection_lost" in names
+        names.clear()
+        assert await loop.run_in_executor(None, _churn_client, address) == b"ping"
+        while len(lost) < 4:
+            await asyncio.sleep(0.01)
+        assert names == []
         server.close()
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
 

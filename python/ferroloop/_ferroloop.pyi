@@ -22,6 +22,7 @@ __all__ = [
     "accept_connections",
     "install_server_class",
     "accept_plain_connection",
+    "accept_ready",
     "install_datagram_fast_paths",
     "__version__",
     "_HANDLES_OUTSIDE_GC_COUNT",
@@ -78,7 +79,17 @@ def accept_connections(
     protocol_factory: Any,
     server: Any,
 ) -> None: ...
-def install_server_class(cls: type) -> None: ...
+def install_server_class(cls: type, make_socket_transport: Any, accept_plain: Any) -> None: ...
+def accept_ready(
+    lp: Any,
+    protocol_factory: Any,
+    sock: Any,
+    sslcontext: Any,
+    server: Any,
+    backlog: Any,
+    ssl_handshake_timeout: Any,
+    ssl_shutdown_timeout: Any,
+) -> None: ...
 def accept_plain_connection(
     lp: Any, protocol_factory: Any, conn: Any, addr: Any, server: Any
 ) -> None: ...

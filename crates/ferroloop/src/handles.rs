@@ -1113,6 +1113,11 @@ fn code_is_coroutine_uncached(py: Python<'_>, code_ptr: *mut ffi::PyObject) -> P
     Ok(is_coro)
 }
 
+extern "C" {
+    // CPython's public C API (not declared by pyo3-ffi): a bound method's function.
+    fn PyMethod_Function(method: *mut ffi::PyObject) -> *mut ffi::PyObject;
+}
+
 fn is_coroutine_function(py: Python<'_>, callback: &Bound<'_, PyAny>) -> PyResult<bool> {
     // SAFETY: type check on a live object pointer.
     if unsafe { ffi::PyFunction_Check(callback.as_ptr()) } != 0 {
@@ -1121,7 +1126,10 @@ fn is_coroutine_function(py: Python<'_>, callback: &Bound<'_, PyAny>) -> PyResul
     let s = crate::stdlib::stdlib(py)?;
     let ty = callback.get_type();
     if ty.is(s.method_type.bind(py)) {
-        let func = callback.getattr(intern!(py, "__func__"))?;
+        // `callback.__func__`, read from the (exact) method object.
+        // SAFETY: `callback` is exactly a bound method: PyMethod_Function returns its
+        // function, a borrowed reference alive as long as `callback`.
+        let func = unsafe { Bound::from_borrowed_ptr(py, PyMethod_Function(callback.as_ptr())) };
         // SAFETY: type check on a live object pointer.
         if unsafe { ffi::PyFunction_Check(func.as_ptr()) } != 0 {
             return function_is_coroutine(py, &func);

@@ -53,6 +53,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stream_life::install_stream_lifecycle, m)?)?;
     m.add_function(wrap_pyfunction!(stream_life::accept_socket, m)?)?;
     m.add_function(wrap_pyfunction!(stream_life::accept_connections, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_life::accept_ready, m)?)?;
     m.add_function(wrap_pyfunction!(stream_life::install_server_class, m)?)?;
     m.add_function(wrap_pyfunction!(stream_life::accept_plain_connection, m)?)?;
     m.add_function(wrap_pyfunction!(

@@ -52,6 +52,8 @@ struct Life {
     closed_extra: Py<PyAny>,
     /// `asyncio.Protocol.eof_received` (does nothing, returns None).
     protocol_eof_received: Py<PyAny>,
+    /// The native `__init__` installed on `StreamTransport` (its descriptor).
+    init_descr: Py<PyAny>,
 }
 
 static LIFE: PyOnceLock<Life> = PyOnceLock::new();
@@ -149,41 +151,88 @@ extern "C" {
     fn _PyType_Lookup(ty: *mut ffi::PyTypeObject, name: *mut ffi::PyObject) -> *mut ffi::PyObject;
 }
 
-/// `LoopCore.call_soon` (the method descriptor).
+/// `LoopCore`'s method descriptors, for [`core_method`].
 static CORE_CALL_SOON: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static CORE_GET_DEBUG: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-/// Whether `lp.call_soon` is the loop core's own method: nothing replaced it on the class or
-/// on the instance (where `ferroloop.Loop` may keep the core's method bound, before 3.12).
-fn native_call_soon(lp: &Bound<'_, PyAny>) -> bool {
+/// Up to 3.11 a dict's `ma_version_tag` changes with every modification and is unique across
+/// all dicts (PEP 509): a dict found at the same address with the same tag is in the same
+/// state. From 3.12 the field serves dict watchers and is deprecated: not used there.
+static VERSION_TAGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// The version tag of `d`, where it can stand for its state (see `VERSION_TAGS`).
+#[inline(always)]
+fn dict_version(d: &Bound<'_, PyDict>) -> Option<u64> {
+    if !*VERSION_TAGS.get_or_init(|| d.py().version_info() < (3, 12)) {
+        return None;
+    }
+    // SAFETY: `d` is a live dict; the field exists in `PyDictObject` up to 3.13 (read only
+    // before 3.12, per the check above).
+    #[allow(deprecated)]
+    Some(unsafe { (*d.as_ptr().cast::<ffi::PyDictObject>()).ma_version_tag })
+}
+
+/// One check of an instance dict (that it lacks a name, or holds the expected value there)
+/// remembered for the dict's state in which it last passed: the same dict, unmodified since,
+/// passes without the lookup. The checks are pure lookups of `str` keys (no Python code).
+pub(crate) struct DictMemo(crate::gil::GilCell<(usize, u64)>);
+
+impl DictMemo {
+    pub(crate) const fn new() -> Self {
+        DictMemo(crate::gil::GilCell::new((0, 0)))
+    }
+
+    #[inline(always)]
+    fn check(&self, d: &Bound<'_, PyDict>, check: impl FnOnce() -> bool) -> bool {
+        let Some(version) = dict_version(d) else {
+            return check();
+        };
+        let state = (d.as_ptr() as usize, version);
+        if matches!(self.0.borrow_mut(d.py()), Ok(m) if *m == state) {
+            return true;
+        }
+        let ok = check();
+        if ok {
+            if let Ok(mut m) = self.0.borrow_mut(d.py()) {
+                *m = state;
+            }
+        }
+        ok
+    }
+}
+
+static CALL_SOON_MEMO: DictMemo = DictMemo::new();
+static GET_DEBUG_MEMO: DictMemo = DictMemo::new();
+static MAKE_TRANSPORT_MEMO: DictMemo = DictMemo::new();
+static ATTACH_MEMO: DictMemo = DictMemo::new();
+static DETACH_MEMO: DictMemo = DictMemo::new();
+
+/// Whether `lp.<name>` is the loop core's own method (`descr`, taken from `LoopCore` once):
+/// nothing replaced it on the class or on the instance (where `ferroloop.Loop` may keep the
+/// core's method bound, before 3.12). `dict` is the loop's instance dict.
+fn core_method(
+    lp: &Bound<'_, PyAny>,
+    dict: &Bound<'_, PyDict>,
+    cell: &'static PyOnceLock<Py<PyAny>>,
+    memo: &DictMemo,
+    name: &Bound<'_, PyString>,
+) -> bool {
     let py = lp.py();
-    let Ok(descr) = CORE_CALL_SOON
+    let Ok(descr) = cell
         .get_or_try_init(py, || {
-            py.get_type::<LoopCore>()
-                .getattr("call_soon")
-                .map(Bound::unbind)
+            py.get_type::<LoopCore>().getattr(name).map(Bound::unbind)
         })
         .map(|d| d.as_ptr())
     else {
         return false;
     };
-    let name = intern!(py, "call_soon");
-    // SAFETY: live objects; `_PyType_Lookup` returns a borrowed reference (only compared);
-    // `PyObject_GenericGetDict` returns a new reference or NULL with an exception set; an
+    // SAFETY: live objects; `_PyType_Lookup` returns a borrowed reference (only compared); an
     // exact method descriptor and a builtin method have the layouts read.
     unsafe {
         if _PyType_Lookup(ffi::Py_TYPE(lp.as_ptr()), name.as_ptr()) != descr {
             return false;
         }
-        let d = ffi::PyObject_GenericGetDict(lp.as_ptr(), std::ptr::null_mut());
-        if d.is_null() {
-            drop(PyErr::take(py));
-            return false;
-        }
-        let d = Bound::from_owned_ptr(py, d);
-        let Ok(d) = d.cast::<PyDict>() else {
-            return false;
-        };
-        match d.get_item(name) {
+        memo.check(dict, || match dict.get_item(name) {
             Ok(None) => true,
             Ok(Some(m)) => {
                 if ffi::Py_TYPE(m.as_ptr()) != std::ptr::addr_of_mut!(ffi::PyCFunction_Type)
@@ -196,8 +245,23 @@ fn native_call_soon(lp: &Bound<'_, PyAny>) -> bool {
                 (*f).m_self == lp.as_ptr() && (*f).m_ml == def
             }
             Err(_) => false,
-        }
+        })
     }
+}
+
+/// Whether `lp.call_soon` is the loop core's own method.
+fn native_call_soon(lp: &Bound<'_, PyAny>) -> bool {
+    let Ok(d) = instance_dict(lp) else {
+        drop(PyErr::take(lp.py()));
+        return false;
+    };
+    core_method(
+        lp,
+        &d,
+        &CORE_CALL_SOON,
+        &CALL_SOON_MEMO,
+        intern!(lp.py(), "call_soon"),
+    )
 }
 
 /// `loop.call_soon(callback, *args)` (the loop's own method: an override is honoured).
@@ -209,11 +273,17 @@ fn call_soon(
     if let Ok(core) = lp.cast::<LoopCore>() {
         if native_call_soon(lp) {
             let py = lp.py();
-            let a = match args {
-                [one] => crate::handles::Args::One((*one).clone().unbind()),
-                _ => crate::handles::Args::Many(PyTuple::new(py, args)?.unbind()),
+            let pack = || {
+                Ok(match args {
+                    [one] => crate::handles::Args::One((*one).clone().unbind()),
+                    _ => crate::handles::Args::Many(PyTuple::new(py, args)?.unbind()),
+                })
             };
-            core.get().call_soon_impl(py, callback, a, None)?;
+            // The handle is dropped here: nobody sees it, so none is made when that is
+            // possible.
+            if !core.get().push_internal(py, callback, pack)? {
+                core.get().call_soon_impl(py, callback, pack()?, None)?;
+            }
             return Ok(());
         }
     }
@@ -233,6 +303,9 @@ fn call_soon(
     }
 }
 
+/// `TransportTable`'s one slot, `_refs` (its dict of fd -> weak reference).
+static TABLE_SLOTS: SlotTable<1> = SlotTable::new(["_refs"]);
+
 /// The loop's fd -> transport table (`loop._transports`), without creating it.
 fn transport_table<'py>(lp: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
     instance_dict(lp)?.get_item(intern!(lp.py(), "_net_transports"))
@@ -250,6 +323,38 @@ fn instance_dict<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
     Ok(d.cast_into::<PyDict>()?)
 }
 
+/// `object.__class__` (its descriptor), for `is_instance`.
+static OBJECT_CLASS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// `isinstance(obj, cls)`. For a class whose metaclass is `type` and an object whose type
+/// neither overrides `__class__` nor attribute lookup, `obj.__class__` is `type(obj)`, so
+/// the answer is whether that type is a subclass: the `__class__` lookup `isinstance` makes
+/// when it is not is skipped.
+fn is_instance(obj: &Bound<'_, PyAny>, cls: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = obj.py();
+    let descr = OBJECT_CLASS
+        .get_or_try_init(py, || {
+            py.get_type::<pyo3::types::PyAny>()
+                .getattr("__dict__")?
+                .get_item("__class__")
+                .map(Bound::unbind)
+        })?
+        .as_ptr();
+    // SAFETY: live objects and their types; `_PyType_Lookup` returns a borrowed reference
+    // (compared) or NULL.
+    unsafe {
+        let ty = ffi::Py_TYPE(obj.as_ptr());
+        if ffi::Py_TYPE(cls.as_ptr()) == std::ptr::addr_of_mut!(ffi::PyType_Type)
+            && (*ty).tp_getattro.map(|f| f as usize)
+                == Some(ffi::PyObject_GenericGetAttr as ffi::getattrofunc as usize)
+            && _PyType_Lookup(ty, intern!(py, "__class__").as_ptr()) == descr
+        {
+            return Ok(ffi::PyType_IsSubtype(ty, cls.as_ptr().cast()) != 0);
+        }
+    }
+    obj.is_instance(cls)
+}
+
 // ---- the server's connection count -----------------------------------------------------------
 
 /// `Server` (`python/ferroloop/_net/server.py`) and its `_attach` / `_detach` functions.
@@ -257,54 +362,72 @@ struct ServerClass {
     cls: Py<PyType>,
     attach: Py<PyAny>,
     detach: Py<PyAny>,
+    /// `ConnectMixin._make_socket_transport` (the function) and the native set-up of an
+    /// accepted connection that assumes it (`accept_plain_connection`), for `accept_ready`.
+    make_socket_transport: Py<PyAny>,
+    accept_plain: Py<PyAny>,
 }
 
 static SERVER_CLASS: PyOnceLock<ServerClass> = PyOnceLock::new();
 
 /// Registers ferroloop's `Server` class: its `_attach` / `_detach` then run natively for
-/// an exact instance whose class and instance still have those functions.
+/// an exact instance whose class and instance still have those functions. Also the accept
+/// path's objects (see `ServerClass`).
 #[pyfunction]
-pub fn install_server_class(cls: &Bound<'_, PyType>) -> PyResult<()> {
+pub fn install_server_class(
+    cls: &Bound<'_, PyType>,
+    make_socket_transport: &Bound<'_, PyAny>,
+    accept_plain: &Bound<'_, PyAny>,
+) -> PyResult<()> {
     let d = cls.getattr("__dict__")?;
     let s = ServerClass {
         cls: cls.clone().unbind(),
         attach: d.get_item("_attach")?.unbind(),
         detach: d.get_item("_detach")?.unbind(),
+        make_socket_transport: make_socket_transport.clone().unbind(),
+        accept_plain: accept_plain.clone().unbind(),
     };
     let _ = SERVER_CLASS.set(cls.py(), s);
     Ok(())
 }
 
-/// The server's instance dict when `server.<name>` is `Server`'s own function `f`, unshadowed.
-fn plain_server<'py>(
-    server: &Bound<'py, PyAny>,
-    name: &Bound<'py, pyo3::types::PyString>,
+/// `Server`'s slots the native paths read and write (see `slots.rs`).
+static SERVER_SLOTS: SlotTable<3> = SlotTable::new(["_sockets", "_active_count", "_local_name"]);
+const SV_SOCKETS: usize = 0;
+const SV_ACTIVE_COUNT: usize = 1;
+const SV_LOCAL_NAME: usize = 2;
+
+/// Whether `server.<name>` is `Server`'s own function (`pick`), unshadowed.
+fn plain_server(
+    server: &Bound<'_, PyAny>,
+    name: &Bound<'_, pyo3::types::PyString>,
     pick: fn(&ServerClass) -> &Py<PyAny>,
-) -> Option<Bound<'py, PyDict>> {
-    let sv = SERVER_CLASS.get(server.py())?;
+    memo: &DictMemo,
+) -> bool {
+    let Some(sv) = SERVER_CLASS.get(server.py()) else {
+        return false;
+    };
     // SAFETY: a live object's type; `_PyType_Lookup` returns a borrowed reference (compared).
     unsafe {
         let ty = ffi::Py_TYPE(server.as_ptr());
         if ty != sv.cls.as_ptr().cast() || _PyType_Lookup(ty, name.as_ptr()) != pick(sv).as_ptr() {
-            return None;
+            return false;
         }
     }
-    let d = instance_dict(server).ok()?;
-    match d.contains(name) {
-        Ok(false) => Some(d),
-        _ => None,
+    match instance_dict(server) {
+        Ok(d) => memo.check(&d, || matches!(d.contains(name), Ok(false))),
+        Err(_) => false,
     }
 }
 
 /// `server._attach(tr)`: `assert self._sockets is not None; self._active_count += 1`.
 fn server_attach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = server.py();
-    if let Some(d) = plain_server(server, intern!(py, "_attach"), |s| &s.attach) {
-        let sockets = d.get_item(intern!(py, "_sockets"))?;
-        let count = d.get_item(intern!(py, "_active_count"))?;
-        if let (Some(sockets), Some(count)) = (sockets, count) {
+    if plain_server(server, intern!(py, "_attach"), |s| &s.attach, &ATTACH_MEMO) {
+        let s = SERVER_SLOTS.reader(server);
+        if let (Ok(sockets), Ok(count)) = (s.get(SV_SOCKETS), s.get(SV_ACTIVE_COUNT)) {
             if !sockets.is_none() {
-                return d.set_item(intern!(py, "_active_count"), count.add(1)?);
+                return s.set(SV_ACTIVE_COUNT, &count.add(1)?);
             }
         }
     }
@@ -317,18 +440,13 @@ fn server_attach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<(
 /// `wait_closed()`.
 fn server_detach(server: &Bound<'_, PyAny>, tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = server.py();
-    if let Some(d) = plain_server(server, intern!(py, "_detach"), |s| &s.detach) {
-        if let Some(count) = d.get_item(intern!(py, "_active_count"))? {
+    if plain_server(server, intern!(py, "_detach"), |s| &s.detach, &DETACH_MEMO) {
+        let s = SERVER_SLOTS.reader(server);
+        if let Ok(count) = s.get(SV_ACTIVE_COUNT) {
             let count = count.sub(1)?;
-            d.set_item(intern!(py, "_active_count"), &count)?;
-            if count.eq(0)? {
-                let closed = match d.get_item(intern!(py, "_sockets"))? {
-                    Some(s) => s.is_none(),
-                    None => server.getattr(intern!(py, "_sockets"))?.is_none(),
-                };
-                if closed {
-                    server.call_method0(intern!(py, "_wakeup"))?;
-                }
+            s.set(SV_ACTIVE_COUNT, &count)?;
+            if count.eq(0)? && s.get(SV_SOCKETS)?.is_none() {
+                server.call_method0(intern!(py, "_wakeup"))?;
             }
             return Ok(());
         }
@@ -374,7 +492,7 @@ fn init(
     let none = py.None().into_bound(py);
     s.set(PROTOCOL, &none)?;
     // StreamTransport.set_protocol
-    let buffered = protocol.is_instance(l.buffered_protocol.bind(py))?;
+    let buffered = is_instance(protocol, l.buffered_protocol.bind(py))?;
     s.set(
         BUFFERED,
         &pyo3::types::PyBool::new(py, buffered).to_owned().into_any(),
@@ -402,13 +520,16 @@ fn init(
         Some(t) => t,
         None => lp.getattr(intern!(py, "_transports"))?,
     };
-    let refs = table.getattr(intern!(py, "_refs"))?;
+    let refs = TABLE_SLOTS.reader(&table).get(0)?;
     // SAFETY: `tr` is live and weakly referenceable (its class has `__weakref__`); a new
     // reference or NULL with an exception set.
     let wr = unsafe {
         Bound::from_owned_ptr_or_err(py, ffi::PyWeakref_NewRef(tr.as_ptr(), std::ptr::null_mut()))?
     };
-    refs.set_item(&fd, wr)?;
+    match refs.cast::<PyDict>() {
+        Ok(refs) => refs.set_item(&fd, wr)?,
+        Err(_) => refs.set_item(&fd, wr)?,
+    }
     if let Some(fields) = socket_fields(l, sock) {
         if is_tcp(fields) {
             let one: c_int = 1;
@@ -516,13 +637,12 @@ fn start_reading(l: &Life, tr: &Bound<'_, PyAny>) -> PyResult<()> {
     let fd = s.get(SOCK_FD)?;
     let sock = s.get(SOCK)?;
     let lp = s.get(LOOP)?;
-    let args = PyTuple::new(py, [tr])?;
     let edge = socket_fields(l, &sock)
         .is_some_and(|(family, _, _)| family == libc::AF_INET || family == libc::AF_INET6);
     match lp.cast::<LoopCore>() {
         Ok(core) if edge => {
             core.get()
-                ._add_reader_edge_impl(py, &fd, l.read_ready.bind(py), &args)?;
+                .add_reader_edge_one(py, &fd, l.read_ready.bind(py), tr)?;
         }
         _ => {
             tr.call_method1(intern!(py, "_add_reader"), (fd, l.read_ready.bind(py), tr))?;
@@ -747,7 +867,7 @@ fn teardown(
     let fd = s.get(SOCK_FD)?;
     // _forget_fd(loop): TransportTable.discard(fd, self)
     if let Some(table) = transport_table(&lp)? {
-        let refs = table.getattr(intern!(py, "_refs"))?;
+        let refs = TABLE_SLOTS.reader(&table).get(0)?;
         let refs = refs.cast::<PyDict>()?;
         if let Some(r) = refs.get_item(&fd)? {
             let mut obj = std::ptr::null_mut();
@@ -835,10 +955,7 @@ fn server_local_name<'py>(s: &crate::slots::SlotReader<'_, 'py, 17>) -> Option<B
     if unsafe { ffi::Py_TYPE(server.as_ptr()) } != sv.cls.as_ptr().cast() {
         return None;
     }
-    let name = instance_dict(&server)
-        .ok()?
-        .get_item(intern!(server.py(), "_local_name"))
-        .ok()??;
+    let name = SERVER_SLOTS.reader(&server).get(SV_LOCAL_NAME).ok()?;
     name.is_exact_instance_of::<PyTuple>().then_some(name)
 }
 
@@ -857,7 +974,18 @@ fn close_socket(l: &Life, sock: &Bound<'_, PyAny>) -> PyResult<()> {
     )?;
     let io_refs = s.get(IO_REFS)?;
     if io_refs.le(0)? {
-        l.raw_close.bind(py).call1((sock,))?;
+        // SAFETY: live objects; a one-argument vectorcall (no tuple) returning a new
+        // reference or NULL with an exception set.
+        unsafe {
+            let args = [sock.as_ptr()];
+            let r = ffi::PyObject_Vectorcall(
+                l.raw_close.as_ptr(),
+                args.as_ptr(),
+                1,
+                std::ptr::null_mut(),
+            );
+            Bound::from_owned_ptr_or_err(py, r)?;
+        }
     }
     Ok(())
 }
@@ -928,6 +1056,7 @@ pub fn install_stream_lifecycle(
         call_connection_lost: cls.getattr("_call_connection_lost")?.unbind(),
         start_reading: cls.getattr("_start_reading")?.unbind(),
         closed_extra: closed_extra.clone().unbind(),
+        init_descr: cls.getattr("__dict__")?.get_item("__init__")?.unbind(),
         protocol_eof_received: py
             .import("asyncio.protocols")?
             .getattr("Protocol")?
@@ -1112,6 +1241,48 @@ pub fn accept_socket<'py>(
     }
 }
 
+/// `StreamTransport(lp, sock, protocol, None, None, server, peername)` for an exact
+/// `socket.socket`. While the class is made the plain way (metaclass `type`, `object.__new__`,
+/// not abstract) and its `__init__` is still the native one, what `type.__call__` would do is
+/// done directly: the instance allocated, then the native `__init__`'s body (see `init_raw`),
+/// without the argument tuple and the calls between.
+fn new_transport<'py>(
+    l: &Life,
+    lp: &Bound<'py, PyAny>,
+    sock: &Bound<'py, PyAny>,
+    protocol: &Bound<'py, PyAny>,
+    server: &Bound<'py, PyAny>,
+    peername: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = lp.py();
+    let cls = l.cls.bind(py);
+    let tp = cls.as_type_ptr();
+    // SAFETY: live type objects; `_PyType_Lookup` returns a borrowed reference (compared).
+    let alloc = unsafe {
+        let plain = ffi::Py_TYPE(cls.as_ptr()) == std::ptr::addr_of_mut!(ffi::PyType_Type)
+            && (*tp).tp_new.map(|f| f as usize)
+                == (*std::ptr::addr_of_mut!(ffi::PyBaseObject_Type))
+                    .tp_new
+                    .map(|f| f as usize)
+            && (*tp).tp_flags & ffi::Py_TPFLAGS_IS_ABSTRACT == 0
+            && _PyType_Lookup(tp, intern!(py, "__init__").as_ptr()) == l.init_descr.as_ptr();
+        if plain {
+            (*tp).tp_alloc
+        } else {
+            None
+        }
+    };
+    let Some(alloc) = alloc else {
+        let none = py.None().into_bound(py);
+        return cls.call1((lp, sock, protocol, &none, &none, server, peername));
+    };
+    // SAFETY: `tp_alloc` of a live type returns a new reference (a zeroed instance, every
+    // slot unset, as `object.__new__` returns it) or NULL with an exception set.
+    let tr = unsafe { Bound::from_owned_ptr_or_err(py, alloc(tp, 0))? };
+    init(l, &tr, lp, sock, protocol, server, peername)?;
+    Ok(tr)
+}
+
 /// `_accept_plain_connection` (`python/ferroloop/_net/server.py`) for a loop whose
 /// `_make_socket_transport` is ferroloop's: the protocol factory, then the transport (for an
 /// exact `socket.socket`, `StreamTransport(...)` as `_make_socket_transport` calls it). An
@@ -1132,10 +1303,7 @@ pub fn accept_plain_connection(
         protocol = Some(p.clone());
         let t = match LIFE.get(py) {
             Some(l) if socket_fields(l, conn).is_some() => {
-                let none = py.None().into_bound(py);
-                l.cls
-                    .bind(py)
-                    .call1((lp, conn, &p, &none, &none, server, addr))?
+                new_transport(l, lp, conn, &p, server, addr)?
             }
             _ => {
                 let kw = PyDict::new(py);
@@ -1199,5 +1367,121 @@ pub fn accept_connections(
             &[lp, protocol_factory, &sock, addr.bind(py), server],
         )?;
     }
+    Ok(())
+}
+
+/// `ServingMixin._accept_connection(protocol_factory, sock, sslcontext, server, backlog,
+/// ssl_handshake_timeout, ssl_shutdown_timeout)` without its Python frame, the listener's
+/// reader callback (`_start_serving` registers it for a plain TCP `socket.socket` when the
+/// loop's `_accept_connection` is the mixin's): the batch of `accept_connections`, its set-up
+/// callback chosen as the Python method chooses it. Debug mode, a replaced `get_debug` and
+/// any other case go to the Python method, the reference implementation.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn accept_ready(
+    lp: &Bound<'_, PyAny>,
+    protocol_factory: &Bound<'_, PyAny>,
+    sock: &Bound<'_, PyAny>,
+    sslcontext: &Bound<'_, PyAny>,
+    server: &Bound<'_, PyAny>,
+    backlog: &Bound<'_, PyAny>,
+    ssl_handshake_timeout: &Bound<'_, PyAny>,
+    ssl_shutdown_timeout: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = lp.py();
+    let plan = (|| {
+        let l = LIFE.get(py)?;
+        let sv = SERVER_CLASS.get(py)?;
+        let (family, stype, proto) = socket_fields(l, sock)?;
+        if !sslcontext.is_none() || !(family == libc::AF_INET || family == libc::AF_INET6) {
+            return None;
+        }
+        let core = lp.cast::<LoopCore>().ok()?;
+        if core.get().shared.debug() {
+            return None;
+        }
+        let dict = instance_dict(lp).ok()?;
+        if !core_method(
+            lp,
+            &dict,
+            &CORE_GET_DEBUG,
+            &GET_DEBUG_MEMO,
+            intern!(py, "get_debug"),
+        ) {
+            return None;
+        }
+        let backlog = backlog.extract::<usize>().ok()?;
+        // SAFETY: an exact `socket.socket` (checked above) starts with `SockHead`.
+        let fd = unsafe { (*sock.as_ptr().cast::<SockHead>()).fd };
+        // `getattr(self._make_socket_transport, "__func__", None) is
+        // _DEFAULT_MAKE_SOCKET_TRANSPORT`: the class's, not shadowed on the instance.
+        let name = intern!(py, "_make_socket_transport");
+        // SAFETY: a live object's type; a borrowed reference (compared) or NULL.
+        let default_make = unsafe { _PyType_Lookup(ffi::Py_TYPE(lp.as_ptr()), name.as_ptr()) }
+            == sv.make_socket_transport.as_ptr()
+            && MAKE_TRANSPORT_MEMO.check(&dict, || matches!(dict.contains(name), Ok(false)));
+        Some((l, sv, fd, family, stype, proto, backlog, default_make))
+    })();
+    let Some((l, sv, fd, family, stype, proto, backlog, default_make)) = plan else {
+        lp.call_method1(
+            intern!(py, "_accept_connection"),
+            (
+                protocol_factory,
+                sock,
+                sslcontext,
+                server,
+                backlog,
+                ssl_handshake_timeout,
+                ssl_shutdown_timeout,
+            ),
+        )?;
+        return Ok(());
+    };
+    let setup = if default_make {
+        sv.accept_plain.bind(py).clone()
+    } else {
+        lp.get_type()
+            .getattr(intern!(py, "_accept_plain_connection"))?
+    };
+    let err = match accept_connections(
+        lp,
+        fd,
+        l.socket_type.bind(py),
+        family,
+        stype | libc::SOCK_NONBLOCK,
+        proto,
+        backlog,
+        &setup,
+        protocol_factory,
+        server,
+    ) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.is_instance_of::<PyOSError>(py) => e,
+        Err(e) => return Err(e),
+    };
+    let errno = err.value(py).getattr(intern!(py, "errno"))?;
+    let out_of_resources = match errno.extract::<c_int>() {
+        Ok(n) => matches!(
+            n,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        ),
+        Err(_) => false,
+    };
+    if !out_of_resources {
+        return Err(err); // the loop reports it through the exception handler
+    }
+    lp.call_method1(
+        intern!(py, "_accept_out_of_resources"),
+        (
+            err.into_value(py),
+            protocol_factory,
+            sock,
+            sslcontext,
+            server,
+            backlog,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        ),
+    )?;
     Ok(())
 }

@@ -531,6 +531,18 @@ impl NativeReader {
     /// tr)` (the stream transport; `tr` passes the descriptor's type check) or `add_reader(fd,
     /// tr._read_ready)` (the datagram transport). Anything else runs through its Handle.
     pub(crate) fn of(callback: &Bound<'_, PyAny>, args: &Bound<'_, PyTuple>) -> Option<Self> {
+        // SAFETY: an item of a live tuple, borrowed while the tuple lives.
+        let first = (args.len() == 1).then(|| unsafe { args.get_borrowed_item_unchecked(0) });
+        Self::of_args(callback, args.len(), first.as_deref())
+    }
+
+    /// `of` for the arguments given as their count and the first one (when it is the only
+    /// one).
+    pub(crate) fn of_args(
+        callback: &Bound<'_, PyAny>,
+        nargs: usize,
+        first: Option<&Bound<'_, PyAny>>,
+    ) -> Option<Self> {
         let cb = callback.as_ptr();
         // SAFETY: `cb` is live; each struct is only read after an exact type check says it is
         // that object's layout; `ml_meth` is read as the variant of the fast-call flag checked.
@@ -538,18 +550,14 @@ impl NativeReader {
             let ty = ffi::Py_TYPE(cb);
             let (def, bound) = if ty == std::ptr::addr_of_mut!(ffi::PyMethodDescr_Type) {
                 let descr = cb.cast::<ffi::PyMethodDescrObject>();
-                if args.len() != 1
-                    || ffi::PyObject_TypeCheck(
-                        args.get_borrowed_item_unchecked(0).as_ptr(),
-                        (*descr).d_common.d_type,
-                    ) == 0
-                {
+                let first = first.filter(|_| nargs == 1)?;
+                if ffi::PyObject_TypeCheck(first.as_ptr(), (*descr).d_common.d_type) == 0 {
                     return None;
                 }
                 ((*descr).d_method, false)
             } else if ty == std::ptr::addr_of_mut!(ffi::PyCFunction_Type) {
                 let f = cb.cast::<ffi::PyCFunctionObject>();
-                if !args.is_empty() || (*f).m_self.is_null() {
+                if nargs != 0 || (*f).m_self.is_null() {
                     return None;
                 }
                 ((*f).m_ml, true)

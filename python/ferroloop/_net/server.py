@@ -15,6 +15,7 @@ from asyncio import constants, events, exceptions, tasks, trsock
 
 from .._ferroloop import accept_connections as _accept_connections
 from .._ferroloop import accept_plain_connection as _accept_plain_native
+from .._ferroloop import accept_ready as _accept_ready
 from .._ferroloop import accept_socket as _accept_socket
 from .._ferroloop import install_server_class as _install_server_class
 from .._signatures import since
@@ -41,6 +42,10 @@ _DEFAULT_MAKE_SOCKET_TRANSPORT = ConnectMixin._make_socket_transport
 
 class Server(events.AbstractServer):
     """A listening server: its sockets, the connections it accepted, serve_forever()."""
+
+    # Read and written natively for each accepted connection (stream_life.rs); the other
+    # attributes live in the instance's __dict__ (AbstractServer has one).
+    __slots__ = ("_sockets", "_active_count", "_local_name")
 
     def __init__(
         self,
@@ -225,7 +230,7 @@ def _one_local_name(sockets):
 
 # Its _attach/_detach run natively for the transports of accepted connections (stream_life.rs),
 # as long as neither is replaced on the class or an instance.
-_install_server_class(Server)
+_install_server_class(Server, _DEFAULT_MAKE_SOCKET_TRANSPORT, _accept_plain_native)
 
 
 def _share_host(addr):
@@ -250,17 +255,22 @@ class ServingMixin:
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
         ssl_shutdown_timeout=getattr(constants, "SSL_SHUTDOWN_TIMEOUT", None),
     ) -> None:
-        self._add_reader(
-            sock.fileno(),
-            self._accept_connection,
-            protocol_factory,
-            sock,
-            sslcontext,
-            server,
-            backlog,
-            ssl_handshake_timeout,
-            ssl_shutdown_timeout,
+        args = (
+            protocol_factory, sock, sslcontext, server, backlog,
+            ssl_handshake_timeout, ssl_shutdown_timeout,
         )
+        if (
+            not sslcontext
+            and type(sock) is socket.socket
+            and _sock_family(sock) in _INET_FAMILIES
+            and getattr(self._accept_connection, "__func__", None) is _ACCEPT_CONNECTION
+        ):
+            # A plain TCP listener's readiness goes to the native `accept_ready`: this loop's
+            # `_accept_connection` without its frame (it calls the method where it does not
+            # apply: debug mode...).
+            self._add_reader(sock.fileno(), _accept_ready, self, *args)
+        else:
+            self._add_reader(sock.fileno(), self._accept_connection, *args)
 
     def _stop_serving(self, sock) -> None:
         self._remove_reader(sock.fileno())
@@ -648,3 +658,6 @@ class ServingMixin:
             await tasks.sleep(0)
         return server
 
+
+# What `_start_serving` checks before it registers the native `accept_ready`.
+_ACCEPT_CONNECTION = ServingMixin._accept_connection

@@ -87,6 +87,37 @@ impl LoopCore {
         Ok(())
     }
 
+    /// `call_soon(callback, *args)` for a native transport path that drops the handle: outside
+    /// debug mode, from an empty context, on an open loop, the callback is queued without a
+    /// handle (`Ready::Internal`): nobody could see one. Returns false, having done nothing,
+    /// when any of that does not hold (the caller then calls `call_soon_impl`, which makes
+    /// asyncio's checks in asyncio's order).
+    pub(crate) fn push_internal(
+        &self,
+        py: Python<'_>,
+        callback: &Bound<'_, PyAny>,
+        args: impl FnOnce() -> PyResult<Args>,
+    ) -> PyResult<bool> {
+        if self.shared.debug() || crate::context::current_is_empty(py) != Some(true) {
+            return Ok(false);
+        }
+        if self.state.borrow_mut(py)?.closed {
+            return Ok(false);
+        }
+        check_callback(py, callback, "call_soon")?;
+        let args = args()?;
+        let mut st = self.state.borrow_mut(py)?;
+        if st.closed {
+            // Closed by code the check ran: the general path raises.
+            return Ok(false);
+        }
+        st.ready.push_back(super::Ready::Internal {
+            func: callback.clone().unbind(),
+            args,
+        });
+        Ok(true)
+    }
+
     /// `call_soon` of a C Task step or wake-up (see `fastcall.rs`): queued without a Handle.
     ///
     /// The step wrapper (or wake-up method) is made by the C Task for this one call and

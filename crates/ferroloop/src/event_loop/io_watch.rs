@@ -243,16 +243,33 @@ impl LoopCore {
         callback: &Bound<'_, PyAny>,
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
+        self.add_watch_args(py, fileobj, reader, edge, callback, || {
+            let native = if reader {
+                crate::transports::NativeReader::of(callback, args)
+            } else {
+                None
+            };
+            (Args::from_tuple(args), native)
+        })
+    }
+
+    /// `add_watch` with the handle's arguments (and the native reader they make, if any)
+    /// made by `args`, after the checks.
+    fn add_watch_args(
+        &self,
+        py: Python<'_>,
+        fileobj: &Bound<'_, PyAny>,
+        reader: bool,
+        edge: bool,
+        callback: &Bound<'_, PyAny>,
+        args: impl FnOnce() -> (Args, Option<crate::transports::NativeReader>),
+    ) -> PyResult<Py<Handle>> {
         self.check_closed(py)?;
         let fd: RawFd = fileobj_to_fd(fileobj)?.try_into().map_err(|_| {
             pyo3::exceptions::PyOverflowError::new_err("signed integer is greater than maximum")
         })?;
-        let native = if reader {
-            crate::transports::NativeReader::of(callback, args)
-        } else {
-            None
-        };
-        let mut h = self.new_handle(py, callback, Args::from_tuple(args), None)?;
+        let (args, native) = args();
+        let mut h = self.new_handle(py, callback, args, None)?;
         h.one_shot = false;
         // A watcher runs on every event for as long as it is registered: its context is shown
         // to the collector from the start (one object per watched fd), so no run has to check
@@ -436,6 +453,21 @@ impl LoopCore {
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
         self.add_watch(py, fd, true, true, callback, args)
+    }
+
+    /// `_add_reader_edge_impl` with one argument for the callback (a stream transport's
+    /// `_read_ready, tr`), without an argument tuple.
+    pub(crate) fn add_reader_edge_one(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        arg: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<Handle>> {
+        self.add_watch_args(py, fd, true, true, callback, || {
+            let native = crate::transports::NativeReader::of_args(callback, 1, Some(arg));
+            (Args::One(arg.clone().unbind()), native)
+        })
     }
 
     pub(crate) fn _add_writer_impl(

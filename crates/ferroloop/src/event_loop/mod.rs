@@ -248,6 +248,8 @@ pub(crate) struct State {
     pub loop_kwargs: Option<Py<pyo3::types::PyDict>>,
     /// The fds whose readers (`FdWatch::hup`) are queued again in the next iteration.
     pub hup_next: Vec<RawFd>,
+    /// An empty list kept for `hup_next`'s next turn (see `requeue_hung_up`).
+    pub hup_spare: Vec<RawFd>,
     /// The tokens of the events the last poll dropped as stale (`run.rs`), and for how many
     /// polls in a row one of them came again: a stale level-triggered registration, which
     /// makes every poll return at once until the epoll instance is renewed (`io_watch.rs`).
@@ -278,6 +280,13 @@ pub(crate) enum Ready {
         args: crate::handles::Args,
         ticket: u64,
     },
+    /// A `call_soon(cb, *args)` of a native transport path (`stream_life.rs`) from an empty
+    /// context, outside debug mode, whose handle nobody ever sees: queued without one (see
+    /// `LoopCore::push_internal`) and run as the handle would run, in the shared empty context.
+    Internal {
+        func: Py<PyAny>,
+        args: crate::handles::Args,
+    },
 }
 
 impl Ready {
@@ -293,7 +302,7 @@ impl Ready {
                 args.visit(visit)?;
                 visit.call(context)
             }
-            Ready::Soon { func, args, .. } => {
+            Ready::Soon { func, args, .. } | Ready::Internal { func, args } => {
                 visit.call(func)?;
                 args.visit(visit)
             }
@@ -303,7 +312,7 @@ impl Ready {
     pub(crate) fn handle(&self) -> Option<&Py<Handle>> {
         match self {
             Ready::Handle(h) | Ready::Reader(h, _) => Some(h),
-            Ready::TaskStep { .. } | Ready::Soon { .. } => None,
+            Ready::TaskStep { .. } | Ready::Soon { .. } | Ready::Internal { .. } => None,
         }
     }
 }
@@ -436,6 +445,7 @@ impl LoopCore {
                 pool_surplus_since: None,
                 loop_kwargs: None,
                 hup_next: Vec::new(),
+                hup_spare: Vec::new(),
                 stale_tokens: Vec::new(),
                 stale_polls: 0,
                 soon_handle: None,

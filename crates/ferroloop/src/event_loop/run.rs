@@ -54,8 +54,7 @@ const MAX_TIMEOUT: f64 = 24.0 * 3600.0;
 impl LoopCore {
     fn purge_timers(&self, py: Python<'_>) -> PyResult<()> {
         let cancelled = self.shared.timer_cancelled_count.load(Ordering::Relaxed);
-        let mut removed = Vec::new();
-        {
+        let removed = {
             let mut st = self.state.borrow_mut(py)?;
             let is_cancelled =
                 |t: &Py<crate::handles::TimerHandle>| t.bind(py).as_super().get().is_cancelled();
@@ -66,9 +65,11 @@ impl LoopCore {
             if !head_cancelled && !rebuild_due {
                 return Ok(());
             }
+            let mut removed = Vec::new();
             st.timers
                 .purge(cancelled, is_cancelled, |t| removed.push(t));
-        }
+            removed
+        };
         for t in &removed {
             t.get().scheduled.store(false, Ordering::Relaxed);
         }
@@ -252,13 +253,13 @@ impl LoopCore {
     /// Queues again the native readers of hung-up fds (`FdWatch::hup`) that are still
     /// registered: once per iteration, as a level-triggered fd that stays readable is
     /// reported. A reader at EOF removes itself (the transport closes or half-closes).
-    fn requeue_hung_up(&self, py: Python<'_>, fds: Vec<RawFd>) -> PyResult<()> {
-        if fds.is_empty() {
+    fn requeue_hung_up(&self, py: Python<'_>, mut fds: Vec<RawFd>) -> PyResult<()> {
+        if fds.capacity() == 0 {
             return Ok(());
         }
         let mut st = self.state.borrow_mut(py)?;
         let st = &mut *st;
-        for fd in fds {
+        for &fd in &fds {
             let Some(w) = st.fds.get(&fd) else {
                 continue;
             };
@@ -272,6 +273,10 @@ impl LoopCore {
                 }
             }
         }
+        // Its allocation serves again (a connection hanging up once would otherwise allocate
+        // and free this list).
+        fds.clear();
+        st.hup_spare = fds;
         Ok(())
     }
 
@@ -299,7 +304,11 @@ impl LoopCore {
         events.clear();
         // The hung-up readers queued again this iteration: those pending before this poll
         // (one hung up by an event of this poll was queued by it).
-        let hung_up = std::mem::take(&mut self.state.borrow_mut(py)?.hup_next);
+        let hung_up = {
+            let mut st = self.state.borrow_mut(py)?;
+            let spare = std::mem::take(&mut st.hup_spare);
+            std::mem::replace(&mut st.hup_next, spare)
+        };
         let polled = self
             .poll(loop_obj, &mut events, !hung_up.is_empty())
             .and_then(|()| {
@@ -332,8 +341,12 @@ impl LoopCore {
                 }
                 Ready::Soon { func, args, ticket } => {
                     let mark = self.shared.leave_soon(py, ticket)?;
-                    self.run_soon(func, args, ticket, mark, loop_obj)?;
+                    self.run_soon(func, args, Some(ticket), mark, loop_obj)?;
                     self.release_soon_handle(py, ticket)?;
+                    continue;
+                }
+                Ready::Internal { func, args } => {
+                    self.run_soon(func, args, None, None, loop_obj)?;
                     continue;
                 }
                 Ready::Reader(h, reader) => {
@@ -406,12 +419,13 @@ impl LoopCore {
     /// Runs a `Ready::Soon` entry as its handle's `run` would: skipped if the handle was
     /// cancelled, in the context the handle gave out or else in the shared empty context, a
     /// raised exception to the exception handler (with a handle made for the report),
-    /// SystemExit and KeyboardInterrupt out of the loop.
+    /// SystemExit and KeyboardInterrupt out of the loop. A `Ready::Internal` entry (no
+    /// `ticket`: it has no handle) runs the same way.
     fn run_soon(
         &self,
         func: Py<PyAny>,
         args: crate::handles::Args,
-        ticket: u64,
+        ticket: Option<u64>,
         mark: Option<super::SoonMark>,
         loop_obj: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
@@ -453,13 +467,16 @@ impl LoopCore {
                 let args_tuple = args.to_tuple(py)?;
                 // The handle returned for it if the loop still has it, else one made for the
                 // report.
-                let returned = self
-                    .state
-                    .borrow_mut(py)?
-                    .soon_handle
-                    .as_ref()
-                    .filter(|h| h.get().soon_ticket() == ticket)
-                    .map(|h| h.clone_ref(py));
+                let returned = match ticket {
+                    Some(ticket) => self
+                        .state
+                        .borrow_mut(py)?
+                        .soon_handle
+                        .as_ref()
+                        .filter(|h| h.get().soon_ticket() == ticket)
+                        .map(|h| h.clone_ref(py)),
+                    None => None,
+                };
                 let handle = match returned {
                     Some(h) => h,
                     None => Py::new(py, self.new_handle(py, fb, args, Some(&context))?)?,
@@ -620,7 +637,7 @@ impl LoopCore {
                         crate::handles::track(h.bind(py).as_any())
                     }
                     Ready::TaskStep { func, .. } => crate::handles::track(func.bind(py)),
-                    Ready::Soon { .. } => {}
+                    Ready::Soon { .. } | Ready::Internal { .. } => {}
                 }
             }
             for t in st.timers.iter() {
